@@ -1,0 +1,79 @@
+"""YAML file + `dotted.key=value` overrides -> a typed, validated `Config`.
+
+OmegaConf does the merging, type conversion and `${...}` interpolation. We check unknown keys ourselves
+first, because OmegaConf's message does not say what the user probably meant.
+"""
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer.config.checks import ConfigError, check_choices
+from trainer.config.schema import Config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads the YAML at `path` (None: only defaults), applies overrides, returns the typed config."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml errors carry line numbers; keep them on one line
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(OmegaConf.to_container(layers[0]), dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (job:, model:, ...)")
+    layers.append(_parse_overrides(overrides))
+
+    for layer in layers:
+        _check_keys(OmegaConf.to_container(layer), Config, prefix="")
+
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    check_choices(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _parse_overrides(overrides: list[str]):
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. training.steps=50)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {_one_line(e)}") from None
+
+
+def _check_keys(tree: Any, schema: type, prefix: str) -> None:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {tree!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in tree.items():
+        if key not in fields:
+            where = prefix.rstrip(".") or "the top level"
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}' in {where}{hint}")
+        sub = fields[key].type
+        if dataclasses.is_dataclass(sub):
+            _check_keys(value, sub, prefix=f"{prefix}{key}.")
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0].strip()
+    key = getattr(e, "full_key", None)
+    return f"config key '{key}': {msg}" if key else msg

@@ -1,0 +1,160 @@
+"""The config schema: one dataclass per YAML section.
+
+Every key a user may write is a field here; `parse.py` rejects anything else. Fields whose value is one
+of a fixed set of words list those words in CHOICES, which `checks.py` enforces (OmegaConf has no Literal
+support). Defaults are those of `configs/debug.yaml`, so an empty YAML file is a runnable CPU job.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class JobConfig:
+    name: str = "debug"
+    # Everything a run writes goes under this directory.
+    output_dir: str = "outputs/${job.name}"
+    seed: int = 0
+    # Deterministic kernels (slower); with it, two runs of the same layout give bitwise-equal losses.
+    deterministic: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # A named shape from trainer/model/flavors.py. Empty: "debug", or the shape of `init_from`.
+    flavor: str | None = None
+    # Weights to start from: a Hugging Face directory (config.json + safetensors) or a llama2.c .bin.
+    init_from: str | None = None
+    # Overrides of single fields of the flavor.
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None
+    ffn_hidden_dim: int | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+    tie_embeddings: bool | None = None
+
+
+@dataclass
+class TokenizerConfig:
+    # auto: chosen from `path` (no path: the byte tokenizer).
+    kind: str = "auto"
+    path: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # "stdlib" (this Python's own standard library source, present in every install), a local file,
+    # directory or glob of .txt/.json/.jsonl/.parquet files, or "hub:NAME" for a Hugging Face Hub dataset.
+    source: str = "stdlib"
+    format: str = "auto"
+    # The field that holds a document's text (json / jsonl / parquet / hub datasets).
+    text_field: str = "text"
+    # For .txt files: one document per file, per paragraph (blank-line separated) or per line.
+    text_sample_by: str = "document"
+    hub_config: str | None = None
+    split: str = "train"
+    # The documents are dealt into this many packed streams; each data-parallel rank reads
+    # num_streams / dp of them. Keeping it fixed keeps the data order the same on any number of ranks.
+    num_streams: int = 8
+    shuffle: bool = True
+    add_bos: bool = True
+    add_eos: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 200
+    # Sequences per forward pass on one rank.
+    local_batch_size: int = 8
+    # Sequences per optimizer step over all ranks; -1 means local_batch_size x data-parallel size.
+    # Anything larger is reached by gradient accumulation.
+    global_batch_size: int = -1
+    seq_len: int = 256
+    # Gradient clipping by global L2 norm; 0 turns it off.
+    max_norm: float = 1.0
+    # Parameter dtype for compute. auto: bfloat16 on CUDA, float32 on CPU (faster there, see docs).
+    mixed_precision_param: str = "auto"
+    # Gradient reduction dtype across data-parallel ranks.
+    mixed_precision_reduce: str = "float32"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # auto: fused on CUDA, foreach elsewhere.
+    implementation: str = "auto"
+
+
+@dataclass
+class LRSchedulerConfig:
+    warmup_steps: int = 20
+    decay_type: str = "cosine"
+    # The learning rate at the last step, as a fraction of optimizer.lr.
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    # -1: whatever the world size leaves over.
+    dp_shard: int = -1
+    # FSDP2: free the gathered parameters after each block's forward (default: yes, except the last
+    # block, whose parameters backward needs at once).
+    fsdp_reshard_after_forward: str = "default"
+    # Keep sharded parameters, gradients and optimizer state in CPU memory.
+    cpu_offload: bool = False
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10
+    tensorboard: bool = True
+    # Peak FLOP/s per device for MFU, in TFLOP/s. Empty: a table of known GPUs, or a matmul measured
+    # at start-up on CPU (said so in the log).
+    peak_tflops: float | None = None
+    # A live progress line: auto (when stdout is a terminal), on, off.
+    progress: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    # At the end of training, write the model as a Hugging Face checkpoint to output_dir/export/hf.
+    hf: bool = False
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "tokenizer.kind": ("auto", "byte", "hf", "sentencepiece", "tiktoken", "gpt2"),
+    "data.format": ("auto", "text", "json", "parquet"),
+    "data.text_sample_by": ("document", "paragraph", "line"),
+    "training.mixed_precision_param": ("auto", "float32", "bfloat16"),
+    "training.mixed_precision_reduce": ("float32", "bfloat16"),
+    "optimizer.name": ("adamw",),
+    "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
+    "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
+    "parallel.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "metrics.progress": ("auto", "on", "off"),
+    "export.dtype": ("float32", "bfloat16"),
+}

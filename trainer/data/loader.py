@@ -1,0 +1,83 @@
+"""Batches of packed windows for one data-parallel rank, the same data whatever the number of ranks.
+
+Global window n (counted over all ranks, in step order) comes from stream n % num_streams and is fed to
+data-parallel rank n % dp. Since dp divides num_streams, rank r reads only the streams s with
+s % dp == r, and the windows of each step are the same set on 1, 2 or 4 ranks: a run can be compared
+with, or resumed on, another number of ranks.
+"""
+
+import torch
+
+from trainer.config.schema import DataConfig
+from trainer.data.documents import DataError, check_num_streams
+from trainer.data.packing import PackedStream
+
+
+class DocumentTokenizer:
+    """Document index -> [BOS] + tokens + [EOS]; documents of only whitespace give no tokens."""
+
+    def __init__(self, docs, tokenizer, add_bos: bool, add_eos: bool):
+        self.docs, self.tokenizer = docs, tokenizer
+        self.prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+        self.suffix = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
+
+    def __call__(self, index: int) -> list[int]:
+        text = self.docs[index]
+        if not text.strip():
+            return []
+        return self.prefix + self.tokenizer.encode(text) + self.suffix
+
+
+class PackedLoader:
+    def __init__(
+        self, docs, tokenizer, cfg: DataConfig, seq_len: int, local_batch_size: int, dp_rank: int, dp_size: int,
+        seed: int,
+    ):
+        check_num_streams(docs, cfg.num_streams)
+        self.docs, self.seq_len, self.batch_size = docs, seq_len, local_batch_size
+        self.dp_rank, self.dp_size, self.num_streams = dp_rank, dp_size, cfg.num_streams
+        tokenize = DocumentTokenizer(docs, tokenizer, cfg.add_bos, cfg.add_eos)
+        self.streams = {
+            s: PackedStream(docs, s, cfg.num_streams, tokenize, seq_len + 1, seed, cfg.shuffle)
+            for s in range(dp_rank, cfg.num_streams, dp_size)
+        }
+        self.next_global = dp_rank  # the global index of this rank's next window
+        self.last_ids: list[tuple[int, int]] = []
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels), each (local_batch_size, seq_len) int64; ids of its windows in last_ids."""
+        windows, self.last_ids = [], []
+        for _ in range(self.batch_size):
+            window, window_id = self.streams[self.next_global % self.num_streams].next_window()
+            windows.append(window)
+            self.last_ids.append(window_id)
+            self.next_global += self.dp_size
+        batch = torch.tensor(windows, dtype=torch.long)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"next_global": self.next_global, "streams": {s: st.state_dict() for s, st in self.streams.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_global = state["next_global"]
+        for s, stream_state in state["streams"].items():
+            self.streams[int(s)].load_state_dict(stream_state)
+
+
+def check_enough_tokens(docs, tokenizer, cfg: DataConfig, seq_len: int) -> None:
+    """Fails early if the data cannot fill even one window (reads only as far as it must)."""
+    tokenize = DocumentTokenizer(docs, tokenizer, cfg.add_bos, cfg.add_eos)
+    total, nonempty = 0, 0
+    for i in range(len(docs)):
+        n = len(tokenize(i))
+        total += n
+        nonempty += n > 0
+        if total > seq_len:
+            return
+    field = f" (field '{cfg.text_field}')" if cfg.source != "stdlib" else ""
+    if nonempty == 0:
+        raise DataError(f"{docs.name}{field}: every one of its {len(docs)} documents is empty")
+    raise DataError(
+        f"{docs.name}{field}: every document is too short: all {len(docs)} hold {total} tokens together, "
+        f"fewer than one training window of training.seq_len + 1 = {seq_len + 1}; use more data or a shorter seq_len"
+    )

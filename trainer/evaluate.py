@@ -1,0 +1,32 @@
+"""Held-out loss and text generation for a model on one device (examples and checks, not the loop)."""
+
+import torch
+import torch.nn.functional as F
+
+from trainer.model.llama import Transformer
+
+
+@torch.no_grad()
+def per_token_loss(model: Transformer, sequences: list[list[int]]) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted token of every sequence."""
+    total, count = 0.0, 0
+    for seq in sequences:
+        for start in range(0, len(seq) - 1, model.args.max_seq_len):
+            chunk = torch.tensor(seq[start : start + model.args.max_seq_len + 1]).unsqueeze(0)
+            logits = model(chunk[:, :-1])
+            total += F.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+    return total / count
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding (no KV cache: the models this serves are small)."""
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        window = torch.tensor(tokens[-model.args.max_seq_len :]).unsqueeze(0)
+        next_id = int(model(window)[0, -1].argmax())
+        if next_id in stop_ids:
+            break
+        tokens.append(next_id)
+    return tokens[len(prompt) :]

@@ -1,0 +1,65 @@
+"""AdamW over the trainable parameters, the warmup + decay schedule, and gradient clipping."""
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from trainer.config.schema import LRSchedulerConfig, OptimizerConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Norm gains (1-D) are not decayed: decay would pull them toward zero, not toward simplicity.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    impl = cfg.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    kwargs = {"fused": impl == "fused", "foreach": impl == "foreach"}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+def lr_lambda(cfg: LRSchedulerConfig, total_steps: int):
+    """Multiplier of the base lr at a step: linear warmup, then cosine / linear / no decay to min_lr_ratio."""
+    warmup = min(cfg.warmup_steps, total_steps)
+
+    def factor(step: int) -> float:
+        # LambdaLR calls this with 0 before the first step; steps are counted from 1 in the loop.
+        step += 1
+        if step <= warmup:
+            return step / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = min(progress, 1.0)
+        if cfg.decay_type == "constant":
+            decay = 1.0
+        elif cfg.decay_type == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+    return factor
+
+
+def build_lr_scheduler(optimizer, cfg: LRSchedulerConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global L2 norm of all gradients (over every shard), clipping them to max_norm when > 0.
+
+    Under FSDP2 the gradients are DTensor shards: the norm of the shards is a partial result that
+    full_tensor() reduces across ranks, so every rank clips by the same, global, norm.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+    return norm

@@ -1,0 +1,30 @@
+"""Mixed precision: parameters stay float32 for the optimizer; compute runs in `param_dtype`.
+
+With FSDP2 the policy lives in fully_shard (casting on all-gather); on a single process there is no
+FSDP, so autocast does the casting instead.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+
+    @classmethod
+    def from_config(cls, param: str, reduce: str, device: torch.device) -> "Precision":
+        if param == "auto":
+            # On CPU, bf16 matmuls are slower than fp32 without AMX (measured: docs/performance.md).
+            param = "bfloat16" if device.type == "cuda" else "float32"
+        return cls(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[reduce])
+
+    def autocast(self, device: torch.device, fsdp: bool):
+        if fsdp or self.param_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.param_dtype)

@@ -1,0 +1,115 @@
+"""Loading a Hugging Face Llama checkpoint directory (config.json + one or sharded safetensors)."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from trainer.model.args import ModelArgs, RopeScaling
+from trainer.model.llama import Transformer
+from trainer.weights.hf_names import hf_to_ours
+from trainer.weights.placement import copy_full_into
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the model."""
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_hf_args(path: Path) -> ModelArgs:
+    config_file = path / "config.json"
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: cannot read it as JSON ({e})") from None
+    arch = cfg.get("model_type")
+    if arch not in ("llama", None):
+        raise CheckpointError(f"{config_file}: model_type {arch!r} is not a Llama checkpoint")
+    try:
+        # transformers >= 5 keeps theta and scaling in rope_parameters; older files use rope_theta/rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_seq_len=int(rope["original_max_position_embeddings"]),
+            )
+        elif rope_type != "default":
+            raise CheckpointError(f"{config_file}: rope type {rope_type!r} is not supported (default, llama3)")
+        n_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+        if head_dim * n_heads != cfg["hidden_size"]:
+            raise CheckpointError(f"{config_file}: head_dim x heads != hidden_size is not supported")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise CheckpointError(f"{config_file}: attention/MLP biases are not part of the Llama shape we train")
+        return ModelArgs(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            vocab_size=cfg["vocab_size"],
+            ffn_hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{config_file}: missing field {e}") from None
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files (only safetensors weights are loaded, never pickles)")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the safetensors index but missing")
+    return files
+
+
+@torch.no_grad()
+def load_hf_weights(model: Transformer, path: Path) -> None:
+    """Fills every parameter of `model` (possibly sharded) from the checkpoint, one tensor at a time."""
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for file in _safetensors_files(path):
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        with handle:
+            for hf_name in handle.keys():
+                name = hf_to_ours(hf_name)
+                if name is None:
+                    continue
+                if name == "output.weight" and model.args.tie_embeddings:
+                    continue  # some tied checkpoints also store lm_head; the embedding is the one we keep
+                if name not in params:
+                    raise CheckpointError(f"{file}: tensor {hf_name} has no place in this model")
+                tensor = handle.get_tensor(hf_name)
+                try:
+                    copy_full_into(params[name], tensor)
+                except ValueError as e:
+                    raise CheckpointError(f"{file}: tensor {hf_name}: {e}") from None
+                filled.add(name)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]}")

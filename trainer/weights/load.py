@@ -1,0 +1,35 @@
+"""`model.init_from`: detect the checkpoint format from the path, read its shape, load its weights."""
+
+from pathlib import Path
+
+from trainer.model.args import ModelArgs
+from trainer.model.llama import Transformer
+from trainer.weights.hf_import import CheckpointError, is_hf_dir, load_hf_weights, read_hf_args
+from trainer.weights.llama2c import load_llama2c_weights, looks_like_llama2c, read_llama2c_args
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model.init_from: no such file or directory: {path}")
+    if is_hf_dir(path):
+        return "hf"
+    if looks_like_llama2c(path):
+        return "llama2c"
+    raise CheckpointError(
+        f"model.init_from: cannot tell the format of {path}: expected a Hugging Face directory "
+        f"(config.json + *.safetensors) or a llama2.c .bin file"
+    )
+
+
+def read_checkpoint_args(path: str | Path) -> ModelArgs:
+    fmt = detect_format(path)
+    return read_hf_args(Path(path)) if fmt == "hf" else read_llama2c_args(Path(path))
+
+
+def load_weights(model: Transformer, path: str | Path) -> None:
+    fmt = detect_format(path)
+    if fmt == "hf":
+        load_hf_weights(model, Path(path))
+    else:
+        load_llama2c_weights(model, Path(path))
