@@ -1,0 +1,16 @@
+# The two commands of the README. Each sets everything up first (scripts/setup.sh, idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup train test
+
+setup:
+	@bash scripts/setup.sh
+
+# Trains the default config (configs/debug.yaml) on this machine's CPU or GPU.
+train: setup
+	$(PY) train.py --config configs/debug.yaml
+
+# The whole suite: unit, distributed (real gloo ranks), end to end.
+test: setup
+	$(PY) -m pytest -q tests

@@ -1,0 +1,85 @@
+"""Each user mistake gives one line on stderr naming what is wrong and what to do, and a non-zero exit,
+before any training work (nothing is written to the output directory)."""
+
+import pytest
+
+import train
+from tests.helpers import run_train
+
+CONFIG = ["--config", "configs/debug.yaml"]
+
+
+def _error(capsys, tmp_path, *overrides, config=CONFIG):
+    code = train.main([*config, f"job.output_dir={tmp_path / 'out'}", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == train.EXIT_USER_ERROR
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()  # failed before training work
+    return err
+
+
+CASES = {
+    "unknown key": (["training.stepz=5"], "unknown config key 'training.stepz' in training; did you mean 'training.steps'?"),
+    "unknown section": (["optimiser.lr=1"], "did you mean 'optimizer'?"),
+    "wrong type": (["training.steps=many"], "config key 'training.steps': Value 'many' of type 'str' could not be converted to Integer"),
+    "bad choice": (["lr_scheduler.decay_type=cosin"], "lr_scheduler.decay_type='cosin' is not one of: cosine, linear, constant"),
+    "global batch": (["training.global_batch_size=10"], "training.global_batch_size=10 is not a multiple of training.local_batch_size x data-parallel size = 4 x 1 = 4"),
+    "parallel sizes": (["parallel.dp_shard=2"], "dp_replicate x dp_shard = 1 x 2 = 2 do not multiply to the world size 1"),
+    "seq_len": (["training.seq_len=4096"], "training.seq_len=4096 is over the model's maximum sequence length 1024"),
+    "flavor": (["model.flavor=llama9"], "model.flavor='llama9' is not one of: debug, llama3_2_1b"),
+    "override form": (["training.steps"], "override 'training.steps' is not of the form dotted.key=value"),
+    "missing data": (["data.source=/nope/x.jsonl"], "data.source=/nope/x.jsonl: no such file, directory or glob match"),
+    "missing checkpoint": (["model.init_from=/nope/model"], "model.init_from: no such file or directory: /nope/model"),
+    "missing tokenizer": (["tokenizer.kind=auto", "tokenizer.path=/nope/tok.model"], "tokenizer.path: no such file or directory: /nope/tok.model"),
+    "negative steps": (["training.steps=0"], "training.steps=0 must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_message(capsys, tmp_path, case):
+    overrides, expected = CASES[case]
+    assert expected in _error(capsys, tmp_path, *overrides)
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert "config file not found: nope.yaml" in _error(capsys, tmp_path, config=["--config", "nope.yaml"])
+
+
+def test_invalid_yaml(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    assert f"{bad}: not valid YAML" in _error(capsys, tmp_path, config=["--config", str(bad)])
+
+
+def test_bad_data_records(capsys, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"body": "x"}\n' * 20)
+    err = _error(capsys, tmp_path, f"data.source={tmp_path / 'd.jsonl'}")
+    assert "d.jsonl: no field 'text' (its fields: body); set data.text_field" in err
+    (tmp_path / "short.jsonl").write_text('{"text": "tiny"}\n' * 20)
+    err = _error(capsys, tmp_path, f"data.source={tmp_path / 'short.jsonl'}")
+    assert "every document is too short" in err
+
+
+def test_exit_code_of_the_real_process(tmp_path):
+    result = run_train([*CONFIG, "training.stepz=5"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown config key 'training.stepz' in training; did you mean 'training.steps'?"
+    )
+
+
+def test_dry_run_reports_sizes_and_memory(capsys):
+    assert train.main(["--config", "configs/debug.yaml", "--dry-run", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters total: 804,736" in out and "parameters non_embedding: 771,584" in out
+    assert "layout: world 2 = dp_replicate 1 x dp_shard 2; 1 microbatch(es)" in out
+    assert "optimizer state (AdamW, fp32, sharded)" in out and "total" in out
+    assert "FLOPs per token (training): " in out
+
+
+def test_dry_run_of_a_70b_shape_needs_no_memory(capsys):
+    # Built on the meta device: planning a 70B job allocates nothing.
+    code = train.main(["--config", "configs/debug.yaml", "--dry-run", "--world-size", "8", "model.flavor=llama3_1_70b",
+                       "tokenizer.kind=byte", "training.global_batch_size=-1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "parameters total: 70,553,706,496" in out
