@@ -1,0 +1,56 @@
+"""The loop's parts: LR schedule shape, FLOP counting, metrics output."""
+
+import math
+
+import pytest
+
+from trainer.config.schema import LRSchedulerConfig, MetricsConfig
+from trainer.model.args import ModelArgs
+from trainer.model.build import build_meta_model, count_params, flops_per_token
+from trainer.model.flavors import FLAVORS
+from trainer.metrics import MetricsLogger
+from trainer.optimizer import lr_lambda
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
+def test_warmup_then_decay(decay):
+    f = lr_lambda(LRSchedulerConfig(warmup_steps=10, decay_type=decay, min_lr_ratio=0.1), total_steps=110)
+    factors = [f(i) for i in range(110)]  # factors[i] is used by step i + 1
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert all(a < b for a, b in zip(factors[:10], factors[1:11]))  # rising through warmup
+    assert factors[10] == pytest.approx(1.0 if decay == "constant" else 0.1 + 0.9 * (0.5 * (1 + math.cos(math.pi / 100)) if decay == "cosine" else 0.99))
+    assert factors[-1] == pytest.approx(1.0 if decay == "constant" else 0.1)
+    assert factors[59] == pytest.approx({"cosine": 0.55, "linear": 0.55, "constant": 1.0}[decay])
+
+
+@pytest.mark.parametrize("flavor", ["llama3_1_8b", "llama3_2_1b"])
+def test_flops_per_token_is_six_n_plus_attention(flavor):
+    args = ModelArgs(**FLAVORS[flavor])
+    counts = count_params(build_meta_model(args))
+    # The output projection is a matmul even when tied, so it counts once in N either way.
+    n = counts["non_embedding"] + (args.vocab_size * args.dim if args.tie_embeddings else 0)
+    assert flops_per_token(args, 2048) == 6 * n + 12 * args.n_layers * args.dim * 2048
+    if flavor == "llama3_1_8b":
+        assert counts["total"] == 8_030_261_248  # Meta's published count for Llama 3.1 8B
+
+
+def _log(tmp_path, progress, steps=3):
+    import torch
+
+    logger = MetricsLogger(
+        MetricsConfig(log_every=2, tensorboard=False, progress=progress), tmp_path, is_main=True,
+        total_steps=steps, flops_per_token=100, peak_tflops=1e-6, device=torch.device("cpu"),
+    )
+    for step in range(1, steps + 1):
+        logger.maybe_log(step, loss=2.0 / step, lr=1e-3, grad_norm=0.5, local_tokens=1000, step_time=0.5)
+    logger.close()
+
+
+def test_console_lines_and_progress(tmp_path, capsys):
+    _log(tmp_path, "off")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[0].strip() for line in lines] == ["step      1", "step      2", "step      3"]
+    assert "tok/s/device    2000.0" in lines[1] and "mfu 20.00%" in lines[1] and "step   500.0 ms" in lines[1]
+    _log(tmp_path, "on")
+    out = capsys.readouterr().out
+    assert "\r[##########" in out and "3/3 loss 0.6667" in out
