@@ -23,6 +23,7 @@ import sys, torch
 from transformers import LlamaForCausalLM
 model = LlamaForCausalLM.from_pretrained(sys.argv[1]).eval()
 prompt = torch.tensor([[256] + list(b"def ")])  # 256 = BOS of the byte tokenizer
-out = model.generate(prompt, max_new_tokens=80, do_sample=False)
+torch.manual_seed(0)
+out = model.generate(prompt, max_new_tokens=120, do_sample=True, temperature=0.8, top_k=40)
 print(bytes(t for t in out[0, 1:].tolist() if t < 256).decode("utf-8", "replace"))
 PY
