@@ -14,9 +14,8 @@ import argparse
 from pathlib import Path
 
 from trainer.evaluate import generate, per_token_loss
-from trainer.model.build import build_meta_model
 from trainer.tokenizer.spm import SentencePieceTokenizer
-from trainer.weights.load import load_weights, read_checkpoint_args
+from trainer.weights.load import load_model
 
 
 def main() -> None:
@@ -25,11 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = args.data / "models/stories260K/stories260K.bin"
 
-    model = build_meta_model(read_checkpoint_args(checkpoint))
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    load_weights(model, checkpoint)
-    model.eval()
+    model = load_model(checkpoint)
     tokenizer = SentencePieceTokenizer(args.data / "tokenizers/tok512/tok512.model")
 
     stories = (args.data / "text/tinystories/tinystories_sample.txt").read_text().split("<|endoftext|>")

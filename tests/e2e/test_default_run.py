@@ -32,17 +32,13 @@ def _check_export(folder, final_loss):
 
     from trainer.config.schema import DataConfig
     from trainer.data.documents import load_documents
-    from trainer.model.build import build_meta_model
-    from trainer.weights.load import load_weights, read_checkpoint_args
+    from trainer.weights.load import load_model
 
     hf = LlamaForCausalLM.from_pretrained(folder).eval()
-    ours = build_meta_model(read_checkpoint_args(folder))
-    ours.to_empty(device="cpu")
-    ours.init_buffers()
-    load_weights(ours, folder)
+    ours = load_model(folder)
     text = load_documents(DataConfig())[5]
     ids = torch.tensor([[256] + list(text.encode())[:255]])
     with torch.no_grad():
         hf_out = hf(ids, labels=ids)
-        assert (hf_out.logits - ours.eval()(ids)).abs().max().item() < 1e-4
+        assert (hf_out.logits - ours(ids)).abs().max().item() < 1e-4
     assert hf_out.loss.item() < 4.0  # far below the untrained ln(259) = 5.56

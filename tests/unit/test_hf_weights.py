@@ -6,10 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.model.build import build_meta_model
 from trainer.weights.hf_export import export_hf
 from trainer.weights.hf_import import CheckpointError
-from trainer.weights.load import load_weights, read_checkpoint_args
+from trainer.weights.load import load_model, read_checkpoint_args
 
 
 def _hf_model(tmp_path, tied: bool, rope_scaling: bool, shard: bool = False):
@@ -36,11 +35,7 @@ def _hf_model(tmp_path, tied: bool, rope_scaling: bool, shard: bool = False):
 
 
 def _ours(path):
-    model = build_meta_model(read_checkpoint_args(path))
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    load_weights(model, path)
-    return model.eval()
+    return load_model(path)
 
 
 @pytest.mark.parametrize("tied,rope_scaling,shard", [(False, False, False), (True, True, False), (False, True, True)])

@@ -8,21 +8,13 @@ from trainer.evaluate import generate, per_token_loss
 from trainer.model.build import build_meta_model
 from trainer.tokenizer.spm import SentencePieceTokenizer
 from trainer.weights.hf_import import CheckpointError
-from trainer.weights.load import load_weights, read_checkpoint_args
-
-
-def _load(path):
-    model = build_meta_model(read_checkpoint_args(path))
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    load_weights(model, path)
-    return model.eval()
+from trainer.weights.load import load_model, load_weights, read_checkpoint_args
 
 
 def test_stories260k_loss_and_sample(shared):
     path = shared("models/stories260K/stories260K.bin")
     tok = SentencePieceTokenizer(shared("tokenizers/tok512/tok512.model"))
-    model = _load(path)
+    model = load_model(path)
     a = model.args
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.hidden_dim) == (64, 5, 8, 4, 512, 172)
     assert sum(p.numel() for p in model.parameters()) == 260_032  # the count karpathy reports

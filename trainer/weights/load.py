@@ -33,3 +33,14 @@ def load_weights(model: Transformer, path: str | Path) -> None:
         load_hf_weights(model, Path(path))
     else:
         load_llama2c_weights(model, Path(path))
+
+
+def load_model(path: str | Path, device: str = "cpu") -> Transformer:
+    """A whole model on one device from a checkpoint, in eval mode: for evaluation, examples and checks."""
+    from trainer.model.build import build_meta_model
+
+    model = build_meta_model(read_checkpoint_args(path))
+    model.to_empty(device=device)
+    model.init_buffers()
+    load_weights(model, path)
+    return model.eval()
