@@ -1,19 +1,29 @@
-"""Spreads a model built on the meta device over the mesh. Later layers (TP, AC, compile) slot in
-before FSDP, which must wrap last since it shards whatever parameters the others leave."""
+"""Spreads one model (or one pipeline stage) over the mesh, in the order that matters:
+
+TP first (it turns parameters into DTensors that FSDP must see); AC next (wrapping the TP'd block);
+compile after AC (so the compiled graph contains the recomputation); FSDP last (it shards whatever
+parameters the others leave and hooks around the compiled, checkpointed blocks).
+"""
 
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
+from parallel.ac import apply_ac
+from parallel.compile import apply_compile
 from parallel.fsdp import apply_fsdp
-from parallel.mesh import ParallelDims, fsdp_mesh
+from parallel.mesh import Meshes
+from parallel.tp import apply_tp
 from trainer.config.schema import Config
 from trainer.precision import Precision
 
 
-def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh | None, cfg: Config, precision: Precision) -> None:
-    if dims.fsdp_enabled:
+def parallelize(model: nn.Module, *, meshes: Meshes | None, cfg: Config, precision: Precision) -> None:
+    if meshes is not None and meshes.tp is not None:
+        apply_tp(model, tp_mesh=meshes.tp, loss_parallel=cfg.parallel.loss_parallel, async_tp=cfg.parallel.async_tp)
+    apply_ac(model, mode=cfg.activation_checkpoint.mode, every=cfg.activation_checkpoint.every)
+    if cfg.compile.enabled:
+        apply_compile(model)
+    if meshes is not None and meshes.fsdp is not None:
         apply_fsdp(
-            model, mesh=fsdp_mesh(mesh, dims), param_dtype=precision.param_dtype,
-            reduce_dtype=precision.reduce_dtype, reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
-            cpu_offload=cfg.parallel.cpu_offload,
+            model, mesh=meshes.fsdp, param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype,
+            reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward, cpu_offload=cfg.parallel.cpu_offload,
         )

@@ -1,62 +1,100 @@
 """`--dry-run`: the resolved config, parameter counts, FLOPs per token and a per-rank memory estimate,
 computed on the meta device without loading data or allocating the model."""
 
-from parallel.mesh import ParallelDims
+import torch
+
+from parallel.pp import split_stages
 from trainer.config import Config, to_yaml
-from trainer.config.checks import check_batch, check_seq_len, check_streams
-from trainer.model.args import ModelArgs
-from trainer.model.build import build_meta_model, count_params, flops_per_token, resolve_model_args
+from trainer.model.build import build_meta_model, count_params, flops_per_token
+from trainer.plan import Plan, make_plan
 from trainer.precision import Precision
-from trainer.tokenizer import build_tokenizer
 
 GIB = 2**30
 
 
-def estimate_memory(args: ModelArgs, cfg: Config, dims: ParallelDims, precision: Precision, n_params: int) -> dict:
-    """Bytes per rank. Parameters, gradients and AdamW's two moments are float32 and FSDP shards them
-    over dp_shard (dp_replicate holds copies). Activations are those saved for backward without
-    activation checkpointing, per layer per token (compute dtype): block input and norm outputs (4 x dim),
-    q/k before and after RoPE (2 x (dim + kv_dim)), attention's q, k, v, output (4 x dim), the output
-    projection's input (dim), SwiGLU's four hidden-size tensors; plus the float32 logits and their gradient.
+def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int]:
+    """(parameters, of which sharded by TP, transformer layers) on the most loaded pipeline rank."""
+    model = build_meta_model(plan.model_args)
+    dims = plan.dims
+    if dims.pp > 1:
+        ranks = [
+            [part for _, part in split_stages(model, pp_rank=r, pp_size=dims.pp, num_stages=dims.num_stages(cfg.parallel))]
+            for r in range(dims.pp)
+        ]
+    else:
+        ranks = [[model]]
+
+    def stats(parts):
+        total = sum(p.numel() for part in parts for p in part.parameters())
+        norms = sum(p.numel() for part in parts for n, p in part.named_parameters() if "norm" in n)
+        return total, total - norms, sum(len(part.layers) for part in parts)
+
+    return max((stats(parts) for parts in ranks), key=lambda s: s[0])
+
+
+def _saved_per_token_layer(args, mode: str, every: int) -> float:
+    """Elements saved for backward per token per layer (see estimate_memory)."""
+    kv = args.n_kv_heads * args.head_dim
+    full = 11 * args.dim + 2 * kv + 4 * args.hidden_dim
+    if mode == "full":
+        return args.dim  # only the block input; one block's activations exist at a time during recompute
+    if mode == "selective_layer":
+        return (args.dim + (every - 1) * full) / every
+    if mode == "selective_op":
+        return 4 * args.dim + 2 * kv + 2 * args.hidden_dim  # matmul and attention outputs, the block input
+    return full
+
+
+def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, float]:
+    """Bytes per rank, an estimate. Parameters, gradients and AdamW's two moments are float32, split by
+    pipeline stage, tensor parallelism (all but norm gains) and FSDP (over dp_shard; dp_replicate holds
+    copies). Activations without checkpointing, per layer per token in the compute dtype: block input
+    and norm outputs (4 x dim), q/k before and after RoPE (2 x (dim + kv_dim)), attention's q, k, v and
+    output (4 x dim), the output projection's input (dim), SwiGLU's four hidden-size tensors; split by
+    TP (heads and hidden columns; the sequence for the rest); held for every microbatch a pipeline
+    schedule keeps in flight; plus the float32 logits and their gradient on the last stage.
     """
-    shard = dims.dp_shard
+    args, dims = plan.model_args, plan.dims
+    params, tp_sharded, layers = _rank_params(plan, cfg)
+    per_rank_params = (tp_sharded / dims.tp + (params - tp_sharded)) / dims.dp_shard
     compute_bytes = precision.param_dtype.itemsize
-    kv_dim = args.n_kv_heads * args.head_dim
-    tokens = cfg.training.local_batch_size * cfg.training.seq_len
-    per_token_layer = compute_bytes * (11 * args.dim + 2 * kv_dim + 4 * args.hidden_dim)
-    logits = tokens * args.vocab_size * (compute_bytes + 8)
-    block_params = n_params / max(1, args.n_layers)
+    micro_tokens = cfg.training.local_batch_size // plan.pp_microbatches * cfg.training.seq_len
+    if dims.pp == 1:
+        in_flight = 1
+    elif cfg.parallel.pp_schedule == "gpipe":
+        in_flight = plan.pp_microbatches
+    else:
+        in_flight = min(plan.pp_microbatches, dims.pp)
+    saved = _saved_per_token_layer(args, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.every)
+    activations = micro_tokens * layers * saved * compute_bytes / dims.tp * in_flight
+    vocab = args.vocab_size / dims.tp if dims.tp > 1 and cfg.parallel.loss_parallel else args.vocab_size
+    logits = micro_tokens * vocab * (compute_bytes + 8)
+    block = (params - args.vocab_size * args.dim) / max(1, layers) / dims.tp
     return {
-        "parameters (fp32, sharded)": 4 * n_params / shard,
-        "gradients (fp32, sharded)": 4 * n_params / shard,
-        "optimizer state (AdamW, fp32, sharded)": 8 * n_params / shard,
+        "parameters (fp32)": 4 * per_rank_params,
+        "gradients (fp32)": 4 * per_rank_params,
+        "optimizer state (AdamW, fp32)": 8 * per_rank_params,
         # FSDP gathers the current block and prefetches the next one.
-        "gathered parameters in flight": 2 * block_params * compute_bytes if dims.fsdp_enabled else 0,
-        "activations (no checkpointing)": tokens * per_token_layer * args.n_layers + logits,
+        "gathered parameters in flight": 2 * block * compute_bytes if dims.dp_shard > 1 else 0,
+        f"activations (AC {cfg.activation_checkpoint.mode}, {in_flight} microbatch(es) in flight)": activations,
+        "logits + their gradient": logits,
     }
 
 
 def dry_run(cfg: Config, world_size: int) -> str:
-    dims = ParallelDims.from_config(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, world_size)
-    accum = check_batch(cfg, dims.dp_size)
-    check_streams(cfg, dims.dp_size)
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    args = resolve_model_args(cfg.model, tokenizer.vocab_size)
-    check_seq_len(cfg, args.max_seq_len)
+    plan = make_plan(cfg, world_size)
+    args, dims = plan.model_args, plan.dims
     counts = count_params(build_meta_model(args))
-    import torch
-
-    precision = Precision.from_config(
-        cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce,
-        torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-    )
-    memory = estimate_memory(args, cfg, dims, precision, counts["total"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, device)
+    memory = estimate_memory(plan, cfg, precision)
     lines = ["# resolved config", to_yaml(cfg).rstrip(), "", "# model", f"shape: {args}"]
     lines += [f"parameters {k}: {v:,}" for k, v in counts.items()]
     lines += [
         f"FLOPs per token (training): {flops_per_token(args, cfg.training.seq_len):,}",
-        f"layout: world {world_size} = dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard}; "
-        f"{accum} microbatch(es) of {cfg.training.local_batch_size} x {cfg.training.seq_len} tokens per step",
+        f"layout: world {world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x "
+        f"tp {dims.tp}; {plan.accum_steps} microbatch(es) of {cfg.training.local_batch_size} x {cfg.training.seq_len} "
+        f"tokens per step",
         "", f"# memory estimate per rank (compute dtype {str(precision.param_dtype).removeprefix('torch.')})",
     ]
     width = max(len(k) for k in memory)

@@ -3,14 +3,16 @@
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from trainer.config.schema import LRSchedulerConfig, OptimizerConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(modules: list[nn.Module], cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    """One optimizer over the trainable parameters of all model parts (pipeline stages) of this rank."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     # Norm gains (1-D) are not decayed: decay would pull them toward zero, not toward simplicity.
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -50,16 +52,21 @@ def build_lr_scheduler(optimizer, cfg: LRSchedulerConfig, total_steps: int):
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The global L2 norm of all gradients (over every shard), clipping them to max_norm when > 0.
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> torch.Tensor:
+    """The global L2 norm of all gradients (over every shard and stage), clipping them to max_norm when > 0.
 
-    Under FSDP2 the gradients are DTensor shards: the norm of the shards is a partial result that
-    full_tensor() reduces across ranks, so every rank clips by the same, global, norm.
+    Under FSDP2 / TP the gradients are DTensor shards: the norm of the shards is a partial result that
+    full_tensor() reduces across the mesh. Pipeline stages hold different parameters, so their squared
+    norms are summed over the pipeline group. Every rank then clips by the same, global, norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
+    if pp_group is not None:
+        squared = norm**2
+        dist.all_reduce(squared, group=pp_group)
+        norm = squared.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
     return norm

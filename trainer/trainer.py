@@ -1,29 +1,29 @@
 """The one trainer: every training method is this loop with a different model transform and config."""
 
+import contextlib
 import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
 
-from parallel.mesh import ParallelDims, device_type
+from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
+from parallel.pp import build_schedule, split_stages
 from trainer.config import Config, to_yaml
-from trainer.config.checks import check_batch, check_seq_len, check_streams
 from trainer.data import PackedLoader, check_enough_tokens, load_documents
 from trainer.distributed import Runtime
+from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
-from trainer.model.build import build_meta_model, flops_per_token, resolve_model_args
+from trainer.model.build import build_meta_model, flops_per_token
 from trainer.model.init import init_weights
 from trainer.optimizer import build_lr_scheduler, build_optimizer, clip_grad_norm
+from trainer.plan import make_plan
 from trainer.precision import Precision
-from trainer.tokenizer import build_tokenizer
 from trainer.weights.hf_export import export_hf
 from trainer.weights.load import load_weights
-
-IGNORE_INDEX = -100
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -39,37 +39,31 @@ class Trainer:
         self.cfg, self.runtime = cfg, runtime
         self.output_dir = Path(cfg.job.output_dir)
         # Everything that can be wrong with the config or the data is found before the model is built.
-        self.dims = ParallelDims.from_config(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, runtime.world_size)
-        self.accum_steps = check_batch(cfg, self.dims.dp_size)
-        check_streams(cfg, self.dims.dp_size)
-        self.tokenizer = build_tokenizer(cfg.tokenizer)
-        model_args = resolve_model_args(cfg.model, self.tokenizer.vocab_size)
-        check_seq_len(cfg, model_args.max_seq_len)
+        plan = make_plan(cfg, runtime.world_size)
+        self.dims, self.accum_steps, self.pp_microbatches = plan.dims, plan.accum_steps, plan.pp_microbatches
+        self.tokenizer, model_args = plan.tokenizer, plan.model_args
         docs = load_documents(cfg.data)
         check_enough_tokens(docs, self.tokenizer, cfg.data, cfg.training.seq_len)
 
-        self.mesh = self.dims.build_mesh(device_type())
-        self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
+        self.meshes = build_meshes(self.dims, device_type())
         set_determinism(cfg.job.seed, cfg.job.deterministic)
+        dp_rank = self.meshes.dp.get_local_rank() if self.meshes and self.meshes.dp else 0
         self.loader = PackedLoader(
             docs, self.tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
-            dp_rank=self.dims.dp_rank(self.mesh), dp_size=self.dims.dp_size, seed=cfg.job.seed,
+            dp_rank=dp_rank, dp_size=self.dims.dp_size, seed=cfg.job.seed,
         )
 
         self.precision = Precision.from_config(
             cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, runtime.device
         )
-        self.model = build_meta_model(model_args)
-        parallelize(self.model, dims=self.dims, mesh=self.mesh, cfg=cfg, precision=self.precision)
-        self.model.to_empty(device=runtime.device)
-        self.model.init_buffers()
-        if cfg.model.init_from is not None:
-            load_weights(self.model, cfg.model.init_from)
-        else:
-            init_weights(self.model, cfg.job.seed)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        tp_loss = self.dims.tp > 1 and cfg.parallel.loss_parallel
+        # Vocabulary-sharded logits need the loss, and its backward, inside this context.
+        self.loss_context = loss_parallel if tp_loss else contextlib.nullcontext
+        self.loss_fn = TokenLoss()
+        self.model_parts, self.schedule = self._build_model(model_args)
+        self.params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
 
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, runtime.device)
+        self.optimizer = build_optimizer(self.model_parts, cfg.optimizer, runtime.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         peak, peak_source = peak_tflops(cfg.metrics, runtime.device, self.precision.param_dtype)
         self.metrics = MetricsLogger(
@@ -80,12 +74,40 @@ class Trainer:
         if runtime.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
+            d = self.dims
             print(
-                f"training {sum(p.numel() for p in self.params):,} parameters on {runtime.world_size} "
-                f"{runtime.device.type} rank(s) (dp_replicate {self.dims.dp_replicate} x dp_shard {self.dims.dp_shard}), "
-                f"{self.accum_steps} microbatch(es) per step; MFU against {peak:.2f} TFLOP/s ({peak_source})",
+                f"training {sum(p.numel() for p in build_meta_model(model_args).parameters()):,} parameters on "
+                f"{runtime.world_size} {runtime.device.type} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
+                f"dp_shard {d.dp_shard} x tp {d.tp}), {self.accum_steps} microbatch(es) per step; "
+                f"MFU against {peak:.2f} TFLOP/s ({peak_source})",
                 flush=True,
             )
+
+    def _build_model(self, model_args):
+        """Meta model -> pipeline stages -> parallelized -> materialized: nothing is ever whole on a rank."""
+        model = build_meta_model(model_args)
+        pp_mesh = self.meshes.pp if self.meshes else None
+        num_stages = self.dims.num_stages(self.cfg.parallel)
+        if pp_mesh is not None:
+            parts = split_stages(model, pp_rank=pp_mesh.get_local_rank(), pp_size=self.dims.pp, num_stages=num_stages)
+        else:
+            parts = [(0, model)]
+        for _, part in parts:
+            parallelize(part, meshes=self.meshes, cfg=self.cfg, precision=self.precision)
+            part.to_empty(device=self.runtime.device)
+            part.init_buffers()
+            if self.cfg.model.init_from is not None:
+                load_weights(part, self.cfg.model.init_from)
+            else:
+                init_weights(part, self.cfg.job.seed)
+            part.train()
+        schedule = None
+        if pp_mesh is not None:
+            schedule = build_schedule(
+                parts, num_stages=num_stages, pp_mesh=pp_mesh, device=self.runtime.device,
+                schedule=self.cfg.parallel.pp_schedule, n_microbatches=self.pp_microbatches, loss_fn=self.loss_fn,
+            )
+        return [part for _, part in parts], schedule
 
     def train(self) -> None:
         steps = self.cfg.training.steps
@@ -104,7 +126,7 @@ class Trainer:
         if self.cfg.export.hf:
             dtype = torch.bfloat16 if self.cfg.export.dtype == "bfloat16" else torch.float32
             export_hf(
-                self.model, self.output_dir / "export" / "hf", dtype=dtype,
+                self.model_parts[0], self.output_dir / "export" / "hf", dtype=dtype,
                 bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
             )
 
@@ -113,32 +135,46 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Normalise by the number of label tokens in the whole global batch, so that a step's gradient
         # is the same however the batch is split into ranks and microbatches (and right under masking).
-        local_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
-        global_tokens = self._dp_sum(torch.tensor(float(local_tokens))).item()
-        loss_sum = torch.zeros((), device=self.runtime.device)
+        local_tokens = sum(int(TokenLoss.count(labels)) for _, labels in microbatches)
+        global_tokens = self._sum(torch.tensor(float(local_tokens)), over_pp=False).item()
+        # FSDP averages gradients over the data-parallel ranks; scaling by their number undoes that mean.
+        self.loss_fn.start(scale=self.dims.dp_size / global_tokens, device=self.runtime.device)
         for inputs, labels in microbatches:
-            loss_sum += self.forward_backward(inputs, labels, global_tokens)
-        grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm)
+            self.forward_backward(inputs.to(self.runtime.device), labels.to(self.runtime.device))
+        pp_group = self.meshes.pp.get_group() if self.meshes and self.meshes.pp else None
+        grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=pp_group)
         self.optimizer.step()
         self.lr_scheduler.step()
-        loss = self._dp_sum(loss_sum).item() / global_tokens
+        # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
+        loss = self._sum(self.loss_fn.summed, over_pp=True).item() / global_tokens
         return loss, grad_norm.item()
 
-    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, global_tokens: float) -> torch.Tensor:
-        """Backward of this microbatch's share of the global mean loss; returns its summed loss."""
-        device = self.runtime.device
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with self.precision.autocast(device, fsdp=self.dims.fsdp_enabled):
-            logits = self.model(inputs)
-        loss_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
-        )
-        # FSDP averages gradients over the data-parallel ranks; scaling by their number undoes that mean.
-        (loss_sum * (self.dims.dp_size / global_tokens)).backward()
-        return loss_sum.detach()
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        with self.loss_context():
+            if self.schedule is not None:
+                self._pipeline_forward_backward(inputs, labels)
+                return
+            with self.precision.autocast(self.runtime.device, fsdp=self.meshes is not None and self.meshes.fsdp is not None):
+                logits = self.model_parts[0](inputs)
+            loss = self.loss_fn(logits, labels)
+            loss.backward()
+            self.loss_fn.record(loss)
 
-    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+    def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        """The schedule splits the batch into pp microbatches and runs the loss (and its backward) itself."""
+        # Stage 0 is on pipeline rank 0 and the last stage on the last rank, for every schedule.
+        pp_rank = self.meshes.pp.get_local_rank()
+        args = (inputs,) if pp_rank == 0 else ()
+        losses: list[torch.Tensor] = []
+        kwargs = {"target": labels, "losses": losses} if pp_rank == self.dims.pp - 1 else {}
+        self.schedule.step(*args, **kwargs)
+        for loss in losses:
+            self.loss_fn.record(loss)
+
+    def _sum(self, value: torch.Tensor, over_pp: bool) -> torch.Tensor:
         value = value.to(self.runtime.device)
-        if self.dp_group is not None:
-            dist.all_reduce(value, group=self.dp_group)
+        if self.meshes is not None and self.meshes.dp is not None:
+            dist.all_reduce(value, group=self.meshes.dp.get_group())
+        if over_pp and self.meshes is not None and self.meshes.pp is not None:
+            dist.all_reduce(value, group=self.meshes.pp.get_group())
         return value

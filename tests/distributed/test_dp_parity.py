@@ -9,8 +9,8 @@ def test_two_ranks_match_one_process(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = run_train([*common, f"job.output_dir={tmp_path / 'two'}"], nproc=2)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    assert "2 cpu rank(s) (dp_replicate 1 x dp_shard 2), 1 microbatch(es)" in sharded.stdout
-    assert "1 cpu rank(s) (dp_replicate 1 x dp_shard 1), 2 microbatch(es)" in single.stdout
+    assert "2 cpu rank(s) (pp 1 x dp_replicate 1 x dp_shard 2 x tp 1), 1 microbatch(es)" in sharded.stdout
+    assert "1 cpu rank(s) (pp 1 x dp_replicate 1 x dp_shard 1 x tp 1), 2 microbatch(es)" in single.stdout
 
     one = tensorboard_scalars(tmp_path / "one", "loss/train")
     two = tensorboard_scalars(tmp_path / "two", "loss/train")

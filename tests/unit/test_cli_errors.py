@@ -24,7 +24,7 @@ CASES = {
     "wrong type": (["training.steps=many"], "config key 'training.steps': Value 'many' of type 'str' could not be converted to Integer"),
     "bad choice": (["lr_scheduler.decay_type=cosin"], "lr_scheduler.decay_type='cosin' is not one of: cosine, linear, constant"),
     "global batch": (["training.global_batch_size=10"], "training.global_batch_size=10 is not a multiple of training.local_batch_size x data-parallel size = 4 x 1 = 4"),
-    "parallel sizes": (["parallel.dp_shard=2"], "dp_replicate x dp_shard = 1 x 2 = 2 do not multiply to the world size 1"),
+    "parallel sizes": (["parallel.dp_shard=2"], "pp x dp_replicate x dp_shard x tp = 1 x 1 x 2 x 1 = 2 do not multiply to the world size 1"),
     "seq_len": (["training.seq_len=4096"], "training.seq_len=4096 is over the model's maximum sequence length 1024"),
     "flavor": (["model.flavor=llama9"], "model.flavor='llama9' is not one of: debug, llama3_2_1b"),
     "override form": (["training.steps"], "override 'training.steps' is not of the form dotted.key=value"),
@@ -72,8 +72,8 @@ def test_dry_run_reports_sizes_and_memory(capsys):
     assert train.main(["--config", "configs/debug.yaml", "--dry-run", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "parameters total: 804,736" in out and "parameters non_embedding: 771,584" in out
-    assert "layout: world 2 = dp_replicate 1 x dp_shard 2; 1 microbatch(es)" in out
-    assert "optimizer state (AdamW, fp32, sharded)" in out and "total" in out
+    assert "layout: world 2 = pp 1 x dp_replicate 1 x dp_shard 2 x tp 1; 1 microbatch(es)" in out
+    assert "optimizer state (AdamW, fp32)" in out and "total" in out
     assert "FLOPs per token (training): " in out
 
 

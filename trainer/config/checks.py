@@ -23,6 +23,10 @@ def check_choices(cfg: Config) -> None:
         "training.seq_len": cfg.training.seq_len,
         "data.num_streams": cfg.data.num_streams,
         "metrics.log_every": cfg.metrics.log_every,
+        "parallel.tp": cfg.parallel.tp,
+        "parallel.pp": cfg.parallel.pp,
+        "parallel.pp_stages_per_rank": cfg.parallel.pp_stages_per_rank,
+        "activation_checkpoint.every": cfg.activation_checkpoint.every,
     }
     for dotted, value in positive.items():
         if value < 1:
@@ -66,3 +70,24 @@ def check_seq_len(cfg: Config, max_seq_len: int) -> None:
             f"training.seq_len={cfg.training.seq_len} is over the model's maximum sequence length "
             f"{max_seq_len}; lower training.seq_len or raise model.max_seq_len"
         )
+
+
+def check_pipeline(cfg: Config, pp: int) -> int:
+    """Returns the number of pipeline microbatches per local batch (1 without pipelining)."""
+    if pp == 1:
+        return 1
+    p = cfg.parallel
+    n = pp if p.pp_microbatches == -1 else p.pp_microbatches
+    if n < 1 or cfg.training.local_batch_size % n:
+        raise ConfigError(
+            f"parallel.pp_microbatches={n} does not divide training.local_batch_size={cfg.training.local_batch_size}; "
+            f"pick a divisor of the local batch"
+        )
+    if p.pp_schedule == "interleaved_1f1b":
+        if p.pp_stages_per_rank < 2:
+            raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_stages_per_rank of 2 or more")
+        if n % pp:
+            raise ConfigError(
+                f"parallel.pp_schedule=interleaved_1f1b needs parallel.pp_microbatches ({n}) to be a multiple of pp ({pp})"
+            )
+    return n

@@ -103,14 +103,43 @@ class LRSchedulerConfig:
 
 @dataclass
 class ParallelConfig:
+    # The world is pp x dp_replicate x dp_shard x tp ranks; tp is the innermost (fastest-linked) dimension.
     dp_replicate: int = 1
     # -1: whatever the world size leaves over.
     dp_shard: int = -1
+    # Tensor parallel degree: attention heads and MLP columns split over tp ranks, with sequence
+    # parallelism for norms and the residual stream.
+    tp: int = 1
+    # Vocabulary-sharded cross-entropy (with tp > 1): the full logits are never gathered.
+    loss_parallel: bool = True
+    # Overlap TP communication with matmuls (CUDA with compile.enabled only).
+    async_tp: bool = False
+    # Pipeline parallel degree: layers split into stages on pp ranks.
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    # Microbatches per local batch in the pipeline; -1: one per pipeline rank.
+    pp_microbatches: int = -1
+    # Stages per pipeline rank for interleaved_1f1b (virtual stages).
+    pp_stages_per_rank: int = 2
     # FSDP2: free the gathered parameters after each block's forward (default: yes, except the last
     # block, whose parameters backward needs at once).
     fsdp_reshard_after_forward: str = "default"
     # Keep sharded parameters, gradients and optimizer state in CPU memory.
     cpu_offload: bool = False
+
+
+@dataclass
+class ActivationCheckpointConfig:
+    # none; full (recompute every block); selective_layer (recompute every `every`-th block);
+    # selective_op (every block keeps matmul and attention outputs and recomputes the rest).
+    mode: str = "none"
+    every: int = 2
+
+
+@dataclass
+class CompileConfig:
+    # torch.compile each transformer block (fullgraph), in place so parameter names do not change.
+    enabled: bool = False
 
 
 @dataclass
@@ -141,6 +170,8 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -155,6 +186,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
     "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
     "parallel.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
+    "activation_checkpoint.mode": ("none", "full", "selective_layer", "selective_op"),
     "metrics.progress": ("auto", "on", "off"),
     "export.dtype": ("float32", "bfloat16"),
 }

@@ -32,7 +32,9 @@ def resolve_model_args(cfg: ModelConfig, tokenizer_vocab_size: int) -> ModelArgs
             raise ConfigError(f"model.flavor={flavor!r} is not one of: {', '.join(FLAVORS)}")
         fields = dict(FLAVORS[flavor], **overrides)
         if fields.get("vocab_size", -1) == -1:
-            fields["vocab_size"] = tokenizer_vocab_size
+            # Padded to a multiple of 64 so that it splits evenly over any TP degree up to 64 (and
+            # matmul tiles stay whole); the extra rows are never a label and quickly learn to lose.
+            fields["vocab_size"] = -(-tokenizer_vocab_size // 64) * 64
         try:
             args = ModelArgs(**fields)
         except ValueError as e:

@@ -1,4 +1,4 @@
-"""Named model shapes. vocab_size -1 means: take it from the tokenizer.
+"""Named model shapes. vocab_size -1 means: the tokenizer's, padded to a multiple of 64.
 
 The Llama 3.x shapes are those Meta published (hidden sizes follow from multiple_of and
 ffn_dim_multiplier: 8192, 8192, 14336, 28672 and 53248).

@@ -23,7 +23,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """cos/sin are the whole RoPE tables: sliced here, where the full sequence length is known even
+        when the residual stream around this module is split over sequence-parallel ranks."""
         batch, seq, _ = x.shape
+        cos, sin = cos[:seq], sin[:seq]
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -86,12 +89,11 @@ class Transformer(nn.Module):
             self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        # Pipeline stages hold a subset of these modules; the others are None there.
+        """tokens (batch, seq) -> logits (batch, seq, vocab). A pipeline stage holds a subset of the
+        modules (the others are None): it then maps hidden states to hidden states."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, self.rope_cos, self.rope_sin)
         if self.norm is None:  # a pipeline stage before the last
             return h
         h = self.norm(h)

@@ -85,10 +85,18 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def full_model_names(args: ModelArgs) -> set[str]:
+    """Parameter names of the whole model (a pipeline stage holds only some of them)."""
+    with torch.device("meta"):
+        return {name for name, _ in Transformer(args).named_parameters()}
+
+
 @torch.no_grad()
 def load_hf_weights(model: Transformer, path: Path) -> None:
-    """Fills every parameter of `model` (possibly sharded) from the checkpoint, one tensor at a time."""
+    """Fills every parameter of `model` (possibly sharded, possibly one pipeline stage) from the
+    checkpoint, one tensor at a time."""
     params = dict(model.named_parameters())
+    known = full_model_names(model.args)
     filled: set[str] = set()
     for file in _safetensors_files(path):
         try:
@@ -103,6 +111,8 @@ def load_hf_weights(model: Transformer, path: Path) -> None:
                 if name == "output.weight" and model.args.tie_embeddings:
                     continue  # some tied checkpoints also store lm_head; the embedding is the one we keep
                 if name not in params:
+                    if name in known:
+                        continue  # another pipeline stage's
                     raise CheckpointError(f"{file}: tensor {hf_name} has no place in this model")
                 tensor = handle.get_tensor(hf_name)
                 try:

@@ -80,11 +80,9 @@ def load_llama2c_weights(model: Transformer, path: Path) -> None:
         tensors[name] = torch.from_numpy(np.array(data[offset : offset + n])).view(shape)
         offset += n
 
-    params = dict(model.named_parameters())
-    copy_full_into(params["tok_embeddings.weight"], tensors["tok_embeddings"])
-    copy_full_into(params["norm.weight"], tensors["norm"])
+    full = {"tok_embeddings.weight": tensors["tok_embeddings"], "norm.weight": tensors["norm"]}
     if not a.tie_embeddings:
-        copy_full_into(params["output.weight"], tensors["output"])
+        full["output.weight"] = tensors["output"]
     per_layer = {
         "attention_norm": "attention_norm", "ffn_norm": "ffn_norm", "wq": "attention.wq", "wk": "attention.wk",
         "wv": "attention.wv", "wo": "attention.wo", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
@@ -97,4 +95,7 @@ def load_llama2c_weights(model: Transformer, path: Path) -> None:
                 w = _to_rotate_half(w, a.n_heads)
             elif src == "wk":
                 w = _to_rotate_half(w, a.n_kv_heads)
-            copy_full_into(params[f"layers.{i}.{dst}.weight"], w)
+            full[f"layers.{i}.{dst}.weight"] = w
+    # A pipeline stage holds only some of these.
+    for name, param in model.named_parameters():
+        copy_full_into(param, full[name])

@@ -1,0 +1,44 @@
+"""Everything decided from the config alone, with every check that can fail on it, before any work:
+the layout, the batch split, the tokenizer and the model's shape. Shared by training and --dry-run."""
+
+from dataclasses import dataclass
+
+from parallel.mesh import ParallelDims
+from trainer.config import Config, ConfigError
+from trainer.config.checks import check_batch, check_pipeline, check_seq_len, check_streams
+from trainer.model.args import ModelArgs
+from trainer.tokenizer import build_tokenizer
+from trainer.tokenizer.base import Tokenizer
+
+
+@dataclass(frozen=True)
+class Plan:
+    dims: ParallelDims
+    accum_steps: int  # gradient-accumulation microbatches per optimizer step
+    pp_microbatches: int  # pipeline microbatches per local batch
+    tokenizer: Tokenizer
+    model_args: ModelArgs
+
+
+def make_plan(cfg: Config, world_size: int) -> Plan:
+    from trainer.model.build import resolve_model_args
+
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    accum_steps = check_batch(cfg, dims.dp_size)
+    check_streams(cfg, dims.dp_size)
+    pp_microbatches = check_pipeline(cfg, dims.pp)
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    model_args = resolve_model_args(cfg.model, tokenizer.vocab_size)
+    check_seq_len(cfg, model_args.max_seq_len)
+    dims.check_model(model_args, cfg.parallel)
+    if cfg.export.hf and dims.pp > 1:
+        raise ConfigError("export.hf with parallel.pp > 1 is not supported yet; export from a run without pipeline parallelism")
+    if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and _has_cuda()):
+        raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
+    return Plan(dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches, tokenizer=tokenizer, model_args=model_args)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
