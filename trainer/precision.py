@@ -1,7 +1,7 @@
 """Mixed precision: parameters stay float32 for the optimizer; compute runs in `param_dtype`.
 
-With FSDP2 the policy lives in fully_shard (casting on all-gather); on a single process there is no
-FSDP, so autocast does the casting instead.
+With FSDP2 the policy lives in fully_shard (casting on all-gather); without FSDP (one process, or
+tensor / pipeline parallelism alone) autocast does the casting instead.
 """
 
 import contextlib

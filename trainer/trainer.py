@@ -46,6 +46,8 @@ class Trainer:
         check_enough_tokens(docs, self.tokenizer, cfg.data, cfg.training.seq_len)
 
         self.meshes = build_meshes(self.dims, device_type())
+        # FSDP casts parameters itself (MixedPrecisionPolicy); without it, autocast does.
+        self.uses_fsdp = self.meshes is not None and self.meshes.fsdp is not None
         set_determinism(cfg.job.seed, cfg.job.deterministic)
         dp_rank = self.meshes.dp.get_local_rank() if self.meshes and self.meshes.dp else 0
         self.loader = PackedLoader(
@@ -150,12 +152,12 @@ class Trainer:
         return loss, grad_norm.item()
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        with self.loss_context():
+        # autocast covers the pipeline's backward too: the schedule runs both in one call.
+        with self.loss_context(), self.precision.autocast(self.runtime.device, fsdp=self.uses_fsdp):
             if self.schedule is not None:
                 self._pipeline_forward_backward(inputs, labels)
                 return
-            with self.precision.autocast(self.runtime.device, fsdp=self.meshes is not None and self.meshes.fsdp is not None):
-                logits = self.model_parts[0](inputs)
+            logits = self.model_parts[0](inputs)
             loss = self.loss_fn(logits, labels)
             loss.backward()
             self.loss_fn.record(loss)

@@ -71,7 +71,7 @@ def test_exit_code_of_the_real_process(tmp_path):
 def test_dry_run_reports_sizes_and_memory(capsys):
     assert train.main(["--config", "configs/debug.yaml", "--dry-run", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "parameters total: 804,736" in out and "parameters non_embedding: 771,584" in out
+    assert "parameters total: 820,352" in out and "parameters non_embedding: 779,392" in out
     assert "layout: world 2 = pp 1 x dp_replicate 1 x dp_shard 2 x tp 1; 1 microbatch(es)" in out
     assert "optimizer state (AdamW, fp32)" in out and "total" in out
     assert "FLOPs per token (training): " in out

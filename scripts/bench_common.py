@@ -1,0 +1,37 @@
+"""Running train.py for benchmarks and reading its TensorBoard scalars back."""
+
+import datetime
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import run_train, tensorboard_scalars  # noqa: E402
+
+
+def header(command: str) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{datetime.date.today()} | {platform.node()} | {device} | torch {torch.__version__} | {command}"
+
+
+def measure(overrides: list[str], nproc: int, skip_steps: int) -> dict[str, float] | str:
+    """Means over the log points after `skip_steps` (start-up and compilation excluded); an error line on failure."""
+    with tempfile.TemporaryDirectory() as out:
+        result = run_train([*overrides, f"job.output_dir={out}"], nproc=nproc)
+        if result.returncode != 0:
+            return result.stderr.strip().splitlines()[-1][:120]
+
+        def later(tag):
+            values = [v for s, v in tensorboard_scalars(Path(out), tag).items() if s > skip_steps]
+            return values
+
+        mean = lambda tag: sum(later(tag)) / len(later(tag))  # noqa: E731
+        return {
+            "step_ms": 1000 * mean("time/step_seconds"),
+            "tokens_per_sec": mean("throughput/tokens_per_sec_per_device"),
+            "mfu": mean("throughput/mfu_percent"),
+            "peak_gib": max(later("memory/peak_gib")),
+        }

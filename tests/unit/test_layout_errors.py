@@ -1,0 +1,30 @@
+"""Impossible parallel layouts are refused by --dry-run (the same checks as training) with a message."""
+
+import pytest
+
+import train
+
+CASES = {
+    "world size": (4, ["parallel.tp=3"], "pp x dp_replicate x tp = 1 x 1 x 3 = 3 do not divide the world size 4"),
+    "explicit sizes": (4, ["parallel.dp_shard=3"], "= 3 do not multiply to the world size 4"),
+    "tp vs kv heads": (4, ["parallel.tp=4"], "parallel.tp=4 does not divide the model's n_kv_heads=2"),
+    "tp vs heads": (8, ["parallel.tp=8"], "parallel.tp=8 does not divide the model's n_heads=4"),
+    "pp over layers": (8, ["parallel.pp=8", "training.local_batch_size=8"], "makes 8 pipeline stages, more than the model's 4 layers"),
+    "interleaved stages over layers": (4, ["parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b", "training.local_batch_size=8"], "makes 8 pipeline stages"),
+    "microbatches": (2, ["parallel.pp=2", "parallel.pp_microbatches=3"], "parallel.pp_microbatches=3 does not divide training.local_batch_size=4"),
+    "interleaved microbatches": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_microbatches=1"], "needs parallel.pp_microbatches (1) to be a multiple of pp (2)"),
+    "tied embeddings": (2, ["parallel.tp=2", "model.tie_embeddings=true"], "tied embeddings (model.tie_embeddings) cannot be split"),
+    "loss parallel vocab": (2, ["parallel.tp=2", "model.vocab_size=259"], "shards the vocabulary (259) over tp=2"),
+    "async tp": (2, ["parallel.tp=2", "parallel.async_tp=true"], "parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true"),
+    "streams": (4, ["data.num_streams=6", "training.local_batch_size=2"], "data.num_streams=6 is not a multiple of the data-parallel size 4"),
+    "bad schedule": (2, ["parallel.pp=2", "parallel.pp_schedule=zb"], "parallel.pp_schedule='zb' is not one of: gpipe, 1f1b, interleaved_1f1b"),
+    "ac mode": (1, ["activation_checkpoint.mode=some"], "activation_checkpoint.mode='some' is not one of: none, full"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_layout(capsys, case):
+    world, overrides, expected = CASES[case]
+    code = train.main(["--config", "configs/debug.yaml", "--dry-run", "--world-size", str(world), *overrides])
+    err = capsys.readouterr().err
+    assert code == train.EXIT_USER_ERROR and expected in err, err

@@ -1,0 +1,35 @@
+"""--dry-run's per-rank memory estimate follows each layout and AC mode the way it must."""
+
+import torch
+
+from trainer.config import load_config
+from trainer.dry_run import estimate_memory
+from trainer.plan import make_plan
+from trainer.precision import Precision
+
+FP32 = Precision(torch.float32, torch.float32)
+
+
+def _estimate(world, *overrides):
+    cfg = load_config("configs/debug.yaml", ["model.n_layers=8", "training.global_batch_size=-1", *overrides])
+    memory = estimate_memory(make_plan(cfg, world), cfg, FP32)
+    states = sum(v for k, v in memory.items() if k.startswith(("parameters", "gradients", "optimizer")))
+    activations = next(v for k, v in memory.items() if k.startswith("activations"))
+    return states, activations
+
+
+def test_sharding_and_checkpointing_shrink_what_they_should():
+    states, acts = _estimate(1)
+    fsdp_states, fsdp_acts = _estimate(2)
+    assert fsdp_states == states / 2 and fsdp_acts == acts  # FSDP shards states, not activations
+    tp_states, tp_acts = _estimate(2, "parallel.tp=2")
+    assert states / 2 < tp_states < states * 0.51 and tp_acts == acts / 2  # norm gains stay whole
+    pp_states, _ = _estimate(2, "parallel.pp=2")
+    assert pp_states < states * 0.6
+    full = _estimate(1, "activation_checkpoint.mode=full")[1]
+    op = _estimate(1, "activation_checkpoint.mode=selective_op")[1]
+    layer = _estimate(1, "activation_checkpoint.mode=selective_layer")[1]
+    assert full < op < layer < acts
+    gpipe = _estimate(2, "parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=4")[1]
+    one_f_one_b = _estimate(2, "parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4")[1]
+    assert gpipe == 2 * one_f_one_b  # GPipe keeps all 4 microbatches in flight, 1F1B at most pp = 2
