@@ -1,11 +1,13 @@
 """Entry point: `torchrun [--nproc_per_node N] train.py --config configs/X.yaml [dotted.key=value ...]`.
 
 `python train.py ...` runs as a single process. Mistakes in the config, data or checkpoint paths are
-reported in one line on stderr with exit code 2, before any training work starts.
+reported in one line on stderr with exit code 2, before any training work starts. SIGTERM or SIGUSR1
+saves a checkpoint after the current step and exits with code 75 (see trainer/preemption.py).
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError
@@ -39,16 +41,25 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
+    from trainer.preemption import EXIT_PREEMPTED, MARKER, Preempted
     from trainer.trainer import Trainer
 
     runtime = init_runtime()
     try:
         trainer = Trainer(cfg, runtime)
+        if cfg.checkpoint.create_seed:
+            trainer.create_seed_checkpoint()
+            return 0
         trainer.train()
     except USER_ERRORS as e:
         if runtime.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as e:
+        if runtime.is_main:
+            (Path(cfg.job.output_dir) / MARKER).write_text(f"step {e.step}\n")
+            print(f"stopping: {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     finally:
         shutdown()
     return 0

@@ -4,6 +4,7 @@ Only rank 0 writes. Throughput and MFU are averaged over the steps since the las
 first step (allocator warm-up) shows once and does not skew later lines.
 """
 
+import json
 import resource
 import sys
 import time
@@ -51,7 +52,7 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     def __init__(
         self, cfg: MetricsConfig, output_dir: Path, *, is_main: bool, total_steps: int, flops_per_token: int,
-        peak_tflops: float, device: torch.device,
+        peak_tflops: float, device: torch.device, start_step: int = 0, rank: int = 0,
     ):
         self.cfg, self.is_main, self.total_steps = cfg, is_main, total_steps
         self.flops_per_token, self.peak_flops, self.device = flops_per_token, peak_tflops * 1e12, device
@@ -59,11 +60,22 @@ class MetricsLogger:
         if is_main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            # purge_step: a resumed run replaces what an interrupted one logged after its checkpoint.
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.samples = None
+        if cfg.log_samples:
+            (output_dir / "samples").mkdir(parents=True, exist_ok=True)
+            self.samples = open(output_dir / "samples" / f"rank-{rank}.jsonl", "a")
         self.progress = is_main and (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty()))
         self._tokens, self._time, self._steps = 0, 0.0, 0
 
-    def maybe_log(self, step: int, *, loss: float, lr: float, grad_norm: float, local_tokens: int, step_time: float) -> None:
+    def maybe_log(
+        self, step: int, *, loss: float, lr: float, grad_norm: float, local_tokens: int, step_time: float,
+        window_ids: list[tuple[int, int]] = (),
+    ) -> None:
+        if self.samples is not None:
+            self.samples.write(json.dumps({"step": step, "windows": [list(w) for w in window_ids]}) + "\n")
+            self.samples.flush()
         self._tokens += local_tokens
         self._time += step_time
         self._steps += 1
@@ -96,6 +108,8 @@ class MetricsLogger:
             self.writer.flush()
 
     def close(self) -> None:
+        if self.samples is not None:
+            self.samples.close()
         if self.progress:
             print()
         if self.writer is not None:

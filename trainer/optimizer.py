@@ -1,4 +1,8 @@
-"""AdamW over the trainable parameters, the warmup + decay schedule, and gradient clipping."""
+"""AdamW over the trainable parameters, the warmup + decay schedule, and gradient clipping.
+
+With pipeline parallelism a rank holds one or more model parts (stages); each gets its own optimizer and
+schedule, because DCP's state-dict helpers map one optimizer to one module. They step together.
+"""
 
 import math
 
@@ -10,9 +14,8 @@ from torch.distributed.tensor import DTensor
 from trainer.config.schema import LRSchedulerConfig, OptimizerConfig
 
 
-def build_optimizer(modules: list[nn.Module], cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
-    """One optimizer over the trainable parameters of all model parts (pipeline stages) of this rank."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+def _adamw(module: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
     # Norm gains (1-D) are not decayed: decay would pull them toward zero, not toward simplicity.
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -34,8 +37,7 @@ def lr_lambda(cfg: LRSchedulerConfig, total_steps: int):
         step += 1
         if step <= warmup:
             return step / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        progress = min(progress, 1.0)
+        progress = min((step - warmup) / max(1, total_steps - warmup), 1.0)
         if cfg.decay_type == "constant":
             decay = 1.0
         elif cfg.decay_type == "linear":
@@ -47,8 +49,29 @@ def lr_lambda(cfg: LRSchedulerConfig, total_steps: int):
     return factor
 
 
-def build_lr_scheduler(optimizer, cfg: LRSchedulerConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+class Optimizers:
+    """An optimizer and an LR schedule per model part, stepped together."""
+
+    def __init__(self, parts: list[nn.Module], cfg: OptimizerConfig, sched: LRSchedulerConfig, total_steps: int, device):
+        self.parts = parts
+        self.optimizers = [_adamw(part, cfg, device) for part in parts]
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sched, total_steps)) for opt in self.optimizers
+        ]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step will use."""
+        return self.schedulers[0].get_last_lr()[0]
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt, scheduler in zip(self.optimizers, self.schedulers):
+            opt.step()
+            scheduler.step()
 
 
 @torch.no_grad()

@@ -12,6 +12,10 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
 from parallel.pp import build_schedule, split_stages
+from trainer.checkpoint.manager import CheckpointManager
+from trainer.checkpoint.state import (
+    CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState, model_args_entry,
+)
 from trainer.config import Config, to_yaml
 from trainer.data import PackedLoader, check_enough_tokens, load_documents
 from trainer.distributed import Runtime
@@ -19,9 +23,10 @@ from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.model.build import build_meta_model, flops_per_token
 from trainer.model.init import init_weights
-from trainer.optimizer import build_lr_scheduler, build_optimizer, clip_grad_norm
+from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
+from trainer.preemption import MARKER, Preempted, PreemptionWatch
 from trainer.weights.hf_export import export_hf
 from trainer.weights.load import load_weights
 
@@ -65,16 +70,28 @@ class Trainer:
         self.model_parts, self.schedule = self._build_model(model_args)
         self.params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
 
-        self.optimizer = build_optimizer(self.model_parts, cfg.optimizer, runtime.device)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        self.optimizers = Optimizers(self.model_parts, cfg.optimizer, cfg.lr_scheduler, cfg.training.steps, runtime.device)
+        self.counters = CounterState()
+        dp_group = self.meshes.dp.get_group() if self.meshes and self.meshes.dp else None
+        self.checkpointer = CheckpointManager(
+            cfg.checkpoint, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
+            state={
+                "model": ModelState(self.model_parts), "optimizer": OptimizerState(self.optimizers),
+                "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, dp_group),
+                "train": self.counters, "rng": RngState(), "model_args": model_args_entry(model_args),
+            },
+        )
+        self.step = 0 if cfg.checkpoint.create_seed else self.checkpointer.resume()
+        self.preemption = PreemptionWatch(runtime.device)
         peak, peak_source = peak_tflops(cfg.metrics, runtime.device, self.precision.param_dtype)
         self.metrics = MetricsLogger(
             cfg.metrics, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
             flops_per_token=flops_per_token(model_args, cfg.training.seq_len), peak_tflops=peak, device=runtime.device,
+            start_step=self.step, rank=runtime.rank,
         )
-        self.step = 0
         if runtime.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / MARKER).unlink(missing_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
             d = self.dims
             print(
@@ -111,19 +128,33 @@ class Trainer:
             )
         return [part for _, part in parts], schedule
 
+    def create_seed_checkpoint(self) -> None:
+        """checkpoints/step-0 with the initial weights only: later runs (any layout) start from it."""
+        self.checkpointer.save(0, blocking=True, model_only=True)
+
     def train(self) -> None:
         steps = self.cfg.training.steps
         while self.step < steps:
             start = time.perf_counter()
-            microbatches = [self.loader.next_batch() for _ in range(self.accum_steps)]
-            lr = self.lr_scheduler.get_last_lr()[0]
+            microbatches, window_ids = [], []
+            for _ in range(self.accum_steps):
+                microbatches.append(self.loader.next_batch())
+                window_ids += self.loader.last_ids
+            lr = self.optimizers.lr
             loss, grad_norm = self.train_step(microbatches)
             self.step += 1
             local_tokens = sum(inputs.numel() for inputs, _ in microbatches)
+            self.counters.step = self.step
+            self.counters.tokens += local_tokens * self.dims.dp_size
             self.metrics.maybe_log(
                 self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
-                step_time=time.perf_counter() - start,
+                step_time=time.perf_counter() - start, window_ids=window_ids,
             )
+            signum = self.preemption.agreed_signal()
+            self.checkpointer.maybe_save(self.step, force=signum != 0)
+            if signum:
+                raise Preempted(self.step, signum)
+        self.checkpointer.wait()
         self.metrics.close()
         if self.cfg.export.hf:
             dtype = torch.bfloat16 if self.cfg.export.dtype == "bfloat16" else torch.float32
@@ -134,7 +165,7 @@ class Trainer:
 
     def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the microbatches; returns (global mean loss per token, grad norm)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers.zero_grad()
         # Normalise by the number of label tokens in the whole global batch, so that a step's gradient
         # is the same however the batch is split into ranks and microbatches (and right under masking).
         local_tokens = sum(int(TokenLoss.count(labels)) for _, labels in microbatches)
@@ -145,8 +176,7 @@ class Trainer:
             self.forward_backward(inputs.to(self.runtime.device), labels.to(self.runtime.device))
         pp_group = self.meshes.pp.get_group() if self.meshes and self.meshes.pp else None
         grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=pp_group)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        self.optimizers.step()
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
         loss = self._sum(self.loss_fn.summed, over_pp=True).item() / global_tokens
         return loss, grad_norm.item()

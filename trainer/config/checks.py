@@ -27,6 +27,7 @@ def check_choices(cfg: Config) -> None:
         "parallel.pp": cfg.parallel.pp,
         "parallel.pp_stages_per_rank": cfg.parallel.pp_stages_per_rank,
         "activation_checkpoint.every": cfg.activation_checkpoint.every,
+        "checkpoint.interval": cfg.checkpoint.interval,
     }
     for dotted, value in positive.items():
         if value < 1:
@@ -37,6 +38,8 @@ def check_choices(cfg: Config) -> None:
         raise ConfigError(f"lr_scheduler.min_lr_ratio={cfg.lr_scheduler.min_lr_ratio} must lie in [0, 1]")
     if cfg.lr_scheduler.warmup_steps < 0:
         raise ConfigError(f"lr_scheduler.warmup_steps={cfg.lr_scheduler.warmup_steps} must be 0 or more")
+    if cfg.checkpoint.keep_last < 0:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be 0 (keep all) or more")
     if cfg.training.max_norm < 0:
         raise ConfigError(f"training.max_norm={cfg.training.max_norm} must be 0 (off) or positive")
 

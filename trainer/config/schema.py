@@ -151,6 +151,28 @@ class MetricsConfig:
     peak_tflops: float | None = None
     # A live progress line: auto (when stdout is a terminal), on, off.
     progress: str = "auto"
+    # Append the ids (stream, index) of every window each rank trains on to output_dir/samples/rank-R.jsonl.
+    log_samples: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints under output_dir/checkpoints/step-N (torch.distributed.checkpoint)."""
+
+    enabled: bool = True
+    # Save every `interval` steps, and at the last step.
+    interval: int = 100
+    # Complete checkpoints to keep (older ones are deleted once a newer one is complete); 0 keeps all.
+    keep_last: int = 3
+    # Write in the background: training waits only while the state is copied (staged) off the model.
+    async_save: bool = False
+    # latest: resume from the newest complete checkpoint in output_dir if there is one; none: start
+    # from step 0 (new checkpoints then replace old ones of the same step); or a step-N directory.
+    resume_from: str = "latest"
+    # With resume_from: take only the model weights, and start a new run at step 0.
+    load_only_model: bool = False
+    # Write the initial weights as checkpoints/step-0 and exit (a reproducible start for multi-node runs).
+    create_seed: bool = False
 
 
 @dataclass
@@ -173,6 +195,7 @@ class Config:
     activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 

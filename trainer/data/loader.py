@@ -56,12 +56,21 @@ class PackedLoader:
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"next_global": self.next_global, "streams": {s: st.state_dict() for s, st in self.streams.items()}}
+        """This rank's streams, and the windows consumed by all ranks together (the same on every rank
+        at a step boundary). Nothing here depends on the number of ranks: merged over the ranks, it
+        restores the data position on any layout whose dp divides num_streams."""
+        return {
+            "windows_consumed": self.next_global - self.dp_rank,
+            "streams": {str(s): st.state_dict() for s, st in self.streams.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.next_global = state["next_global"]
-        for s, stream_state in state["streams"].items():
-            self.streams[int(s)].load_state_dict(stream_state)
+        """Takes the state of all streams (or at least this rank's) and picks this rank's."""
+        self.next_global = state["windows_consumed"] + self.dp_rank
+        for s, stream in self.streams.items():
+            if str(s) not in state["streams"]:
+                raise ValueError(f"the saved data state lacks stream {s} (was data.num_streams changed?)")
+            stream.load_state_dict(state["streams"][str(s)])
 
 
 def check_enough_tokens(docs, tokenizer, cfg: DataConfig, seq_len: int) -> None:

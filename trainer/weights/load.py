@@ -4,6 +4,7 @@ from pathlib import Path
 
 from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer
+from trainer.weights.dcp_import import is_dcp_dir, load_dcp_weights, read_dcp_args
 from trainer.weights.hf_import import CheckpointError, is_hf_dir, load_hf_weights, read_hf_args
 from trainer.weights.llama2c import load_llama2c_weights, looks_like_llama2c, read_llama2c_args
 
@@ -14,25 +15,24 @@ def detect_format(path: str | Path) -> str:
         raise CheckpointError(f"model.init_from: no such file or directory: {path}")
     if is_hf_dir(path):
         return "hf"
+    if is_dcp_dir(path):
+        return "dcp"
     if looks_like_llama2c(path):
         return "llama2c"
     raise CheckpointError(
         f"model.init_from: cannot tell the format of {path}: expected a Hugging Face directory "
-        f"(config.json + *.safetensors) or a llama2.c .bin file"
+        f"(config.json + *.safetensors), one of our checkpoints/step-N directories, or a llama2.c .bin file"
     )
 
 
 def read_checkpoint_args(path: str | Path) -> ModelArgs:
-    fmt = detect_format(path)
-    return read_hf_args(Path(path)) if fmt == "hf" else read_llama2c_args(Path(path))
+    readers = {"hf": read_hf_args, "dcp": read_dcp_args, "llama2c": read_llama2c_args}
+    return readers[detect_format(path)](Path(path))
 
 
 def load_weights(model: Transformer, path: str | Path) -> None:
-    fmt = detect_format(path)
-    if fmt == "hf":
-        load_hf_weights(model, Path(path))
-    else:
-        load_llama2c_weights(model, Path(path))
+    loaders = {"hf": load_hf_weights, "dcp": load_dcp_weights, "llama2c": load_llama2c_weights}
+    loaders[detect_format(path)](model, Path(path))
 
 
 def load_model(path: str | Path, device: str = "cpu") -> Transformer:

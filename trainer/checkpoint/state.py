@@ -1,0 +1,151 @@
+"""Everything a run needs to resume, as torch.distributed.checkpoint `Stateful` objects.
+
+Model and optimizer states are DTensor shards keyed by parameter name (optimizer state flattened per
+name), so DCP can load them into any layout. The data position is merged over the data-parallel ranks
+before saving, so any later layout finds every stream in it. Non-tensor values are plain numbers,
+strings and lists only, which is what lets SafeLoadPlanner load them with weights_only=True.
+"""
+
+import dataclasses
+import io
+import json
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from trainer.data.loader import PackedLoader
+from trainer.model.args import ModelArgs, RopeScaling
+from trainer.optimizer import Optimizers
+
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP unpickles non-tensor values with weights_only=False; a checkpoint may come from anyone, so
+    only plain values (numbers, strings, lists, dicts, tensors) are accepted here."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn} is not a plain value ({e})") from None
+        super().load_bytes(read_item, _reserialize(obj))
+
+
+def _reserialize(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+class ModelState(Stateful):
+    def __init__(self, parts: list[nn.Module]):
+        self.parts = parts
+
+    def state_dict(self) -> dict:
+        merged = {}
+        for part in self.parts:  # pipeline stages hold disjoint parameter names
+            merged.update(get_model_state_dict(part))
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        for part in self.parts:
+            own = get_model_state_dict(part).keys()
+            set_model_state_dict(part, {k: state[k] for k in own})
+
+
+class OptimizerState(Stateful):
+    def __init__(self, optimizers: Optimizers):
+        self.optimizers = optimizers
+
+    def state_dict(self) -> dict:
+        merged = {}
+        for part, opt in zip(self.optimizers.parts, self.optimizers.optimizers):
+            merged.update(get_optimizer_state_dict(part, opt, options=_FLAT))
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        for part, opt in zip(self.optimizers.parts, self.optimizers.optimizers):
+            own = get_optimizer_state_dict(part, opt, options=_FLAT).keys()
+            set_optimizer_state_dict(part, opt, {k: state[k] for k in own}, options=_FLAT)
+
+
+class SchedulerState(Stateful):
+    def __init__(self, optimizers: Optimizers):
+        self.optimizers = optimizers
+
+    def state_dict(self) -> dict:
+        state = self.optimizers.schedulers[0].state_dict()  # every part's schedule is the same
+        return {"last_epoch": state["last_epoch"], "last_lr": list(state["_last_lr"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        for scheduler in self.optimizers.schedulers:
+            scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": state["last_epoch"], "_last_lr": state["last_lr"]})
+
+
+class DataState(Stateful):
+    def __init__(self, loader: PackedLoader, dp_group):
+        self.loader, self.dp_group = loader, dp_group
+
+    def state_dict(self) -> dict:
+        local = self.loader.state_dict()
+        states = [local]
+        if self.dp_group is not None:
+            states = [None] * dist.get_world_size(self.dp_group)
+            dist.all_gather_object(states, local, group=self.dp_group)
+        merged = {"windows_consumed": local["windows_consumed"], "streams": {}}
+        for state in states:
+            merged["streams"].update(state["streams"])
+        return {"json": json.dumps(merged, sort_keys=True)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(json.loads(state["json"]))
+
+
+def model_args_entry(args: ModelArgs) -> dict:
+    """The model's shape, saved so that model.init_from=<checkpoint> can build the model from it."""
+    return {"json": json.dumps(dataclasses.asdict(args), sort_keys=True)}
+
+
+def model_args_from_entry(entry: dict) -> ModelArgs:
+    fields = json.loads(entry["json"])
+    scaling = fields.pop("rope_scaling")
+    return ModelArgs(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)
+
+
+class CounterState(Stateful):
+    """Training progress that lives outside the model: the step and the tokens seen."""
+
+    def __init__(self):
+        self.step = 0
+        self.tokens = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+
+class RngState(Stateful):
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
