@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -10,13 +11,58 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def _command(args: list[str], nproc: int, env: dict | None) -> tuple[list[str], dict]:
     if nproc == 1:
         cmd = [sys.executable, "train.py", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py", *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    threads = "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")
+    return cmd, {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, **(env or {})}
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd, full_env = _command(args, nproc, env)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def start_train(args: list[str], log: Path, nproc: int = 1) -> subprocess.Popen:
+    """train.py in the background, in a process group of its own (so that every rank can be killed at once)."""
+    cmd, full_env = _command(args, nproc, None)
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    """Signals a process and all its descendants at once (torchrun puts each rank in a session of its own)."""
+    tree, todo, found = _children(), [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += tree.get(p, [])
+    for p in found:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_until(condition, timeout: float = 300, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 def tensorboard_scalars(output_dir: Path, tag: str) -> dict[int, float]:

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from trainer.checkpoint.paths import checkpoint_root, complete_steps, partial_dir, remove_partials, step_dir, step_of
-from trainer.checkpoint.state import SafeLoadPlanner
+from trainer.checkpoint.safe_reader import SafeFileSystemReader
+from trainer.checkpoint.state import LOAD_ERRORS, SafeLoadPlanner
 from trainer.config.schema import CheckpointConfig
 from trainer.weights.hf_import import CheckpointError
 
@@ -45,15 +45,16 @@ class CheckpointManager:
         path = self._resume_path()
         if path is None:
             return 0
-        model_only = self.cfg.load_only_model or not _has_optimizer_state(path)
+        saved = self._read_metadata(path).state_dict_metadata
+        model_only = self.cfg.load_only_model or not any(key.startswith("optimizer.") for key in saved)
         keys = ("model",) if model_only else tuple(self.state)
-        self._check_fits(path)
+        self._check_fits(path, saved)
         try:
             dcp.load(
-                {k: self.state[k] for k in keys}, checkpoint_id=str(path), planner=SafeLoadPlanner(),
-                no_dist=not dist.is_initialized(),
+                {k: self.state[k] for k in keys}, storage_reader=SafeFileSystemReader(str(path)),
+                planner=SafeLoadPlanner(), no_dist=not dist.is_initialized(),
             )
-        except Exception as e:
+        except LOAD_ERRORS as e:
             raise CheckpointError(
                 f"{path}: cannot be loaded ({_one_line(e)}). {self._earlier_hint(path)}"
             ) from None
@@ -75,13 +76,14 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint.resume_from={path}: {what}. {self._earlier_hint(path)}")
         return path
 
-    def _check_fits(self, path: Path) -> None:
-        """Compares tensor shapes with this model's before loading, to name the first that differs."""
+    def _read_metadata(self, path: Path):
         try:
-            metadata = FileSystemReader(str(path)).read_metadata()
+            return SafeFileSystemReader(str(path)).read_metadata()
         except Exception as e:
             raise CheckpointError(f"{path}/.metadata: cannot be read ({_one_line(e)}). {self._earlier_hint(path)}") from None
-        saved = metadata.state_dict_metadata
+
+    def _check_fits(self, path: Path, saved: dict) -> None:
+        """Compares tensor shapes with this model's before loading, to name the first that differs."""
         for name, tensor in self.state["model"].state_dict().items():
             key = f"model.{name}"
             entry = saved.get(key)
@@ -160,15 +162,14 @@ class CheckpointManager:
                 shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
 
 
-def _has_optimizer_state(path: Path) -> bool:
-    metadata = FileSystemReader(str(path)).read_metadata()
-    return any(key.startswith("optimizer.") for key in metadata.state_dict_metadata)
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:400]
+def _one_line(e: BaseException) -> str:
+    """The innermost error of a message; DCP wraps each rank's failure in a whole traceback."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    errors = [line for line in lines if ":" in line and line.split(":")[0].replace(".", "").replace("_", "").isalnum()
+              and line.split(":")[0].endswith(("Error", "Exception"))]
+    return (errors[-1] if errors else " ".join(lines))[:400]

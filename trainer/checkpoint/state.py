@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,6 +29,8 @@ from trainer.model.args import ModelArgs, RopeScaling
 from trainer.optimizer import Optimizers
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+# DCP reports failures on any rank as CheckpointException, which derives from BaseException.
+LOAD_ERRORS = (Exception, CheckpointException)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -1,0 +1,103 @@
+"""Bad checkpoints are named, with the previous complete step suggested; seed, model-only and init_from
+starts take the weights and nothing else."""
+
+import pytest
+
+from tests.helpers import run_train, tensorboard_scalars
+
+COMMON = ["--config", "configs/debug.yaml", "metrics.log_every=1", "checkpoint.interval=2", "checkpoint.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = run_train([*COMMON, "training.steps=4", f"job.output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _fails(tmp_path, *overrides):
+    result = run_train([*COMMON, "training.steps=6", f"job.output_dir={tmp_path}", *overrides])
+    assert result.returncode == 2, result.stderr[-2000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_missing_path(run, tmp_path):
+    err = _fails(tmp_path, "checkpoint.resume_from=/nope/step-3")
+    assert "checkpoint.resume_from=/nope/step-3: no such directory" in err
+
+
+def test_truncated_shard_names_the_file_and_the_previous_step(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(run, copy)
+    shard = sorted((copy / "checkpoints" / "step-4").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    result = run_train([*COMMON, "training.steps=6", f"job.output_dir={copy}"])
+    err = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2
+    assert f"{copy / 'checkpoints' / 'step-4'}: cannot be loaded" in err
+    assert f"The previous complete checkpoint is {copy / 'checkpoints' / 'step-2'}" in err
+
+
+def test_corrupt_metadata(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(b"garbage")
+    err = _fails(copy, f"job.output_dir={copy}")
+    assert "step-4/.metadata: cannot be read" in err and "step-2" in err
+
+
+def test_different_model_shape(run, tmp_path):
+    err = _fails(tmp_path, f"checkpoint.resume_from={run / 'checkpoints' / 'step-4'}", "model.dim=64", "model.n_heads=2", "model.n_kv_heads=1")
+    assert "model.tok_embeddings.weight has shape (320, 128) but this model's is (320, 64)" in err
+
+
+def test_seed_checkpoint_then_training_starts_from_it(tmp_path):
+    seed = run_train([*COMMON, f"job.output_dir={tmp_path}", "checkpoint.create_seed=true"])
+    assert seed.returncode == 0, seed.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "step-0" / ".metadata").is_file()
+    trained = run_train([*COMMON, "training.steps=2", f"job.output_dir={tmp_path}"], nproc=2)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "resumed from" in trained.stdout and "(model weights only)" in trained.stdout
+    fresh = tmp_path / "fresh"
+    assert run_train([*COMMON, "training.steps=2", f"job.output_dir={fresh}"]).returncode == 0
+    assert tensorboard_scalars(tmp_path, "loss/train")[1] == pytest.approx(tensorboard_scalars(fresh, "loss/train")[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("how", ["load_only_model", "init_from"])
+def test_new_run_from_trained_weights(run, tmp_path, how):
+    step4 = run / "checkpoints" / "step-4"
+    overrides = (
+        [f"checkpoint.resume_from={step4}", "checkpoint.load_only_model=true"] if how == "load_only_model"
+        else [f"model.init_from={step4}", "model.flavor=null"]
+    )
+    result = run_train([*COMMON, "training.steps=2", f"job.output_dir={tmp_path}", *overrides])
+    assert result.returncode == 0, result.stderr[-2000:]
+    loss = tensorboard_scalars(tmp_path, "loss/train")
+    trained = tensorboard_scalars(run, "loss/train")
+    assert sorted(loss) == [1, 2]  # a new run: steps count from 1 again
+    assert loss[1] < trained[1] - 0.5  # but from trained weights, not from scratch
+
+
+def test_crafted_metadata_never_runs_code(run, tmp_path):
+    import pickle
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(run, copy)
+    canary = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {canary}",)
+
+    (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    err = _fails(copy, f"job.output_dir={copy}")
+    assert "refusing to load posix.system" in err or "refusing to load os.system" in err
+    assert not canary.exists()
