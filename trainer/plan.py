@@ -31,8 +31,10 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     model_args = resolve_model_args(cfg.model, tokenizer.vocab_size)
     check_seq_len(cfg, model_args.max_seq_len)
     dims.check_model(model_args, cfg.parallel)
-    if cfg.export.hf and dims.pp > 1:
-        raise ConfigError("export.hf with parallel.pp > 1 is not supported yet; export from a run without pipeline parallelism")
+    if cfg.export.hf and dims.pp > 1 and not cfg.checkpoint.enabled:
+        raise ConfigError(
+            "export.hf with parallel.pp > 1 is assembled from the final checkpoint: set checkpoint.enabled=true"
+        )
     if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and _has_cuda()):
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
     return Plan(dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches, tokenizer=tokenizer, model_args=model_args)

@@ -27,6 +27,8 @@ from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
+from trainer.checkpoint.paths import checkpoint_root, step_dir
+from trainer.weights.checkpoint_export import export_checkpoint_hf
 from trainer.weights.hf_export import export_hf
 from trainer.weights.load import load_weights
 
@@ -157,11 +159,18 @@ class Trainer:
         self.checkpointer.wait()
         self.metrics.close()
         if self.cfg.export.hf:
-            dtype = torch.bfloat16 if self.cfg.export.dtype == "bfloat16" else torch.float32
-            export_hf(
-                self.model_parts[0], self.output_dir / "export" / "hf", dtype=dtype,
-                bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
-            )
+            self.export()
+
+    def export(self) -> None:
+        dtype = torch.bfloat16 if self.cfg.export.dtype == "bfloat16" else torch.float32
+        out, ids = self.output_dir / "export" / "hf", {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id}
+        if self.schedule is None:
+            export_hf(self.model_parts[0], out, dtype=dtype, **ids)
+            return
+        # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint.
+        if self.runtime.is_main:
+            export_checkpoint_hf(step_dir(checkpoint_root(self.output_dir), self.step), out, dtype, **ids)
+        dist.barrier()
 
     def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the microbatches; returns (global mean loss per token, grad norm)."""

@@ -122,7 +122,8 @@ class CheckpointManager:
         state = {"model": self.state["model"]} if model_only else self.state
         if blocking:
             dcp.save(state, checkpoint_id=str(target), no_dist=not dist.is_initialized())
-            self._commit(step)
+            self.last_blocked_seconds = time.perf_counter() - start
+            self._commit(step, time.perf_counter() - start)
         else:
             kwargs = {}
             if torch.cuda.is_available():
@@ -133,15 +134,17 @@ class CheckpointManager:
                     StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False)
                 )
             future = dcp.async_save(state, checkpoint_id=str(target), process_group=self.async_group, **kwargs)
-            self.pending = (future, step, start)
-        self.last_blocked_seconds = time.perf_counter() - start
+            finished = []  # when the background write ended, for the report (commits happen later)
+            future.add_done_callback(lambda _: finished.append(time.perf_counter()))
+            self.pending = (future, step, start, finished)
+            self.last_blocked_seconds = time.perf_counter() - start
 
     def wait(self) -> None:
         """Finishes the async save in flight, if any (every rank must call it)."""
         if self.pending is not None:
-            future, step, _ = self.pending
+            future, step, start, finished = self.pending
             future.result()
-            self._commit(step)
+            self._commit(step, (finished[0] if finished else time.perf_counter()) - start)
 
     def _commit_if_done(self) -> None:
         # Only rank 0 renames, and its future finishes only after the metadata that closes the save,
@@ -149,7 +152,7 @@ class CheckpointManager:
         if self.pending is not None and self.pending[0].done():
             self.wait()
 
-    def _commit(self, step: int) -> None:
+    def _commit(self, step: int, write_seconds: float) -> None:
         self.pending = None
         if not self.is_main:
             return
@@ -157,6 +160,12 @@ class CheckpointManager:
         if final.exists():
             shutil.rmtree(final)  # a run restarted with resume_from=none writes the same steps again
         partial_dir(self.root, step).rename(final)
+        size = sum(f.stat().st_size for f in final.iterdir()) / 2**20
+        print(
+            f"checkpoint: {final.name} complete: {size:.1f} MiB, training blocked {self.last_blocked_seconds:.3f} s, "
+            f"written in {write_seconds:.3f} s",
+            flush=True,
+        )
         if self.cfg.keep_last:
             for old in complete_steps(self.root)[: -self.cfg.keep_last]:
                 shutil.rmtree(step_dir(self.root, old), ignore_errors=True)

@@ -1,10 +1,7 @@
-"""Writing the model as a Hugging Face LlamaForCausalLM checkpoint (config.json + safetensors).
-
-Works from any layout: each parameter is gathered whole in turn (all ranks take part), moved to CPU, and
-rank 0 writes shards of at most `max_shard_bytes`; no rank ever holds the whole model on its accelerator.
-"""
+"""Writing the model as a Hugging Face LlamaForCausalLM checkpoint (config.json + safetensors)."""
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -39,17 +36,15 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None, eo
     return out
 
 
-@torch.no_grad()
-def export_hf(
-    model: Transformer, out_dir: Path, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30,
-    bos_id: int | None = None, eos_id: int | None = None,
+def write_hf(
+    tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, out_dir: Path, dtype: torch.dtype,
+    max_shard_bytes: int = 5 * 2**30, bos_id: int | None = None, eos_id: int | None = None,
 ) -> None:
-    writer = not dist.is_initialized() or dist.get_rank() == 0
+    """Writes (our name, whole tensor) pairs as a Hugging Face checkpoint. Shards are written as soon as
+    they fill (under temporary names, since the final names carry the shard count), so at most one
+    shard is held in CPU memory."""
     out_dir = Path(out_dir)
-    if writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    # Shards are written as soon as they fill (under temporary names, since the final names carry the
-    # shard count), so rank 0 holds at most one shard in CPU memory.
+    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str], int]] = []
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -61,18 +56,13 @@ def export_hf(
         written.append((part, list(shard), shard_bytes))
         shard, shard_bytes = {}, 0
 
-    for name, param in model.named_parameters():
-        full = gather_full(param)  # collective: every rank runs this loop in the same order
-        if not writer:
-            continue
+    for name, full in tensors:
         tensor = full.to(device="cpu", dtype=dtype).contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + nbytes > max_shard_bytes:
             flush()
         shard[ours_to_hf(name)] = tensor
         shard_bytes += nbytes
-    if not writer:
-        return
     flush()
     count = len(written)
     weight_map = {}
@@ -83,5 +73,16 @@ def export_hf(
     if count > 1:
         index = {"metadata": {"total_size": sum(size for _, _, size in written)}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = hf_config(model.args, dtype, bos_id, eos_id)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(hf_config(args, dtype, bos_id, eos_id), indent=2))
+
+
+@torch.no_grad()
+def export_hf(model: Transformer, out_dir: Path, dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:
+    """From a live model in any layout without pipeline stages: each parameter is gathered whole in
+    turn (all ranks take part) and rank 0 writes it, so no rank holds the whole model on its accelerator."""
+    gathered = ((name, gather_full(param)) for name, param in model.named_parameters())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_hf(gathered, model.args, out_dir, dtype, **kwargs)
+    else:
+        for _ in gathered:  # the gathers are collectives: every rank runs them in the same order
+            pass

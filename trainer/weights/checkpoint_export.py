@@ -1,0 +1,44 @@
+"""A Hugging Face export of one of our checkpoints, from any layout it was saved in (pipeline stages too).
+
+    python -m trainer.weights.checkpoint_export CHECKPOINTS/step-N OUT_DIR [--dtype bfloat16]
+
+One process on CPU reads the checkpoint one parameter at a time (DCP assembles each from the shards of
+whatever ranks wrote it), so memory holds one parameter plus one output shard, never the whole model.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from trainer.checkpoint.safe_reader import SafeFileSystemReader
+from trainer.checkpoint.state import SafeLoadPlanner
+from trainer.model.build import build_meta_model
+from trainer.weights.dcp_import import read_dcp_args
+from trainer.weights.hf_export import write_hf
+
+
+def export_checkpoint_hf(path: Path, out_dir: Path, dtype: torch.dtype, bos_id=None, eos_id=None) -> None:
+    args = read_dcp_args(path)
+
+    def tensors():
+        for name, param in build_meta_model(args).named_parameters():
+            entry = {f"model.{name}": torch.empty(param.shape)}
+            dcp.load(entry, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
+            yield name, entry[f"model.{name}"]
+
+    write_hf(tensors(), args, out_dir, dtype, bos_id=bos_id, eos_id=eos_id)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    args = parser.parse_args()
+    export_checkpoint_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
