@@ -54,7 +54,7 @@ def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
     assert len(every) == len(set(every)) == STEPS * 8  # none repeated, none skipped
 
 
-@pytest.mark.parametrize("world,extra", [(1, []), (4, ["training.local_batch_size=2"])])
+@pytest.mark.parametrize("world,extra", [(1, []), (4, ["training.local_batch_size=2"]), (4, ["parallel.tp=2"])])
 def test_resharded_resume(uninterrupted, tmp_path, world, extra):
     step10 = uninterrupted / "checkpoints" / "step-10"
     args = [*COMMON, f"job.output_dir={tmp_path}", f"checkpoint.resume_from={step10}", *extra]
