@@ -74,15 +74,7 @@ class Trainer:
 
         self.optimizers = Optimizers(self.model_parts, cfg.optimizer, cfg.lr_scheduler, cfg.training.steps, runtime.device)
         self.counters = CounterState()
-        dp_group = self.meshes.dp.get_group() if self.meshes and self.meshes.dp else None
-        self.checkpointer = CheckpointManager(
-            cfg.checkpoint, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
-            state={
-                "model": ModelState(self.model_parts), "optimizer": OptimizerState(self.optimizers),
-                "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, dp_group),
-                "train": self.counters, "rng": RngState(), "model_args": model_args_entry(model_args),
-            },
-        )
+        self.checkpointer = self._build_checkpointer(model_args)
         self.step = 0 if cfg.checkpoint.create_seed else self.checkpointer.resume()
         self.preemption = PreemptionWatch(runtime.device)
         peak, peak_source = peak_tflops(cfg.metrics, runtime.device, self.precision.param_dtype)
@@ -103,6 +95,18 @@ class Trainer:
                 f"MFU against {peak:.2f} TFLOP/s ({peak_source})",
                 flush=True,
             )
+
+    def _build_checkpointer(self, model_args) -> CheckpointManager:
+        """Everything a resume needs, as one DCP state dict (DESIGN rule 7)."""
+        dp_group = self.meshes.dp.get_group() if self.meshes and self.meshes.dp else None
+        state = {
+            "model": ModelState(self.model_parts), "optimizer": OptimizerState(self.optimizers),
+            "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, dp_group),
+            "train": self.counters, "rng": RngState(), "model_args": model_args_entry(model_args),
+        }
+        return CheckpointManager(
+            self.cfg.checkpoint, self.output_dir, state, is_main=self.runtime.is_main, total_steps=self.cfg.training.steps
+        )
 
     def _build_model(self, model_args):
         """Meta model -> pipeline stages -> parallelized -> materialized: nothing is ever whole on a rank."""

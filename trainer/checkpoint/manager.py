@@ -8,6 +8,7 @@ half-written .partial directory is removed at the next start.
 
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,7 +122,10 @@ class CheckpointManager:
         _barrier()
         state = {"model": self.state["model"]} if model_only else self.state
         if blocking:
-            dcp.save(state, checkpoint_id=str(target), no_dist=not dist.is_initialized())
+            with warnings.catch_warnings():
+                # A single process saves without a process group on purpose; DCP warns about it anyway.
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(state, checkpoint_id=str(target), no_dist=not dist.is_initialized())
             self.last_blocked_seconds = time.perf_counter() - start
             self._commit(step, time.perf_counter() - start)
         else:
