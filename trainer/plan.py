@@ -31,6 +31,11 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     model_args = resolve_model_args(cfg.model, tokenizer.vocab_size)
     check_seq_len(cfg, model_args.max_seq_len)
     dims.check_model(model_args, cfg.parallel)
+    if cfg.adapters.kind != "none":
+        from trainer.adapters import target_names
+        from trainer.model.build import build_meta_model
+
+        target_names(build_meta_model(model_args), cfg.adapters.targets)  # on meta: costs nothing
     if cfg.export.hf and dims.pp > 1 and not cfg.checkpoint.enabled:
         raise ConfigError(
             "export.hf with parallel.pp > 1 is assembled from the final checkpoint: set checkpoint.enabled=true"

@@ -12,6 +12,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
 from parallel.pp import build_schedule, split_stages
+from trainer.adapters import apply_adapters, init_adapters
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.state import (
     CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState, model_args_entry,
@@ -88,8 +89,11 @@ class Trainer:
             (self.output_dir / MARKER).unlink(missing_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
             d = self.dims
+            meta = build_meta_model(model_args)
+            apply_adapters(meta, cfg.adapters)
+            trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
             print(
-                f"training {sum(p.numel() for p in build_meta_model(model_args).parameters()):,} parameters on "
+                f"training {trainable:,} of {sum(p.numel() for p in meta.parameters()):,} parameters on "
                 f"{runtime.world_size} {runtime.device.type} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
                 f"dp_shard {d.dp_shard} x tp {d.tp}), {self.accum_steps} microbatch(es) per step; "
                 f"MFU against {peak:.2f} TFLOP/s ({peak_source})",
@@ -111,6 +115,7 @@ class Trainer:
     def _build_model(self, model_args):
         """Meta model -> pipeline stages -> parallelized -> materialized: nothing is ever whole on a rank."""
         model = build_meta_model(model_args)
+        apply_adapters(model, self.cfg.adapters)  # before the split: stages keep the adapters of their layers
         pp_mesh = self.meshes.pp if self.meshes else None
         num_stages = self.dims.num_stages(self.cfg.parallel)
         if pp_mesh is not None:
@@ -125,6 +130,7 @@ class Trainer:
                 load_weights(part, self.cfg.model.init_from)
             else:
                 init_weights(part, self.cfg.job.seed)
+            init_adapters(part, self.cfg.job.seed)
             part.train()
         schedule = None
         if pp_mesh is not None:

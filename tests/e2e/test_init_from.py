@@ -13,7 +13,7 @@ def test_finetune_stories260k_starts_from_its_weights(shared, tmp_path):
         f"job.output_dir={tmp_path}",
     ])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "training 260,032 parameters" in result.stdout
+    assert "training 260,032 of 260,032 parameters" in result.stdout
     loss = tensorboard_scalars(tmp_path, "loss/train")
     # From random weights the first loss would be ln(512) = 6.2; the pretrained model knows this text.
     assert loss[1] < 1.7, loss

@@ -32,6 +32,10 @@ CASES = {
     "missing checkpoint": (["model.init_from=/nope/model"], "model.init_from: no such file or directory: /nope/model"),
     "missing tokenizer": (["tokenizer.kind=auto", "tokenizer.path=/nope/tok.model"], "tokenizer.path: no such file or directory: /nope/tok.model"),
     "negative steps": (["training.steps=0"], "training.steps=0 must be at least 1"),
+    "adapter kind": (["adapters.kind=qlora"], "adapters.kind='qlora' is not one of: none, lora, dora"),
+    "adapter rank": (["adapters.kind=lora", "adapters.rank=0"], "adapters.rank=0 must be at least 1"),
+    "adapter dropout": (["adapters.kind=dora", "adapters.dropout=1.0"], "adapters.dropout=1.0 must lie in [0, 1)"),
+    "adapter targets": (["adapters.kind=lora", "adapters.targets=[qkv]"], "adapters.targets=['qkv'] matches no linear layer"),
 }
 
 

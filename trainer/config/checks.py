@@ -40,6 +40,16 @@ def check_choices(cfg: Config) -> None:
         raise ConfigError(f"lr_scheduler.warmup_steps={cfg.lr_scheduler.warmup_steps} must be 0 or more")
     if cfg.checkpoint.keep_last < 0:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be 0 (keep all) or more")
+    a = cfg.adapters
+    if a.kind != "none":
+        if a.rank < 1:
+            raise ConfigError(f"adapters.rank={a.rank} must be at least 1")
+        if a.alpha <= 0:
+            raise ConfigError(f"adapters.alpha={a.alpha} must be positive")
+        if not 0.0 <= a.dropout < 1.0:
+            raise ConfigError(f"adapters.dropout={a.dropout} must lie in [0, 1)")
+        if cfg.parallel.tp > 1:
+            raise ConfigError("adapters with parallel.tp > 1 are not supported yet: use FSDP (dp_shard) and/or pp")
     if cfg.training.max_norm < 0:
         raise ConfigError(f"training.max_norm={cfg.training.max_norm} must be 0 (off) or positive")
 

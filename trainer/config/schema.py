@@ -143,6 +143,20 @@ class CompileConfig:
 
 
 @dataclass
+class AdaptersConfig:
+    # none (train every parameter), lora, or dora (LoRA with a learned magnitude per output).
+    kind: str = "none"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank.
+    rslora: bool = False
+    # Which linear layers get adapters: short names q, k, v, o, gate, up, down, output, or regular
+    # expressions over module names (e.g. 'layers\.[0-3]\.attention\.wq').
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+
+@dataclass
 class MetricsConfig:
     log_every: int = 10
     tensorboard: bool = True
@@ -194,6 +208,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -211,6 +226,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.fsdp_reshard_after_forward": ("default", "always", "never"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
     "activation_checkpoint.mode": ("none", "full", "selective_layer", "selective_op"),
+    "adapters.kind": ("none", "lora", "dora"),
     "metrics.progress": ("auto", "on", "off"),
     "export.dtype": ("float32", "bfloat16"),
 }

@@ -120,6 +120,6 @@ def load_hf_weights(model: Transformer, path: Path) -> None:
                 except ValueError as e:
                     raise CheckpointError(f"{file}: tensor {hf_name}: {e}") from None
                 filled.add(name)
-    missing = sorted(set(params) - filled)
+    missing = sorted((set(params) & known) - filled)  # adapter parameters are not the checkpoint's
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]}")

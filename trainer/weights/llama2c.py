@@ -96,6 +96,7 @@ def load_llama2c_weights(model: Transformer, path: Path) -> None:
             elif src == "wk":
                 w = _to_rotate_half(w, a.n_kv_heads)
             full[f"layers.{i}.{dst}.weight"] = w
-    # A pipeline stage holds only some of these.
+    # A pipeline stage holds only some of these; adapter parameters are none of them.
     for name, param in model.named_parameters():
-        copy_full_into(param, full[name])
+        if name in full:
+            copy_full_into(param, full[name])

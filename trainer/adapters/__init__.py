@@ -1,0 +1,69 @@
+"""Adapters: the model transform that turns full finetuning into LoRA / DoRA.
+
+Applied on the meta device, before parallelization: the chosen nn.Linear layers are replaced in place
+by LoRALinear, every base parameter is frozen, and only adapter parameters train (so the optimizer holds
+only them). Adapter weights are initialised after the base weights are in place, since DoRA's magnitude
+starts as the norm of the base rows.
+"""
+
+import math
+import re
+import zlib
+
+import torch
+from torch import nn
+
+from trainer.adapters.lora import LoRALinear
+from trainer.config import ConfigError
+from trainer.config.schema import AdaptersConfig
+from trainer.weights.placement import copy_full_into, gather_full
+
+SHORT_NAMES = {
+    "q": r"layers\.\d+\.attention\.wq", "k": r"layers\.\d+\.attention\.wk", "v": r"layers\.\d+\.attention\.wv",
+    "o": r"layers\.\d+\.attention\.wo", "gate": r"layers\.\d+\.feed_forward\.w1",
+    "up": r"layers\.\d+\.feed_forward\.w3", "down": r"layers\.\d+\.feed_forward\.w2", "output": r"output",
+}
+
+
+def target_names(model: nn.Module, targets: list[str]) -> list[str]:
+    patterns = []
+    for target in targets:
+        try:
+            patterns.append(re.compile(SHORT_NAMES.get(target, target)))
+        except re.error as e:
+            raise ConfigError(f"adapters.targets: {target!r} is neither a short name ({', '.join(SHORT_NAMES)}) nor a valid regular expression ({e})") from None
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(p.fullmatch(n) for p in patterns)]
+    if not names:
+        raise ConfigError(f"adapters.targets={targets} matches no linear layer of the model (short names: {', '.join(SHORT_NAMES)})")
+    return names
+
+
+def apply_adapters(model: nn.Module, cfg: AdaptersConfig) -> None:
+    if cfg.kind == "none":
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in target_names(model, cfg.targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear(
+            getattr(parent, child), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+            dora=cfg.kind == "dora",
+        )
+        setattr(parent, child, lora)
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """A ~ kaiming-uniform (bound 1/sqrt(in), as peft), B = 0 (training starts from the base model),
+    DoRA magnitude = ||W||_row; each drawn whole from a generator seeded by the parameter's name, so
+    every layout starts from the same adapters."""
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}.lora_a".encode()))
+        bound = 1 / math.sqrt(module.in_features)
+        copy_full_into(module.lora_a, torch.empty(module.lora_a.shape).uniform_(-bound, bound, generator=generator))
+        copy_full_into(module.lora_b, torch.zeros(module.lora_b.shape))
+        if module.magnitude is not None:
+            copy_full_into(module.magnitude, torch.linalg.norm(gather_full(module.weight).float(), dim=1))
