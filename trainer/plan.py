@@ -40,6 +40,10 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         raise ConfigError(
             "export.hf with parallel.pp > 1 is assembled from the final checkpoint: set checkpoint.enabled=true"
         )
+    if cfg.export.peft and cfg.adapters.kind == "none":
+        raise ConfigError("export.peft writes an adapter: set adapters.kind to lora or dora (or use export.hf)")
+    if (cfg.export.hf or cfg.export.peft) and cfg.adapters.kind != "none" and dims.pp > 1:
+        raise ConfigError("exports of adapter runs with parallel.pp > 1 are not supported yet; export from a run without pp")
     if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and _has_cuda()):
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
     return Plan(dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches, tokenizer=tokenizer, model_args=model_args)

@@ -13,6 +13,7 @@ from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
 from parallel.pp import build_schedule, split_stages
 from trainer.adapters import apply_adapters, init_adapters
+from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.state import (
     CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState, model_args_entry,
@@ -168,14 +169,22 @@ class Trainer:
                 raise Preempted(self.step, signum)
         self.checkpointer.wait()
         self.metrics.close()
-        if self.cfg.export.hf:
+        if self.cfg.export.hf or self.cfg.export.peft:
             self.export()
 
     def export(self) -> None:
         dtype = torch.bfloat16 if self.cfg.export.dtype == "bfloat16" else torch.float32
         out, ids = self.output_dir / "export" / "hf", {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id}
+        model = self.model_parts[0]
+        if self.cfg.adapters.kind != "none":
+            if self.cfg.export.peft:
+                export_peft(model, self.cfg.adapters, self.output_dir / "export" / "peft")
+                export_hf(model, self.output_dir / "export" / "base", dtype=dtype, tensors=base_named_weights(model), **ids)
+            if self.cfg.export.hf:
+                export_hf(model, out, dtype=dtype, tensors=merged_named_weights(model), **ids)
+            return
         if self.schedule is None:
-            export_hf(self.model_parts[0], out, dtype=dtype, **ids)
+            export_hf(model, out, dtype=dtype, **ids)
             return
         # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint.
         if self.runtime.is_main:

@@ -191,8 +191,12 @@ class CheckpointConfig:
 
 @dataclass
 class ExportConfig:
-    # At the end of training, write the model as a Hugging Face checkpoint to output_dir/export/hf.
+    # At the end of training, write the model as a Hugging Face checkpoint to output_dir/export/hf
+    # (with adapters: merged into the base weights).
     hf: bool = False
+    # With adapters: the adapter in PEFT's format to output_dir/export/peft, and the frozen base it
+    # belongs on as a Hugging Face checkpoint to output_dir/export/base.
+    peft: bool = False
     dtype: str = "bfloat16"
 
 

@@ -77,10 +77,14 @@ def write_hf(
 
 
 @torch.no_grad()
-def export_hf(model: Transformer, out_dir: Path, dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:
+def export_hf(
+    model: Transformer, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None, **kwargs,
+) -> None:
     """From a live model in any layout without pipeline stages: each parameter is gathered whole in
-    turn (all ranks take part) and rank 0 writes it, so no rank holds the whole model on its accelerator."""
-    gathered = ((name, gather_full(param)) for name, param in model.named_parameters())
+    turn (all ranks take part) and rank 0 writes it, so no rank holds the whole model on its accelerator.
+    `tensors` replaces the model's own parameters (e.g. with adapters merged in)."""
+    gathered = tensors if tensors is not None else ((name, gather_full(p)) for name, p in model.named_parameters())
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_hf(gathered, model.args, out_dir, dtype, **kwargs)
     else:

@@ -1,0 +1,33 @@
+"""A trained adapter, exported in PEFT's format, loads with peft onto the exported base and gives the
+same logits as the merged export (which transformers loads on its own)."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+from tests.helpers import run_train
+
+
+@pytest.mark.parametrize("kind,nproc", [("dora", 2), ("lora", 1)])
+def test_peft_export_equals_merged_export(tmp_path, kind, nproc):
+    result = run_train([
+        "--config", "configs/debug.yaml", "training.steps=4", f"adapters.kind={kind}", "adapters.rank=4",
+        "optimizer.lr=1e-2", "export.hf=true", "export.peft=true", "export.dtype=float32", "checkpoint.enabled=false",
+        f"job.output_dir={tmp_path}",
+    ], nproc=nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    export = tmp_path / "export"
+    config = json.loads((export / "peft" / "adapter_config.json").read_text())
+    assert config["use_dora"] == (kind == "dora") and "model.layers.0.self_attn.q_proj" in config["target_modules"]
+
+    base = LlamaForCausalLM.from_pretrained(export / "base").eval()
+    tokens = torch.randint(0, 259, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(tokens).logits.clone()
+        with_adapter = PeftModel.from_pretrained(base, export / "peft").eval()(tokens).logits
+        merged = LlamaForCausalLM.from_pretrained(export / "hf").eval()(tokens).logits
+    assert (with_adapter - base_logits).abs().max() > 1e-3  # the trained adapter changes the model
+    assert (with_adapter - merged).abs().max() < 1e-4

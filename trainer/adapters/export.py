@@ -1,0 +1,81 @@
+"""Adapter outputs: the adapter alone in PEFT's format, and a merged model.
+
+PEFT's format: adapter_config.json + adapter_model.safetensors with keys
+base_model.model.<HF module>.lora_A.weight / lora_B.weight / lora_magnitude_vector, which
+peft.PeftModel.from_pretrained loads onto the Hugging Face export of the base model.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from trainer.adapters.lora import LoRALinear
+from trainer.config.schema import AdaptersConfig
+from trainer.weights.hf_names import ours_to_hf
+from trainer.weights.placement import gather_full
+
+
+def _hf_module(name: str) -> str:
+    return ours_to_hf(f"{name}.weight").removesuffix(".weight")
+
+
+@torch.no_grad()
+def merged_weight(module: LoRALinear) -> torch.Tensor:
+    """The base weight with the adapter folded in: no extra cost at inference (gathers whole tensors)."""
+    weight = gather_full(module.weight).float()
+    delta = module.scale * (gather_full(module.lora_b).float() @ gather_full(module.lora_a).float())
+    merged = weight + delta
+    if module.magnitude is not None:
+        merged = gather_full(module.magnitude).float().unsqueeze(1) * merged / torch.linalg.norm(merged, dim=1, keepdim=True)
+    return merged
+
+
+def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of every base parameter, adapters merged into their layers' weights."""
+    adapters = {f"{name}.": module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    for name, param in model.named_parameters():
+        owner = next((prefix for prefix in adapters if name.startswith(prefix)), None)
+        if owner is None:
+            yield name, gather_full(param)
+        elif name == f"{owner}weight":
+            yield name, merged_weight(adapters[owner])
+        # lora_a / lora_b / magnitude are folded into the weight above
+
+
+def base_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of the frozen base alone."""
+    for name, param in model.named_parameters():
+        if not name.endswith((".lora_a", ".lora_b", ".magnitude")):
+            yield name, gather_full(param)
+
+
+@torch.no_grad()
+def export_peft(model: nn.Module, cfg: AdaptersConfig, out_dir: Path) -> None:
+    tensors, targets = {}, []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        hf = _hf_module(name)
+        targets.append(hf)
+        prefix = f"base_model.model.{hf}"
+        tensors[f"{prefix}.lora_A.weight"] = gather_full(module.lora_a)
+        tensors[f"{prefix}.lora_B.weight"] = gather_full(module.lora_b)
+        if module.magnitude is not None:
+            tensors[f"{prefix}.lora_magnitude_vector"] = gather_full(module.magnitude)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "use_dora": cfg.kind == "dora", "use_rslora": cfg.rslora, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None,
+        "target_modules": sorted(targets),  # exact module names: peft matches them as name suffixes
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
