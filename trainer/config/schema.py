@@ -62,6 +62,13 @@ class DataConfig:
     shuffle: bool = True
     add_bos: bool = True
     add_eos: bool = True
+    # pretrain: documents of plain text, every token trained. sft: instruction / chat records, only the
+    # assistant's tokens trained.
+    task: str = "pretrain"
+    # sft records: auto (from the fields), alpaca, messages (OpenAI), sharegpt.
+    sft_format: str = "auto"
+    # sft: skip (and report) records that are malformed instead of stopping at the first one.
+    skip_bad_records: bool = False
 
 
 @dataclass
@@ -222,6 +229,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer.kind": ("auto", "byte", "hf", "sentencepiece", "tiktoken", "gpt2"),
     "data.format": ("auto", "text", "json", "parquet"),
     "data.text_sample_by": ("document", "paragraph", "line"),
+    "data.task": ("pretrain", "sft"),
+    "data.sft_format": ("auto", "alpaca", "messages", "sharegpt"),
     "training.mixed_precision_param": ("auto", "float32", "bfloat16"),
     "training.mixed_precision_reduce": ("float32", "bfloat16"),
     "optimizer.name": ("adamw",),

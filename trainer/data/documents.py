@@ -37,10 +37,11 @@ class StdlibDocuments:
 
 
 class DatasetDocuments:
-    """One text field of a Hugging Face `datasets.Dataset` (map-style, memory-mapped Arrow)."""
+    """One text field of a Hugging Face `datasets.Dataset` (map-style, memory-mapped Arrow); with
+    field None, whole records (for supervised finetuning)."""
 
-    def __init__(self, dataset, field: str, name: str):
-        if field not in dataset.column_names:
+    def __init__(self, dataset, field: str | None, name: str):
+        if field is not None and field not in dataset.column_names:
             raise DataError(
                 f"{name}: no field '{field}' (its fields: {', '.join(dataset.column_names)}); set data.text_field"
             )
@@ -49,7 +50,13 @@ class DatasetDocuments:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> str:
+    @property
+    def column_names(self) -> list[str]:
+        return self.dataset.column_names
+
+    def __getitem__(self, i: int):
+        if self.field is None:
+            return self.dataset[i]
         value = self.dataset[i][self.field]
         if not isinstance(value, str):
             raise DataError(f"{self.name}: record {i} field '{self.field}' is {type(value).__name__}, not text")
@@ -88,6 +95,8 @@ def _format_of(files: list[str], configured: str) -> str:
 
 def load_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
     if cfg.source == "stdlib":
+        if cfg.task == "sft":
+            raise ConfigError("data.task=sft needs records (data.source: a .json/.jsonl/.parquet file or hub:NAME)")
         return StdlibDocuments()
     import datasets
 
@@ -103,7 +112,7 @@ def load_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
                 f"data.source={cfg.source}: could not load it from the Hugging Face Hub ({hint}): "
                 f"{' '.join(str(e).split())[:300]}. Download it first, or point data.source at local files"
             ) from None
-        return DatasetDocuments(dataset, cfg.text_field, f"hub dataset {name}")
+        return DatasetDocuments(dataset, _field(cfg), f"hub dataset {name}")
 
     files = _local_files(cfg.source)
     fmt = _format_of(files, cfg.format)
@@ -115,7 +124,11 @@ def load_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
         raise DataError(f"{name}: cannot read it as {fmt} ({' '.join(str(e).split())[:300]})") from None
     if len(dataset) == 0:
         raise DataError(f"{name}: the dataset is empty")
-    return DatasetDocuments(dataset, cfg.text_field, name)
+    return DatasetDocuments(dataset, _field(cfg), name)
+
+
+def _field(cfg: DataConfig) -> str | None:
+    return None if cfg.task == "sft" else cfg.text_field
 
 
 def check_num_streams(docs, num_streams: int) -> None:

@@ -11,6 +11,8 @@ import torch
 from trainer.config.schema import DataConfig
 from trainer.data.documents import DataError, check_num_streams
 from trainer.data.packing import PackedStream
+from trainer.data.sft import SftTokenizer, check_records
+from trainer.loss import IGNORE_INDEX
 
 
 class DocumentTokenizer:
@@ -28,6 +30,13 @@ class DocumentTokenizer:
         return self.prefix + self.tokenizer.encode(text) + self.suffix
 
 
+def make_tokenize(docs, tokenizer, cfg: DataConfig):
+    """Document index -> packed entries, for the configured task."""
+    if cfg.task == "sft":
+        return SftTokenizer(docs, tokenizer, cfg.sft_format, docs.name, cfg.skip_bad_records)
+    return DocumentTokenizer(docs, tokenizer, cfg.add_bos, cfg.add_eos)
+
+
 class PackedLoader:
     def __init__(
         self, docs, tokenizer, cfg: DataConfig, seq_len: int, local_batch_size: int, dp_rank: int, dp_size: int,
@@ -36,7 +45,7 @@ class PackedLoader:
         check_num_streams(docs, cfg.num_streams)
         self.docs, self.seq_len, self.batch_size = docs, seq_len, local_batch_size
         self.dp_rank, self.dp_size, self.num_streams = dp_rank, dp_size, cfg.num_streams
-        tokenize = DocumentTokenizer(docs, tokenizer, cfg.add_bos, cfg.add_eos)
+        tokenize = make_tokenize(docs, tokenizer, cfg)
         self.streams = {
             s: PackedStream(docs, s, cfg.num_streams, tokenize, seq_len + 1, seed, cfg.shuffle)
             for s in range(dp_rank, cfg.num_streams, dp_size)
@@ -45,15 +54,18 @@ class PackedLoader:
         self.last_ids: list[tuple[int, int]] = []
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), each (local_batch_size, seq_len) int64; ids of its windows in last_ids."""
+        """(inputs, labels), each (local_batch_size, seq_len) int64, labels IGNORE_INDEX where the
+        token is not trained (an SFT prompt); ids of its windows in last_ids."""
         windows, self.last_ids = [], []
         for _ in range(self.batch_size):
             window, window_id = self.streams[self.next_global % self.num_streams].next_window()
             windows.append(window)
             self.last_ids.append(window_id)
             self.next_global += self.dp_size
-        batch = torch.tensor(windows, dtype=torch.long)
-        return batch[:, :-1], batch[:, 1:]
+        packed = torch.tensor(windows, dtype=torch.long)
+        tokens = torch.where(packed >= 0, packed, -packed - 1)  # masked tokens are stored as -(id + 1)
+        labels = torch.where(packed[:, 1:] >= 0, tokens[:, 1:], IGNORE_INDEX)
+        return tokens[:, :-1], labels
 
     def state_dict(self) -> dict:
         """This rank's streams, and the windows consumed by all ranks together (the same on every rank
@@ -75,7 +87,12 @@ class PackedLoader:
 
 def check_enough_tokens(docs, tokenizer, cfg: DataConfig, seq_len: int) -> None:
     """Fails early if the data cannot fill even one window (reads only as far as it must)."""
-    tokenize = DocumentTokenizer(docs, tokenizer, cfg.add_bos, cfg.add_eos)
+    tokenize = make_tokenize(docs, tokenizer, cfg)
+    if cfg.task == "sft":
+        skipped = check_records(tokenize)
+        if skipped:
+            print(f"data: skipping {len(skipped)} bad records of {docs.name} (data.skip_bad_records): indices "
+                  f"{skipped[:20]}{' ...' if len(skipped) > 20 else ''}", flush=True)
     total, nonempty = 0, 0
     for i in range(len(docs)):
         n = len(tokenize(i))
@@ -83,7 +100,7 @@ def check_enough_tokens(docs, tokenizer, cfg: DataConfig, seq_len: int) -> None:
         nonempty += n > 0
         if total > seq_len:
             return
-    field = f" (field '{cfg.text_field}')" if cfg.source != "stdlib" else ""
+    field = f" (field '{cfg.text_field}')" if cfg.source != "stdlib" and cfg.task == "pretrain" else ""
     if nonempty == 0:
         raise DataError(f"{docs.name}{field}: every one of its {len(docs)} documents is empty")
     raise DataError(
