@@ -4,6 +4,7 @@ computed on the meta device without loading data or allocating the model."""
 import torch
 
 from parallel.pp import split_stages
+from trainer.adapters import apply_adapters
 from trainer.config import Config, to_yaml
 from trainer.model.build import build_meta_model, count_params, flops_per_token
 from trainer.plan import Plan, make_plan
@@ -12,9 +13,11 @@ from trainer.precision import Precision
 GIB = 2**30
 
 
-def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int]:
-    """(parameters, of which sharded by TP, transformer layers) on the most loaded pipeline rank."""
+def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int, int]:
+    """(parameters, of which sharded by TP, transformer layers, trainable parameters) on the most
+    loaded pipeline rank."""
     model = build_meta_model(plan.model_args)
+    apply_adapters(model, cfg.adapters)
     dims = plan.dims
     if dims.pp > 1:
         ranks = [
@@ -27,7 +30,8 @@ def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int]:
     def stats(parts):
         total = sum(p.numel() for part in parts for p in part.parameters())
         norms = sum(p.numel() for part in parts for n, p in part.named_parameters() if "norm" in n)
-        return total, total - norms, sum(len(part.layers) for part in parts)
+        trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
+        return total, total - norms, sum(len(part.layers) for part in parts), trainable
 
     return max((stats(parts) for parts in ranks), key=lambda s: s[0])
 
@@ -55,8 +59,10 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     schedule keeps in flight; plus the float32 logits and their gradient on the last stage.
     """
     args, dims = plan.model_args, plan.dims
-    params, tp_sharded, layers = _rank_params(plan, cfg)
+    params, tp_sharded, layers, trainable = _rank_params(plan, cfg)
     per_rank_params = (tp_sharded / dims.tp + (params - tp_sharded)) / dims.dp_shard
+    # Gradients and optimizer state exist only for what trains (with adapters: the adapters alone).
+    per_rank_trainable = per_rank_params * trainable / params
     compute_bytes = precision.param_dtype.itemsize
     micro_tokens = cfg.training.local_batch_size // plan.pp_microbatches * cfg.training.seq_len
     if dims.pp == 1:
@@ -72,8 +78,8 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     block = (params - args.vocab_size * args.dim) / max(1, layers) / dims.tp
     return {
         "parameters (fp32)": 4 * per_rank_params,
-        "gradients (fp32)": 4 * per_rank_params,
-        "optimizer state (AdamW, fp32)": 8 * per_rank_params,
+        "gradients (fp32, trainable only)": 4 * per_rank_trainable,
+        "optimizer state (AdamW, fp32, trainable only)": 8 * per_rank_trainable,
         # FSDP gathers the current block and prefetches the next one.
         "gathered parameters in flight": 2 * block * compute_bytes if dims.dp_shard > 1 else 0,
         f"activations (AC {cfg.activation_checkpoint.mode}, {in_flight} microbatch(es) in flight)": activations,

@@ -105,7 +105,10 @@ class Trainer:
         """Everything a resume needs, as one DCP state dict (DESIGN rule 7)."""
         dp_group = self.meshes.dp.get_group() if self.meshes and self.meshes.dp else None
         state = {
-            "model": ModelState(self.model_parts), "optimizer": OptimizerState(self.optimizers),
+            # With adapters the base is frozen and rebuilt the same way at every start (model.init_from, or
+            # the seeded init): checkpoints hold only the adapters.
+            "model": ModelState(self.model_parts, "trainable" if self.cfg.adapters.kind != "none" else "all"),
+            "optimizer": OptimizerState(self.optimizers),
             "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, dp_group),
             "train": self.counters, "rng": RngState(), "model_args": model_args_entry(model_args),
         }

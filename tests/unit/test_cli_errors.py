@@ -77,7 +77,7 @@ def test_dry_run_reports_sizes_and_memory(capsys):
     out = capsys.readouterr().out
     assert "parameters total: 820,352" in out and "parameters non_embedding: 779,392" in out
     assert "layout: world 2 = pp 1 x dp_replicate 1 x dp_shard 2 x tp 1; 1 microbatch(es)" in out
-    assert "optimizer state (AdamW, fp32)" in out and "total" in out
+    assert "optimizer state (AdamW, fp32, trainable only)" in out and "total" in out
     assert "FLOPs per token (training): " in out
 
 

@@ -33,3 +33,6 @@ def test_sharding_and_checkpointing_shrink_what_they_should():
     gpipe = _estimate(2, "parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=4")[1]
     one_f_one_b = _estimate(2, "parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4")[1]
     assert gpipe == 2 * one_f_one_b  # GPipe keeps all 4 microbatches in flight, 1F1B at most pp = 2
+    lora_states, lora_acts = _estimate(1, "adapters.kind=lora", "adapters.rank=4")
+    # fp32 weights (4 of the 16 bytes per parameter) stay; gradients and AdamW shrink to the adapters.
+    assert states / 4 < lora_states < states / 3 and lora_acts == acts

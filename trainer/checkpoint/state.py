@@ -53,19 +53,30 @@ def _reserialize(obj) -> io.BytesIO:
 
 
 class ModelState(Stateful):
-    def __init__(self, parts: list[nn.Module]):
-        self.parts = parts
+    """The model's tensors: all of them, or only the trainable ones (adapter runs: the frozen base
+    comes from model.init_from on every start, so checkpoints hold the small adapters alone), or only
+    the frozen ones (loading a base into a model that has adapters)."""
+
+    def __init__(self, parts: list[nn.Module], select: str = "all"):
+        self.parts, self.select = parts, select
+
+    def _names(self, part: nn.Module) -> set[str]:
+        if self.select == "all":
+            return set(get_model_state_dict(part))
+        trainable = {n for n, p in part.named_parameters() if p.requires_grad}
+        return trainable if self.select == "trainable" else set(get_model_state_dict(part)) - trainable
 
     def state_dict(self) -> dict:
         merged = {}
         for part in self.parts:  # pipeline stages hold disjoint parameter names
-            merged.update(get_model_state_dict(part))
+            names = self._names(part)
+            merged.update({k: v for k, v in get_model_state_dict(part).items() if k in names})
         return merged
 
     def load_state_dict(self, state: dict) -> None:
         for part in self.parts:
-            own = get_model_state_dict(part).keys()
-            set_model_state_dict(part, {k: state[k] for k in own})
+            own = {k: state[k] for k in self._names(part)}
+            set_model_state_dict(part, own, options=StateDictOptions(strict=self.select == "all"))
 
 
 class OptimizerState(Stateful):

@@ -12,6 +12,10 @@ from trainer.model.llama import Transformer
 from trainer.weights.hf_import import CheckpointError
 
 
+def _has_adapters(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
 def is_dcp_dir(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
@@ -29,7 +33,8 @@ def read_dcp_args(path: Path) -> ModelArgs:
 def load_dcp_weights(model: Transformer, path: Path) -> None:
     try:
         dcp.load(
-            {"model": ModelState([model])}, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+            # "frozen": with adapters on, the checkpoint gives the base and the adapters start fresh.
+            {"model": ModelState([model], "frozen" if _has_adapters(model) else "all")}, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
             no_dist=not dist.is_initialized(),
         )
     except LOAD_ERRORS as e:

@@ -1,0 +1,35 @@
+"""Adapter runs save adapter-only checkpoints, which resume exactly after kill -9."""
+
+import signal
+
+from tests.helpers import kill_tree, run_train, start_train, tensorboard_scalars, wait_until
+from trainer.checkpoint.safe_reader import SafeFileSystemReader
+
+ARGS = ["--config", "configs/debug.yaml", "training.steps=12", "metrics.log_every=1", "checkpoint.interval=4",
+        "adapters.kind=dora", "adapters.rank=4", "optimizer.lr=1e-2", "job.deterministic=true"]
+
+
+def test_adapter_only_checkpoint_resumes_exactly(tmp_path):
+    reference = run_train([*ARGS, f"job.output_dir={tmp_path / 'ref'}"], nproc=2)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    full = run_train(["--config", "configs/debug.yaml", "training.steps=4", "checkpoint.interval=4",
+                      f"job.output_dir={tmp_path / 'full'}"])
+    assert full.returncode == 0
+    saved = SafeFileSystemReader(str(tmp_path / "ref" / "checkpoints" / "step-4")).read_metadata().state_dict_metadata
+    model_keys = {k for k in saved if k.startswith("model.")}
+    # The adapters (A, B, DoRA magnitude of 7 layers x 4 blocks) and nothing of the frozen base.
+    assert len(model_keys) == 84 and all(k.endswith((".lora_a", ".lora_b", ".magnitude")) for k in model_keys)
+    assert "model.tok_embeddings.weight" not in saved and "model.layers.0.attention.wq.weight" not in saved
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    assert size(tmp_path / "ref" / "checkpoints" / "step-4") < size(tmp_path / "full" / "checkpoints" / "step-4") / 3
+
+    out = tmp_path / "run"
+    proc = start_train([*ARGS, f"job.output_dir={out}"], out.parent / "first.log", nproc=2)
+    wait_until(lambda: (out / "checkpoints" / "step-4").is_dir(), what="the step-4 checkpoint")
+    kill_tree(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run_train([*ARGS, f"job.output_dir={out}"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    want, got = tensorboard_scalars(tmp_path / "ref", "loss/train"), tensorboard_scalars(out, "loss/train")
+    assert [got[s] for s in range(9, 13)] == [want[s] for s in range(9, 13)]  # bitwise
