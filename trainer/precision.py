@@ -20,7 +20,7 @@ class Precision:
     @classmethod
     def from_config(cls, param: str, reduce: str, device: torch.device) -> "Precision":
         if param == "auto":
-            # On CPU bf16 measured no faster than fp32 (docs/performance.md), and fp32 keeps checks exact.
+            # On CPU bf16 is not consistently faster than fp32 (docs/performance.md); fp32 keeps checks exact.
             param = "bfloat16" if device.type == "cuda" else "float32"
         return cls(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[reduce])
 
