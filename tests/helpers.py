@@ -11,6 +11,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 REPO = Path(__file__).resolve().parents[1]
 
 
+def stories260k_args(shared) -> list[str]:
+    """Overrides that start from karpathy's pretrained stories260K with its own tokenizer."""
+    return [
+        "model.flavor=null", f"model.init_from={shared('models/stories260K/stories260K.bin')}",
+        "tokenizer.kind=auto", f"tokenizer.path={shared('tokenizers/tok512/tok512.model')}",
+    ]
+
+
 def _command(args: list[str], nproc: int, env: dict | None) -> tuple[list[str], dict]:
     if nproc == 1:
         cmd = [sys.executable, "train.py", *args]

@@ -1,13 +1,11 @@
 """train.py starting from a real pretrained model (stories260K, llama2.c format) and its real tokenizer."""
 
-from tests.helpers import run_train, tensorboard_scalars
+from tests.helpers import run_train, stories260k_args, tensorboard_scalars
 
 
 def test_finetune_stories260k_starts_from_its_weights(shared, tmp_path):
     result = run_train([
-        "--config", "configs/debug.yaml", "model.flavor=null",
-        f"model.init_from={shared('models/stories260K/stories260K.bin')}",
-        "tokenizer.kind=auto", f"tokenizer.path={shared('tokenizers/tok512/tok512.model')}",
+        "--config", "configs/debug.yaml", *stories260k_args(shared),
         f"data.source={shared('text/tinystories/tinystories_train_head.txt')}", "data.num_streams=1",
         "data.add_eos=false", "training.steps=10", "metrics.log_every=1", "optimizer.lr=1e-4",
         f"job.output_dir={tmp_path}",

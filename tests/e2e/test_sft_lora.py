@@ -1,13 +1,11 @@
 """LoRA supervised finetuning of the real stories260K on real Alpaca records, through train.py."""
 
-from tests.helpers import run_train, tensorboard_scalars
+from tests.helpers import run_train, stories260k_args, tensorboard_scalars
 
 
 def test_lora_sft_of_stories260k_on_alpaca_lowers_the_loss(shared, tmp_path):
     result = run_train([
-        "--config", "configs/debug.yaml", "model.flavor=null",
-        f"model.init_from={shared('models/stories260K/stories260K.bin')}",
-        "tokenizer.kind=auto", f"tokenizer.path={shared('tokenizers/tok512/tok512.model')}",
+        "--config", "configs/debug.yaml", *stories260k_args(shared),
         f"data.source={shared('instruct/alpaca/alpaca_data_first2000.json')}", "data.task=sft",
         "data.skip_bad_records=true", "adapters.kind=lora", "adapters.rank=8", "optimizer.lr=3e-3",
         "training.steps=20", "metrics.log_every=1", "checkpoint.enabled=false", f"job.output_dir={tmp_path}",

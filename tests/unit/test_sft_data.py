@@ -15,14 +15,18 @@ def _trained_text(tok, entries):
     return tok.decode([t for t in entries if t >= 0])
 
 
-def test_chat_template_trains_only_assistant_turns(shared):
+def _phi3_records(shared, name):
+    """Records of a shared chat file with the Phi-3 tokenizer (which has a chat template)."""
     tok = build_tokenizer(TokenizerConfig(path=str(shared("tokenizers/phi3-mini"))))
-    cfg = DataConfig(source=str(shared("instruct/llamafactory/kto_en_demo.json")), task="sft")
-    docs = load_documents(cfg)
-    sft = SftTokenizer(docs, tok, "auto", docs.name, skip_bad=False)
+    docs = load_documents(DataConfig(source=str(shared(f"instruct/llamafactory/{name}")), task="sft"))
+    return tok, docs, SftTokenizer(docs, tok, "auto", docs.name, skip_bad=False)
+
+
+def test_chat_template_trains_only_assistant_turns(shared):
+    tok, docs, sft = _phi3_records(shared, "kto_en_demo.json")
     assert sft.fmt == "messages"
-    record = next(r for r in (docs[i] for i in range(len(docs))) if len(r["messages"]) >= 4)
-    index = next(i for i in range(len(docs)) if docs[i] == record)
+    index = next(i for i in range(len(docs)) if len(docs[i]["messages"]) >= 4)
+    record = docs[index]
     entries = sft(index)
     # The whole conversation is there, exactly as the template renders it...
     rendered = tok.tokenizer.apply_chat_template(record["messages"], tokenize=False)
@@ -38,10 +42,7 @@ def test_chat_template_trains_only_assistant_turns(shared):
 
 
 def test_sharegpt_tool_calls_render(shared):
-    tok = build_tokenizer(TokenizerConfig(path=str(shared("tokenizers/phi3-mini"))))
-    cfg = DataConfig(source=str(shared("instruct/llamafactory/glaive_toolcall_en_demo.json")), task="sft")
-    docs = load_documents(cfg)
-    sft = SftTokenizer(docs, tok, "auto", docs.name, skip_bad=False)
+    tok, docs, sft = _phi3_records(shared, "glaive_toolcall_en_demo.json")
     assert sft.fmt == "sharegpt"
     with_call = next(i for i in range(len(docs)) if any(t["from"] == "function_call" for t in docs[i]["conversations"]))
     trained = _trained_text(tok, sft(with_call))
