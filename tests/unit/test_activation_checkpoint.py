@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from parallel.ac import apply_ac
+from trainer.adapters import apply_adapters, init_adapters
+from trainer.config.schema import AdaptersConfig
 from trainer.model.args import ModelArgs
 from trainer.model.build import build_meta_model
 from trainer.model.init import init_weights
@@ -13,12 +15,19 @@ from trainer.model.init import init_weights
 ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 
 
-def _model(mode: str, every: int = 2):
+def _model(mode: str, every: int = 2, adapters: str = "none"):
     model = build_meta_model(ARGS)
+    apply_adapters(model, AdaptersConfig(kind=adapters, rank=4))
     apply_ac(model, mode=mode, every=every)
     model.to_empty(device="cpu")
     model.init_buffers()
     init_weights(model, seed=1)
+    init_adapters(model, seed=1)
+    if adapters != "none":
+        with torch.no_grad():  # a non-zero update, so the adapter path matters
+            for name, p in model.named_parameters():
+                if name.endswith("lora_b"):
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     return model
 
 
@@ -26,13 +35,15 @@ def _grads(model):
     tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
     loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
-    return {name: p.grad for name, p in model.named_parameters()}
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("adapters", ["none", "dora"])
 @pytest.mark.parametrize("mode", ["full", "selective_layer", "selective_op"])
-def test_gradients_equal_no_checkpointing(mode):
-    reference = _grads(_model("none"))
-    grads = _grads(_model(mode))
+def test_gradients_equal_no_checkpointing(mode, adapters):
+    reference = _grads(_model("none", adapters=adapters))
+    grads = _grads(_model(mode, adapters=adapters))
+    assert grads
     assert grads.keys() == reference.keys()  # names unchanged by the wrapping
     for name in reference:
         assert torch.equal(grads[name], reference[name]), name
