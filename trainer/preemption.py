@@ -16,8 +16,9 @@ MARKER = "PREEMPTED"
 
 
 class Preempted(Exception):
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"preempted by {signal.Signals(signum).name} after step {step}; a checkpoint was saved")
+    def __init__(self, step: int, signum: int, saved: bool):
+        what = "a checkpoint was saved" if saved else "no checkpoint was saved (checkpoint.enabled=false)"
+        super().__init__(f"preempted by {signal.Signals(signum).name} after step {step}; {what}")
         self.step, self.signum = step, signum
 
 

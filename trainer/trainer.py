@@ -15,6 +15,7 @@ from parallel.pp import build_schedule, split_stages
 from trainer.adapters import apply_adapters, init_adapters
 from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
 from trainer.checkpoint.manager import CheckpointManager
+from trainer.checkpoint.paths import checkpoint_root, step_dir
 from trainer.checkpoint.state import (
     CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState, model_args_entry,
 )
@@ -29,7 +30,6 @@ from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
-from trainer.checkpoint.paths import checkpoint_root, step_dir
 from trainer.weights.checkpoint_export import export_checkpoint_hf
 from trainer.weights.hf_export import export_hf
 from trainer.weights.load import load_weights
@@ -167,9 +167,9 @@ class Trainer:
                 step_time=time.perf_counter() - start, window_ids=window_ids,
             )
             signum = self.preemption.agreed_signal()
-            self.checkpointer.maybe_save(self.step, force=signum != 0)
+            saved = self.checkpointer.maybe_save(self.step, force=signum != 0)
             if signum:
-                raise Preempted(self.step, signum)
+                raise Preempted(self.step, signum, saved)
         self.checkpointer.wait()
         self.metrics.close()
         if self.cfg.export.hf or self.cfg.export.peft:

@@ -22,6 +22,16 @@ def _fails(tmp_path, *overrides):
     return result.stderr.strip().splitlines()[-1]
 
 
+def test_disabled_checkpointing_neither_saves_nor_picks_up_old_ones(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(run, copy)
+    result = run_train([*COMMON, "training.steps=2", "checkpoint.enabled=false", f"job.output_dir={copy}"])
+    assert result.returncode == 0 and "resumed from" not in result.stdout
+    assert sorted(tensorboard_scalars(copy, "loss/train"))[:2] == [1, 2]  # started at step 1 again
+
+
 def test_missing_path(run, tmp_path):
     err = _fails(tmp_path, "checkpoint.resume_from=/nope/step-3")
     assert "checkpoint.resume_from=/nope/step-3: no such directory" in err

@@ -39,3 +39,12 @@ def test_signal_saves_and_resume_continues(reference, tmp_path, sig, nproc, exit
     assert sorted(loss) == list(range(1, 13))
     assert max(abs(loss[s] - reference[s]) for s in loss) < 1e-5
     kill_tree(proc.pid, signal.SIGKILL)  # nothing should be left, but never leak a rank
+
+
+def test_signal_without_checkpointing_says_so(tmp_path):
+    proc = start_train([*COMMON, "checkpoint.enabled=false", f"job.output_dir={tmp_path}"], tmp_path / "log")
+    wait_until(lambda: "step      2 |" in (tmp_path / "log").read_text(), what="step 2")
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75
+    assert "no checkpoint was saved (checkpoint.enabled=false)" in (tmp_path / "log").read_text()
+    assert not (tmp_path / "checkpoints").exists()

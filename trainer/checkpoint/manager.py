@@ -66,7 +66,9 @@ class CheckpointManager:
 
     def _resume_path(self) -> Path | None:
         choice = self.cfg.resume_from
-        if choice == "none":
+        # With checkpointing off, old checkpoints in output_dir are not picked up behind the user's back;
+        # a path given explicitly still is.
+        if choice == "none" or (choice == "latest" and not self.cfg.enabled):
             return None
         if choice == "latest":
             steps = complete_steps(self.root)
@@ -105,12 +107,15 @@ class CheckpointManager:
 
     # ---- save ----------------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, force: bool = False) -> None:
+    def maybe_save(self, step: int, force: bool = False) -> bool:
+        """Saves when due (or forced, on preemption); returns whether a checkpoint was written."""
         self._commit_if_done()
         if not self.cfg.enabled:
-            return
+            return False
         if force or step % self.cfg.interval == 0 or step == self.total_steps:
             self.save(step, blocking=force or not self.cfg.async_save)
+            return True
+        return False
 
     def save(self, step: int, blocking: bool, model_only: bool = False) -> None:
         self.wait()  # one save in flight at a time
