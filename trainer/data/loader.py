@@ -7,6 +7,7 @@ with, or resumed on, another number of ranks.
 """
 
 import torch
+import torch.distributed as dist
 
 from trainer.config.schema import DataConfig
 from trainer.data.documents import DataError, check_num_streams
@@ -90,7 +91,7 @@ def check_enough_tokens(docs, tokenizer, cfg: DataConfig, seq_len: int) -> None:
     tokenize = make_tokenize(docs, tokenizer, cfg)
     if cfg.task == "sft":
         skipped = check_records(tokenize)
-        if skipped:
+        if skipped and (not dist.is_initialized() or dist.get_rank() == 0):
             print(f"data: skipping {len(skipped)} bad records of {docs.name} (data.skip_bad_records): indices "
                   f"{skipped[:20]}{' ...' if len(skipped) > 20 else ''}", flush=True)
     total, nonempty = 0, 0
