@@ -6,6 +6,7 @@ saves a checkpoint after the current step and exits with code 75 (see trainer/pr
 """
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _run(cfg, runtime) -> None:
+    # The trainer lives only inside this call: its meshes, DTensors and FSDP state are freed before the
+    # process groups are destroyed. Gloo threads still holding them at interpreter exit can abort the
+    # process after a successful run.
+    from trainer.trainer import Trainer
+
+    trainer = Trainer(cfg, runtime)
+    if cfg.checkpoint.create_seed:
+        trainer.create_seed_checkpoint()
+    else:
+        trainer.train()
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from trainer.distributed import init_runtime, launched_world_size, shutdown
@@ -42,15 +56,10 @@ def main(argv: list[str]) -> int:
         return EXIT_USER_ERROR
 
     from trainer.preemption import EXIT_PREEMPTED, MARKER, Preempted
-    from trainer.trainer import Trainer
 
     runtime = init_runtime()
     try:
-        trainer = Trainer(cfg, runtime)
-        if cfg.checkpoint.create_seed:
-            trainer.create_seed_checkpoint()
-            return 0
-        trainer.train()
+        _run(cfg, runtime)
     except USER_ERRORS as e:
         if runtime.is_main:
             print(f"error: {e}", file=sys.stderr)
@@ -61,6 +70,7 @@ def main(argv: list[str]) -> int:
             print(f"stopping: {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     finally:
+        gc.collect()
         shutdown()
     return 0
 
