@@ -12,7 +12,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError
-from trainer.weights.hf_import import CheckpointError
+from trainer.weights.errors import CheckpointError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 EXIT_USER_ERROR = 2

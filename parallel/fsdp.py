@@ -1,5 +1,7 @@
 """FSDP2 (fully_shard): each transformer block is one unit, then the root (embeddings, norm, output)."""
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -8,17 +10,23 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 def apply_fsdp(
     model: nn.Module, *, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-    reshard_after_forward: str, cpu_offload: bool,
+    reshard_after_forward: str, cpu_offload: bool, before_shard: Callable[[nn.Module, str], None] | None = None,
 ) -> None:
+    """`before_shard(unit, unit_name)` runs on each unit just before it is sharded (the 4-bit path
+    materializes and quantizes there, since FSDP2 cannot re-shard a parameter swapped afterwards)."""
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # Pinned host memory needs an accelerator; on a CPU-only machine it must stay off.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    blocks = list(model.layers.values())
-    for i, block in enumerate(blocks):
+    blocks = list(model.layers.items())
+    for i, (layer_id, block) in enumerate(blocks):
+        if before_shard is not None:
+            before_shard(block, f"layers.{layer_id}")
         if reshard_after_forward == "default":
             # The last block's parameters are needed again first thing in backward: keep them gathered.
             reshard = i < len(blocks) - 1
         else:
             reshard = reshard_after_forward == "always"
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
+    if before_shard is not None:
+        before_shard(model, "")
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard_after_forward == "always")

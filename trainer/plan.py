@@ -35,7 +35,10 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         from trainer.adapters import target_names
         from trainer.model.build import build_meta_model
 
-        target_names(build_meta_model(model_args), cfg.adapters.targets)  # on meta: costs nothing
+        meta = build_meta_model(model_args)  # on meta: costs nothing
+        names = target_names(meta, cfg.adapters.targets)
+        if cfg.adapters.quantize_base != "none":
+            check_quantizable_layers(meta, names, cfg.adapters, shards=dims.dp_shard)
     if cfg.export.hf and dims.pp > 1 and not cfg.checkpoint.enabled:
         raise ConfigError(
             "export.hf with parallel.pp > 1 is assembled from the final checkpoint: set checkpoint.enabled=true"
@@ -47,6 +50,21 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and _has_cuda()):
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
     return Plan(dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches, tokenizer=tokenizer, model_args=model_args)
+
+
+def check_quantizable_layers(meta, names: list[str], cfg, *, shards: int) -> None:
+    from trainer.adapters.quantize import check_quantizable, missing_library
+
+    package = missing_library(cfg.quantize_base)
+    if package:
+        raise ConfigError(f"adapters.quantize_base={cfg.quantize_base} needs the {package} package: pip install {package}")
+    for name in names:
+        problem = check_quantizable(name, meta.get_submodule(name).weight.shape, cfg.quantize_base, shards=shards, hqq_group_size=cfg.hqq_group_size)
+        if problem:
+            raise ConfigError(
+                f"adapters.quantize_base={cfg.quantize_base}: {problem}; leave this layer out of adapters.targets, "
+                f"change parallel.dp_shard, or use another quantize_base"
+            )
 
 
 def _has_cuda() -> bool:

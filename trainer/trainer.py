@@ -3,6 +3,7 @@
 import contextlib
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
 from parallel.pp import build_schedule, split_stages
-from trainer.adapters import apply_adapters, init_adapters
+from trainer.adapters import apply_adapters, init_adapters, materialize_unit
 from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.paths import checkpoint_root, step_dir
@@ -32,7 +33,7 @@ from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
 from trainer.weights.checkpoint_export import export_checkpoint_hf
 from trainer.weights.hf_export import export_hf
-from trainer.weights.load import load_weights
+from trainer.weights.load import load_weights, open_weights
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -126,15 +127,24 @@ class Trainer:
             parts = split_stages(model, pp_rank=pp_mesh.get_local_rank(), pp_size=self.dims.pp, num_stages=num_stages)
         else:
             parts = [(0, model)]
+        seed, device = self.cfg.job.seed, self.runtime.device
+        materialize = None
+        if self.cfg.adapters.quantize_base != "none":
+            # A 4-bit base: each FSDP unit is loaded and quantized just before it is sharded.
+            materialize = partial(
+                materialize_unit, device=device, weights=open_weights(self.cfg.model.init_from, model_args, seed),
+                cfg=self.cfg.adapters, shards=self.dims.dp_shard if self.uses_fsdp else 1, seed=seed,
+            )
         for _, part in parts:
-            parallelize(part, meshes=self.meshes, cfg=self.cfg, precision=self.precision)
-            part.to_empty(device=self.runtime.device)
-            part.init_buffers()
-            if self.cfg.model.init_from is not None:
-                load_weights(part, self.cfg.model.init_from)
-            else:
-                init_weights(part, self.cfg.job.seed)
-            init_adapters(part, self.cfg.job.seed)
+            parallelize(part, meshes=self.meshes, cfg=self.cfg, precision=self.precision, materialize=materialize)
+            if materialize is None:
+                part.to_empty(device=device)
+                part.init_buffers()
+                if self.cfg.model.init_from is not None:
+                    load_weights(part, self.cfg.model.init_from)
+                else:
+                    init_weights(part, seed)
+                init_adapters(part, seed)
             part.train()
         schedule = None
         if pp_mesh is not None:

@@ -6,17 +6,18 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.adapters import apply_adapters, init_adapters
+from trainer.adapters.load import build_adapted
 from trainer.adapters.lora import LoRALinear
 from trainer.config import ConfigError
 from trainer.config.schema import AdaptersConfig
 from trainer.model.build import build_meta_model
 from trainer.weights.hf_names import ours_to_hf
-from trainer.weights.load import load_weights, read_checkpoint_args
+from trainer.weights.load import read_checkpoint_args
 
 PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def _pair(tmp_path, kind, rslora, targets=("q", "k", "v", "o", "gate", "up", "down")):
+def _pair(tmp_path, kind, rslora, targets=("q", "k", "v", "o", "gate", "up", "down"), quantize_base="none"):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=200, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -24,19 +25,18 @@ def _pair(tmp_path, kind, rslora, targets=("q", "k", "v", "o", "gate", "up", "do
     )
     hf = LlamaForCausalLM(config).float()
     hf.save_pretrained(tmp_path / "base")
+    if quantize_base == "bnb_nf4":
+        assert len(targets) == 7  # transformers quantizes every linear of the blocks
+        # Training mode, as in training: in eval mode bitsandbytes runs CPU inference through a bf16 kernel.
+        hf = _load_in_4bit(tmp_path / "base").train()
     peft_cfg = LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, use_dora=kind == "dora", use_rslora=rslora,
         target_modules=[PEFT_NAMES[t] for t in targets],
     )
     peft_model = get_peft_model(hf, peft_cfg)
 
-    cfg = AdaptersConfig(kind=kind, rank=4, alpha=8, rslora=rslora, targets=list(targets))
-    ours = build_meta_model(read_checkpoint_args(tmp_path / "base"))
-    apply_adapters(ours, cfg)
-    ours.to_empty(device="cpu")
-    ours.init_buffers()
-    load_weights(ours, tmp_path / "base")
-    init_adapters(ours, seed=0)
+    cfg = AdaptersConfig(kind=kind, rank=4, alpha=8, rslora=rslora, targets=list(targets), quantize_base=quantize_base)
+    ours = build_adapted(read_checkpoint_args(tmp_path / "base"), cfg, tmp_path / "base", seed=0)
     # Same adapter weights on both sides; B random so that the update is not zero.
     with torch.no_grad():
         for name, module in ours.named_modules():
@@ -52,6 +52,15 @@ def _pair(tmp_path, kind, rslora, targets=("q", "k", "v", "o", "gate", "up", "do
     return ours, peft_model
 
 
+def _load_in_4bit(path):
+    """peft's QLoRA setting, as its users get it: transformers loads the linears as bitsandbytes NF4
+    with double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    return LlamaForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32, device_map="cpu")
+
+
 def _peft_params(peft_model):
     out = {}
     for name, p in peft_model.named_parameters():
@@ -60,9 +69,14 @@ def _peft_params(peft_model):
     return out
 
 
-@pytest.mark.parametrize("kind,rslora", [("lora", False), ("dora", False), ("lora", True)])
-def test_forward_and_gradients_match_peft(tmp_path, kind, rslora):
-    ours, theirs = _pair(tmp_path, kind, rslora)
+@pytest.mark.parametrize("kind,rslora,quantize_base", [
+    ("lora", False, "none"), ("dora", False, "none"), ("lora", True, "none"), ("lora", False, "bnb_nf4"), ("dora", False, "bnb_nf4"),
+])
+def test_forward_and_gradients_match_peft(tmp_path, kind, rslora, quantize_base):
+    ours, theirs = _pair(tmp_path, kind, rslora, quantize_base=quantize_base)
+    if quantize_base == "bnb_nf4":  # both sides really run on a 4-bit base: peft's own QLoRA layer
+        assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+        assert type(ours.layers["0"].attention.wq.quantized).__name__ == "BnbNF4Weight"
     tokens = torch.randint(0, 200, (2, 48), generator=torch.Generator().manual_seed(1))
     our_logits = ours(tokens)
     their_logits = theirs(input_ids=tokens).logits

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.weights.hf_export import export_hf
-from trainer.weights.hf_import import CheckpointError
+from trainer.weights.errors import CheckpointError
 from trainer.weights.load import load_model, read_checkpoint_args
 
 

@@ -18,6 +18,15 @@ CASES = {
     "async tp": (2, ["parallel.tp=2", "parallel.async_tp=true"], "parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true"),
     "streams": (4, ["data.num_streams=6", "training.local_batch_size=2"], "data.num_streams=6 is not a multiple of the data-parallel size 4"),
     "bad schedule": (2, ["parallel.pp=2", "parallel.pp_schedule=zb"], "parallel.pp_schedule='zb' is not one of: gpipe, 1f1b, interleaved_1f1b"),
+    "4-bit without adapters": (1, ["adapters.quantize_base=nf4"], "adapters.quantize_base=nf4 quantizes the frozen base under adapters: set adapters.kind"),
+    "4-bit with tp": (2, ["adapters.kind=lora", "adapters.quantize_base=nf4", "parallel.tp=2"], "adapters.quantize_base=nf4 with parallel.tp > 1 is not supported"),
+    "unknown 4-bit": (1, ["adapters.kind=lora", "adapters.quantize_base=int4"], "adapters.quantize_base='int4' is not one of: none, nf4, bnb_nf4, hqq"),
+    "nf4 shards": (4, ["adapters.kind=lora", "adapters.quantize_base=nf4", "model.ffn_hidden_dim=90", "training.local_batch_size=2"],
+                   "layers.0.feed_forward.w1 (90, 128) does not split into 4 FSDP shards of whole NF4 blocks"),
+    "nf4 block": (1, ["adapters.kind=dora", "adapters.quantize_base=nf4", "model.dim=72"], "layers.0.attention.wk (36, 72) has 2592 weights, not a multiple of NF4's block of 64"),
+    "hqq group": (1, ["adapters.kind=lora", "adapters.quantize_base=hqq", "adapters.hqq_group_size=48"],
+                  "input size 128 is not a multiple of adapters.hqq_group_size=48"),
+    "hqq group size": (1, ["adapters.kind=lora", "adapters.quantize_base=hqq", "adapters.hqq_group_size=0"], "adapters.hqq_group_size=0 must be at least 1"),
     "ac mode": (1, ["activation_checkpoint.mode=some"], "activation_checkpoint.mode='some' is not one of: none, full"),
 }
 
@@ -28,3 +37,10 @@ def test_bad_layout(capsys, case):
     code = train.main(["--config", "configs/debug.yaml", "--dry-run", "--world-size", str(world), *overrides])
     err = capsys.readouterr().err
     assert code == train.EXIT_USER_ERROR and expected in err, err
+
+
+def test_missing_quantization_library(capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "hqq", None)  # what Python does when hqq is not installed
+    code = train.main(["--config", "configs/debug.yaml", "--dry-run", "adapters.kind=lora", "adapters.quantize_base=hqq"])
+    err = capsys.readouterr().err
+    assert code == train.EXIT_USER_ERROR and "adapters.quantize_base=hqq needs the hqq package: pip install hqq" in err, err

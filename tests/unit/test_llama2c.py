@@ -7,7 +7,7 @@ import pytest
 from trainer.evaluate import generate, per_token_loss
 from trainer.model.build import build_meta_model
 from trainer.tokenizer.spm import SentencePieceTokenizer
-from trainer.weights.hf_import import CheckpointError
+from trainer.weights.errors import CheckpointError
 from trainer.weights.load import load_model, load_weights, read_checkpoint_args
 
 

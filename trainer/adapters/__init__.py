@@ -16,7 +16,7 @@ from torch import nn
 from trainer.adapters.lora import LoRALinear
 from trainer.config import ConfigError
 from trainer.config.schema import AdaptersConfig
-from trainer.weights.placement import copy_full_into, gather_full
+from trainer.weights.placement import copy_full_into, fill_from, gather_full
 
 SHORT_NAMES = {
     "q": r"layers\.\d+\.attention\.wq", "k": r"layers\.\d+\.attention\.wk", "v": r"layers\.\d+\.attention\.wv",
@@ -53,17 +53,42 @@ def apply_adapters(model: nn.Module, cfg: AdaptersConfig) -> None:
         setattr(parent, child, lora)
 
 
-@torch.no_grad()
 def init_adapters(model: nn.Module, seed: int) -> None:
-    """A ~ kaiming-uniform (bound 1/sqrt(in), as peft), B = 0 (training starts from the base model),
-    DoRA magnitude = ||W||_row; each drawn whole from a generator seeded by the parameter's name, so
-    every layout starts from the same adapters."""
     for name, module in model.named_modules():
-        if not isinstance(module, LoRALinear):
-            continue
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}.lora_a".encode()))
-        bound = 1 / math.sqrt(module.in_features)
-        copy_full_into(module.lora_a, torch.empty(module.lora_a.shape).uniform_(-bound, bound, generator=generator))
-        copy_full_into(module.lora_b, torch.zeros(module.lora_b.shape))
-        if module.magnitude is not None:
-            copy_full_into(module.magnitude, torch.linalg.norm(gather_full(module.weight).float(), dim=1))
+        if isinstance(module, LoRALinear):
+            init_adapter(module, name, seed)
+
+
+@torch.no_grad()
+def init_adapter(module: LoRALinear, name: str, seed: int) -> None:
+    """A ~ kaiming-uniform (bound 1/sqrt(in), as peft), B = 0 (training starts from the base model),
+    DoRA magnitude = ||W||_row of the (dequantized) base; each drawn whole from a generator seeded by
+    the parameter's name in the whole model, so every layout starts from the same adapters."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}.lora_a".encode()))
+    bound = 1 / math.sqrt(module.in_features)
+    copy_full_into(module.lora_a, torch.empty(module.lora_a.shape).uniform_(-bound, bound, generator=generator))
+    copy_full_into(module.lora_b, torch.zeros(module.lora_b.shape))
+    if module.magnitude is not None:
+        copy_full_into(module.magnitude, torch.linalg.norm(gather_full(module.base_weight()).float(), dim=1))
+
+
+def materialize_unit(unit: nn.Module, unit_name: str, *, device: torch.device, weights, cfg: AdaptersConfig, shards: int, seed: int) -> None:
+    """Brings one FSDP unit of an adapter model from meta to `device`, just before FSDP shards it:
+    allocate, load its base weights whole, quantize the adapted ones (QLoRA / QDoRA), initialise the
+    adapters. A block
+    is a unit (unit_name "layers.N"); so are the root's own modules (unit_name ""). Only one block's
+    weights are ever in high precision at once, on any rank."""
+    if unit_name:
+        pieces = [(unit_name, unit)]
+    else:
+        pieces = [(name, child) for name, child in unit.named_children() if name != "layers"]
+        unit.to_empty(device=device, recurse=False)  # the RoPE tables
+        unit.init_buffers()
+    for piece_name, piece in pieces:
+        piece.to_empty(device=device)
+        fill_from(piece, weights, prefix=f"{piece_name}.")
+        for name, module in piece.named_modules(prefix=piece_name):
+            if isinstance(module, LoRALinear):
+                if cfg.quantize_base != "none":
+                    module.quantize_base(cfg.quantize_base, shards=shards, hqq_group_size=cfg.hqq_group_size)
+                init_adapter(module, name, seed)

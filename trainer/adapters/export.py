@@ -26,8 +26,9 @@ def _hf_module(name: str) -> str:
 
 @torch.no_grad()
 def merged_weight(module: LoRALinear) -> torch.Tensor:
-    """The base weight with the adapter folded in: no extra cost at inference (gathers whole tensors)."""
-    weight = gather_full(module.weight).float()
+    """The (dequantized) base weight with the adapter folded in: no extra cost at inference (gathers
+    whole tensors)."""
+    weight = gather_full(module.base_weight()).float()
     delta = module.scale * (gather_full(module.lora_b).float() @ gather_full(module.lora_a).float())
     merged = weight + delta
     if module.magnitude is not None:
@@ -35,23 +36,23 @@ def merged_weight(module: LoRALinear) -> torch.Tensor:
     return merged
 
 
+def _named_weights(model: nn.Module, adapted_weight) -> Iterator[tuple[str, torch.Tensor]]:
+    adapters = {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    for name, param in model.named_parameters():
+        if name.rpartition(".")[0] not in adapters and name.removesuffix(".quantized.codes") not in adapters:
+            yield name, gather_full(param)
+    for name, module in adapters.items():
+        yield f"{name}.weight", adapted_weight(module)
+
+
 def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor) of every base parameter, adapters merged into their layers' weights."""
-    adapters = {f"{name}.": module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
-    for name, param in model.named_parameters():
-        owner = next((prefix for prefix in adapters if name.startswith(prefix)), None)
-        if owner is None:
-            yield name, gather_full(param)
-        elif name == f"{owner}weight":
-            yield name, merged_weight(adapters[owner])
-        # lora_a / lora_b / magnitude are folded into the weight above
+    return _named_weights(model, merged_weight)
 
 
 def base_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, whole tensor) of the frozen base alone."""
-    for name, param in model.named_parameters():
-        if not name.endswith((".lora_a", ".lora_b", ".magnitude")):
-            yield name, gather_full(param)
+    """(name, whole tensor) of the frozen base alone, dequantized where it is 4-bit."""
+    return _named_weights(model, lambda module: gather_full(module.base_weight()).float())
 
 
 @torch.no_grad()

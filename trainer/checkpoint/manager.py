@@ -20,7 +20,7 @@ from trainer.checkpoint.paths import checkpoint_root, complete_steps, partial_di
 from trainer.checkpoint.safe_reader import SafeFileSystemReader
 from trainer.checkpoint.state import LOAD_ERRORS, SafeLoadPlanner
 from trainer.config.schema import CheckpointConfig
-from trainer.weights.hf_import import CheckpointError
+from trainer.weights.errors import CheckpointError
 
 
 class CheckpointManager:

@@ -48,8 +48,18 @@ def check_choices(cfg: Config) -> None:
             raise ConfigError(f"adapters.alpha={a.alpha} must be positive")
         if not 0.0 <= a.dropout < 1.0:
             raise ConfigError(f"adapters.dropout={a.dropout} must lie in [0, 1)")
-        if cfg.parallel.tp > 1:
-            raise ConfigError("adapters with parallel.tp > 1 are not supported yet: use FSDP (dp_shard) and/or pp")
+        if a.quantize_base != "none" and cfg.parallel.tp > 1:
+            raise ConfigError(
+                f"adapters.quantize_base={a.quantize_base} with parallel.tp > 1 is not supported: shard a 4-bit base "
+                f"with FSDP (parallel.dp_shard) and/or pp, or keep parallel.tp with quantize_base=none"
+            )
+        if a.hqq_group_size < 1:
+            raise ConfigError(f"adapters.hqq_group_size={a.hqq_group_size} must be at least 1")
+    elif a.quantize_base != "none":
+        raise ConfigError(
+            f"adapters.quantize_base={a.quantize_base} quantizes the frozen base under adapters: set adapters.kind "
+            f"to lora or dora (QLoRA / QDoRA), or quantize_base=none"
+        )
     if cfg.training.max_norm < 0:
         raise ConfigError(f"training.max_norm={cfg.training.max_norm} must be 0 (off) or positive")
 

@@ -161,6 +161,12 @@ class AdaptersConfig:
     # Which linear layers get adapters: short names q, k, v, o, gate, up, down, output, or regular
     # expressions over module names (e.g. 'layers\.[0-3]\.attention\.wq').
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    # The frozen base of the adapted layers: none (kept in the training dtype), or 4-bit: nf4 (torchao
+    # NF4, shards with FSDP2), bnb_nf4 (bitsandbytes NF4 with double quantization), hqq (HQQ's own
+    # quantizer). Quantized block by block as the weights load: no rank holds the whole model in 16/32 bit.
+    quantize_base: str = "none"
+    # HQQ's group size (weights per scale / zero point); it must divide each adapted layer's input size.
+    hqq_group_size: int = 64
 
 
 @dataclass
@@ -238,6 +244,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
     "parallel.fsdp_reshard_after_forward": ("default", "always", "never"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
+    "adapters.quantize_base": ("none", "nf4", "bnb_nf4", "hqq"),
     "activation_checkpoint.mode": ("none", "full", "selective_layer", "selective_op"),
     "adapters.kind": ("none", "lora", "dora"),
     "metrics.progress": ("auto", "on", "off"),

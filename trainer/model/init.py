@@ -11,13 +11,13 @@ import zlib
 import torch
 from torch import nn
 
+from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer
-from trainer.weights.placement import copy_full_into
+from trainer.weights.placement import fill_from
 
 
-def init_std(name: str, model: Transformer) -> float | None:
+def init_std(name: str, args: ModelArgs) -> float | None:
     """The init std of a parameter; None means "fill with ones" (norm weights)."""
-    args = model.args
     if name.endswith("norm.weight"):
         return None
     if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
@@ -28,15 +28,27 @@ def init_std(name: str, model: Transformer) -> float | None:
     return 0.02
 
 
-@torch.no_grad()
-def init_weights(model: Transformer, seed: int) -> None:
-    device = model.rope_cos.device
-    for name, param in model.named_parameters():
-        std = init_std(name, model)
+class SeededInit:
+    """The initial value of each parameter, whole, drawn from a generator seeded by (seed, its name)."""
+
+    def __init__(self, args: ModelArgs, seed: int):
+        self.args, self.seed = args, seed
+        with torch.device("meta"):
+            self.shapes = {name: p.shape for name, p in Transformer(args).named_parameters()}
+        self.names = set(self.shapes)
+
+    def label(self, name: str) -> str:
+        return f"initial value of {name}"
+
+    def get(self, name: str) -> torch.Tensor:
+        shape, std = self.shapes[name], init_std(name, self.args)
         if std is None:
-            full = torch.ones(param.shape)
-        else:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            full = torch.empty(param.shape)
-            nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
-        copy_full_into(param, full.to(device))
+            return torch.ones(shape)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.empty(shape)
+        nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+        return full
+
+
+def init_weights(model: Transformer, seed: int) -> None:
+    fill_from(model, SeededInit(model.args, seed))

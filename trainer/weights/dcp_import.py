@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -9,7 +10,7 @@ from trainer.checkpoint.safe_reader import SafeFileSystemReader
 from trainer.checkpoint.state import LOAD_ERRORS, ModelState, SafeLoadPlanner, model_args_from_entry
 from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer
-from trainer.weights.hf_import import CheckpointError
+from trainer.weights.errors import CheckpointError
 
 
 def _has_adapters(model) -> bool:
@@ -28,6 +29,31 @@ def read_dcp_args(path: Path) -> ModelArgs:
     except LOAD_ERRORS as e:
         raise CheckpointError(f"{path}: cannot read the model shape from this checkpoint ({' '.join(str(e).split())[:300]})") from None
     return model_args_from_entry(entry["model_args"])
+
+
+class DCPWeights:
+    """Base tensors of a checkpoint one at a time, whole, on each rank independently (the 4-bit path
+    quantizes them block by block as they arrive)."""
+
+    def __init__(self, path: Path, args: ModelArgs):
+        saved = read_dcp_args(path)
+        if saved != args:
+            raise CheckpointError(f"{path}: the checkpoint's shape {saved} differs from the model's {args}")
+        self.path = path
+        with torch.device("meta"):
+            self.shapes = {name: p.shape for name, p in Transformer(args).named_parameters()}
+        self.names = set(self.shapes)
+
+    def label(self, name: str) -> str:
+        return f"{self.path}: tensor model.{name}"
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = {"model": {name: torch.empty(self.shapes[name])}}
+        try:
+            dcp.load(entry, storage_reader=SafeFileSystemReader(str(self.path)), planner=SafeLoadPlanner(), no_dist=True)
+        except LOAD_ERRORS as e:
+            raise CheckpointError(f"{self.label(name)}: cannot load it ({' '.join(str(e).split())[:300]})") from None
+        return entry["model"][name]
 
 
 def load_dcp_weights(model: Transformer, path: Path) -> None:

@@ -9,11 +9,8 @@ from safetensors import safe_open
 from trainer.model.args import ModelArgs, RopeScaling
 from trainer.model.llama import Transformer
 from trainer.weights.hf_names import hf_to_ours
-from trainer.weights.placement import copy_full_into
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit the model."""
+from trainer.weights.errors import CheckpointError
+from trainer.weights.placement import fill_from
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -91,35 +88,41 @@ def full_model_names(args: ModelArgs) -> set[str]:
         return {name for name, _ in Transformer(args).named_parameters()}
 
 
-@torch.no_grad()
+class HFWeights:
+    """The tensors of a Hugging Face checkpoint by our parameter names, read one at a time (safetensors
+    maps the files, so nothing else is read). Names are checked against the model when opened."""
+
+    def __init__(self, path: Path, args: ModelArgs):
+        self.path, self.where = path, {}
+        known = self.names = full_model_names(args)
+        for file in _safetensors_files(path):
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    hf_names = list(handle.keys())
+            except Exception as e:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+            for hf_name in hf_names:
+                name = hf_to_ours(hf_name)
+                if name is None or (name == "output.weight" and args.tie_embeddings):
+                    continue  # some tied checkpoints also store lm_head; the embedding is the one we keep
+                if name not in known:
+                    raise CheckpointError(f"{file}: tensor {hf_name} has no place in this model")
+                self.where[name] = (file, hf_name)
+        missing = sorted(known - set(self.where))
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]}")
+
+    def label(self, name: str) -> str:
+        file, hf_name = self.where[name]
+        return f"{file}: tensor {hf_name}"
+
+    def get(self, name: str) -> torch.Tensor:
+        file, hf_name = self.where[name]
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_tensor(hf_name)
+
+
 def load_hf_weights(model: Transformer, path: Path) -> None:
     """Fills every parameter of `model` (possibly sharded, possibly one pipeline stage) from the
     checkpoint, one tensor at a time."""
-    params = dict(model.named_parameters())
-    known = full_model_names(model.args)
-    filled: set[str] = set()
-    for file in _safetensors_files(path):
-        try:
-            handle = safe_open(str(file), framework="pt")
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-        with handle:
-            for hf_name in handle.keys():
-                name = hf_to_ours(hf_name)
-                if name is None:
-                    continue
-                if name == "output.weight" and model.args.tie_embeddings:
-                    continue  # some tied checkpoints also store lm_head; the embedding is the one we keep
-                if name not in params:
-                    if name in known:
-                        continue  # another pipeline stage's
-                    raise CheckpointError(f"{file}: tensor {hf_name} has no place in this model")
-                tensor = handle.get_tensor(hf_name)
-                try:
-                    copy_full_into(params[name], tensor)
-                except ValueError as e:
-                    raise CheckpointError(f"{file}: tensor {hf_name}: {e}") from None
-                filled.add(name)
-    missing = sorted((set(params) & known) - filled)  # adapter parameters are not the checkpoint's
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]}")
+    fill_from(model, HFWeights(path, model.args))

@@ -13,8 +13,9 @@ import torch
 
 from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer
-from trainer.weights.hf_import import CheckpointError
-from trainer.weights.placement import copy_full_into
+from trainer.weights.errors import CheckpointError
+from trainer.weights.hf_import import full_model_names
+from trainer.weights.placement import fill_from
 
 _HEADER = struct.Struct("<7i")
 
@@ -54,49 +55,55 @@ def _to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-@torch.no_grad()
-def load_llama2c_weights(model: Transformer, path: Path) -> None:
-    a = read_llama2c_args(path)
-    if a != model.args:
-        raise CheckpointError(f"{path}: the checkpoint's shape {a} differs from the model's {model.args}")
-    L, d, kv, h, V = a.n_layers, a.dim, a.n_kv_heads * a.head_dim, a.hidden_dim, a.vocab_size
-    layout = [
-        ("tok_embeddings", (V, d)), ("attention_norm", (L, d)), ("wq", (L, d, d)), ("wk", (L, kv, d)),
-        ("wv", (L, kv, d)), ("wo", (L, d, d)), ("ffn_norm", (L, d)), ("w1", (L, h, d)), ("w2", (L, d, h)),
-        ("w3", (L, h, d)), ("norm", (d,)), ("freqs_cos", (a.max_seq_len, a.head_dim // 2)),
-        ("freqs_sin", (a.max_seq_len, a.head_dim // 2)),
-    ]
-    if not a.tie_embeddings:
-        layout.append(("output", (V, d)))
-    expected = _HEADER.size + 4 * sum(int(np.prod(shape)) for _, shape in layout)
-    size = path.stat().st_size
-    if size != expected:
-        raise CheckpointError(f"{path}: {size} bytes, but a llama2.c file of this header holds {expected}; truncated?")
+class Llama2cWeights:
+    """The tensors of a llama2.c file by our parameter names, read from a memory map when asked for."""
 
-    data = np.memmap(path, dtype="<f4", mode="r", offset=_HEADER.size)
-    tensors, offset = {}, 0
-    for name, shape in layout:
-        n = int(np.prod(shape))
-        tensors[name] = torch.from_numpy(np.array(data[offset : offset + n])).view(shape)
-        offset += n
+    def __init__(self, path: Path, args: ModelArgs):
+        a = read_llama2c_args(path)
+        if a != args:
+            raise CheckpointError(f"{path}: the checkpoint's shape {a} differs from the model's {args}")
+        self.args, self.path, self.names = a, path, full_model_names(a)
+        L, d, kv, h, V = a.n_layers, a.dim, a.n_kv_heads * a.head_dim, a.hidden_dim, a.vocab_size
+        layout = [
+            ("tok_embeddings", (V, d)), ("attention_norm", (L, d)), ("wq", (L, d, d)), ("wk", (L, kv, d)),
+            ("wv", (L, kv, d)), ("wo", (L, d, d)), ("ffn_norm", (L, d)), ("w1", (L, h, d)), ("w2", (L, d, h)),
+            ("w3", (L, h, d)), ("norm", (d,)), ("freqs_cos", (a.max_seq_len, a.head_dim // 2)),
+            ("freqs_sin", (a.max_seq_len, a.head_dim // 2)),
+        ]
+        if not a.tie_embeddings:
+            layout.append(("output", (V, d)))
+        expected = _HEADER.size + 4 * sum(int(np.prod(shape)) for _, shape in layout)
+        size = path.stat().st_size
+        if size != expected:
+            raise CheckpointError(f"{path}: {size} bytes, but a llama2.c file of this header holds {expected}; truncated?")
+        data = np.memmap(path, dtype="<f4", mode="r", offset=_HEADER.size)
+        self.arrays, offset = {}, 0
+        for name, shape in layout:
+            n = int(np.prod(shape))
+            self.arrays[name] = data[offset : offset + n].reshape(shape)
+            offset += n
 
-    full = {"tok_embeddings.weight": tensors["tok_embeddings"], "norm.weight": tensors["norm"]}
-    if not a.tie_embeddings:
-        full["output.weight"] = tensors["output"]
-    per_layer = {
-        "attention_norm": "attention_norm", "ffn_norm": "ffn_norm", "wq": "attention.wq", "wk": "attention.wk",
-        "wv": "attention.wv", "wo": "attention.wo", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
-        "w3": "feed_forward.w3",
+    _PER_LAYER = {
+        "attention_norm": "attention_norm", "ffn_norm": "ffn_norm", "attention.wq": "wq", "attention.wk": "wk",
+        "attention.wv": "wv", "attention.wo": "wo", "feed_forward.w1": "w1", "feed_forward.w2": "w2",
+        "feed_forward.w3": "w3",
     }
-    for i in range(L):
-        for src, dst in per_layer.items():
-            w = tensors[src][i]
-            if src == "wq":
-                w = _to_rotate_half(w, a.n_heads)
-            elif src == "wk":
-                w = _to_rotate_half(w, a.n_kv_heads)
-            full[f"layers.{i}.{dst}.weight"] = w
-    # A pipeline stage holds only some of these; adapter parameters are none of them.
-    for name, param in model.named_parameters():
-        if name in full:
-            copy_full_into(param, full[name])
+
+    def label(self, name: str) -> str:
+        return f"{self.path}: tensor {name}"
+
+    def get(self, name: str) -> torch.Tensor:
+        if not name.startswith("layers."):
+            return torch.from_numpy(np.array(self.arrays[name.removesuffix(".weight")]))
+        _, layer, module = name.removesuffix(".weight").split(".", 2)
+        src = self._PER_LAYER[module]
+        w = torch.from_numpy(np.array(self.arrays[src][int(layer)]))
+        if src == "wq":
+            w = _to_rotate_half(w, self.args.n_heads)
+        elif src == "wk":
+            w = _to_rotate_half(w, self.args.n_kv_heads)
+        return w
+
+
+def load_llama2c_weights(model: Transformer, path: Path) -> None:
+    fill_from(model, Llama2cWeights(path, model.args))

@@ -4,9 +4,11 @@ from pathlib import Path
 
 from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer
-from trainer.weights.dcp_import import is_dcp_dir, load_dcp_weights, read_dcp_args
-from trainer.weights.hf_import import CheckpointError, is_hf_dir, load_hf_weights, read_hf_args
-from trainer.weights.llama2c import load_llama2c_weights, looks_like_llama2c, read_llama2c_args
+from trainer.model.init import SeededInit
+from trainer.weights.dcp_import import DCPWeights, is_dcp_dir, load_dcp_weights, read_dcp_args
+from trainer.weights.errors import CheckpointError
+from trainer.weights.hf_import import HFWeights, is_hf_dir, load_hf_weights, read_hf_args
+from trainer.weights.llama2c import Llama2cWeights, load_llama2c_weights, looks_like_llama2c, read_llama2c_args
 
 
 def detect_format(path: str | Path) -> str:
@@ -33,6 +35,15 @@ def read_checkpoint_args(path: str | Path) -> ModelArgs:
 def load_weights(model: Transformer, path: str | Path) -> None:
     loaders = {"hf": load_hf_weights, "dcp": load_dcp_weights, "llama2c": load_llama2c_weights}
     loaders[detect_format(path)](model, Path(path))
+
+
+def open_weights(path: str | Path | None, args: ModelArgs, seed: int):
+    """The base weights one whole tensor at a time (`get(name)`): from `model.init_from`, or the seeded
+    initialisation when there is none."""
+    if path is None:
+        return SeededInit(args, seed)
+    sources = {"hf": HFWeights, "dcp": DCPWeights, "llama2c": Llama2cWeights}
+    return sources[detect_format(path)](Path(path), args)
 
 
 def load_model(path: str | Path, device: str = "cpu") -> Transformer:

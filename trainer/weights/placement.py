@@ -1,7 +1,10 @@
 """Copying whole (unsharded) tensors into parameters that may be DTensor shards, and back."""
 
 import torch
+from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from trainer.weights.errors import CheckpointError
 
 
 @torch.no_grad()
@@ -21,3 +24,18 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 def gather_full(param: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for DTensors: all ranks must call it)."""
     return param.full_tensor() if isinstance(param, DTensor) else param.detach()
+
+
+@torch.no_grad()
+def fill_from(model: nn.Module, source, prefix: str = "") -> None:
+    """Copies each base parameter of `model` from `source.get(name)`, a whole tensor named as in the
+    whole model (`prefix` + the name in `model`). Adapter parameters are not a checkpoint's: they are
+    initialised separately."""
+    for name, param in model.named_parameters():
+        name = prefix + name
+        if name not in source.names:
+            continue
+        try:
+            copy_full_into(param, source.get(name))
+        except ValueError as e:
+            raise CheckpointError(f"{source.label(name)}: {e}") from None

@@ -1,0 +1,98 @@
+"""4-bit frozen bases against each quantizing library's own result on the same weights."""
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.adapters.lora import LoRALinear
+
+
+def _weights() -> torch.Tensor:
+    # A Llama-like weight: small, roughly normal, with a few large outliers that stress the block scales.
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[::37, ::41] *= 8
+    return w
+
+
+def _reference(kind: str, w: torch.Tensor) -> torch.Tensor:
+    """What the library itself gives, called the way its own users call it."""
+    if kind == "nf4":
+        from torchao.quantization import to_nf4
+
+        return to_nf4(w).get_original_weight()  # torchao's defaults: block 64, scaler block 256
+    if kind == "bnb_nf4":
+        import bitsandbytes as bnb
+
+        p = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64).to("cpu")
+        return bnb.functional.dequantize_4bit(p.data, p.quant_state)
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data.copy_(w)
+    return HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32, device="cpu").dequantize()
+
+
+def _quantized_layer(kind: str, w: torch.Tensor, dora: bool = False) -> LoRALinear:
+    base = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    base.weight.data.copy_(w)
+    layer = LoRALinear(base, rank=4, alpha=8, dropout=0.0, rslora=False, dora=dora)
+    layer.quantize_base(kind, shards=1, hqq_group_size=64)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["nf4", "bnb_nf4", "hqq"])
+def test_dequantization_error_is_the_librarys(kind):
+    w = _weights()
+    layer = _quantized_layer(kind, w)
+    ours, reference = layer.base_weight(), _reference(kind, w)
+    our_error, their_error = (ours - w).abs(), (reference - w).abs()
+    assert our_error.max() <= their_error.max() * (1 + 1e-6) and our_error.mean() <= their_error.mean() * (1 + 1e-6)
+    assert torch.allclose(ours, reference, atol=1e-7, rtol=0)
+    # It is 4-bit: a real quantization error, and about half a byte per weight (plus statistics).
+    assert 1e-4 < our_error.mean() < 0.05 * w.abs().max()
+    stored = sum(t.numel() * t.element_size() for t in _inner_tensors(layer))
+    assert stored < 0.3 * w.numel() * w.element_size(), stored
+
+
+@pytest.mark.parametrize("kind", ["nf4", "bnb_nf4", "hqq"])
+def test_forward_and_input_gradient_use_the_dequantized_base(kind):
+    w = _weights()
+    layer = _quantized_layer(kind, w)
+    dense = layer.base_weight().detach()
+    x = torch.randn(3, 7, 512, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        layer.lora_a.normal_(0, 0.1)
+        layer.lora_b.normal_(0, 0.1)
+    expected = x_ref @ dense.T + layer.scale * (x_ref @ layer.lora_a.T) @ layer.lora_b.T
+    out = layer(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
+    assert layer.lora_a.grad is not None and all(p.grad is None for n, p in layer.named_parameters() if "lora" not in n)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "bnb_nf4", "hqq"])
+def test_dora_norm_is_of_the_dequantized_base(kind):
+    w = _weights()
+    layer = _quantized_layer(kind, w, dora=True)
+    with torch.no_grad():
+        layer.lora_a.normal_(0, 0.1)
+        layer.lora_b.normal_(0, 0.1)
+    dense = layer.base_weight()
+    expected = torch.linalg.norm(dense + layer.scale * layer.lora_b @ layer.lora_a, dim=1)
+    assert torch.allclose(layer.weight_norm(), expected, atol=1e-6)
+
+
+def _inner_tensors(layer: LoRALinear):
+    if layer.quantized is not None:
+        tensors = [layer.quantized.codes]
+        state = getattr(layer.quantized, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.state2.absmax, state.code, state.state2.code]
+        meta = getattr(layer.quantized, "meta", {})
+        tensors += [v for v in meta.values() if torch.is_tensor(v)]
+        return tensors
+    nf4 = layer.weight.data
+    return [nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor]

@@ -1,0 +1,154 @@
+"""4-bit frozen bases for QLoRA / QDoRA: torchao NF4, bitsandbytes NF4 (double quantization) and HQQ.
+
+Each library quantizes with its own code, so the dequantized weights are exactly what that library
+gives. How they live under FSDP2:
+- torchao's NF4Tensor is a tensor subclass that FSDP2 shards and all-gathers itself; it stays the
+  LoRALinear's `weight` parameter.
+- bitsandbytes and HQQ produce packed uint8 codes plus statistics. The codes (most of the bytes) become
+  a frozen uint8 parameter that FSDP2 shards along dim 0 and all-gathers before each use (FSDP2 never
+  casts non-float parameters); the statistics (1/32 of the codes for bnb, 1/4 for HQQ group 64) are kept
+  whole on every rank.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+QUANTIZERS = ("nf4", "bnb_nf4", "hqq")
+NF4_BLOCK = 64  # weights per absmax scale, as in the QLoRA paper
+NF4_SCALER_BLOCK = 256  # scales per double-quantization block (torchao's default)
+
+
+def nf4_scaler_block(numel: int, shards: int) -> int:
+    """torchao double-quantizes the per-block scales in groups; the number of groups must split evenly
+    over FSDP's shards. The default 256 is kept whenever it fits, so large models quantize the same on
+    any number of ranks; small weights (stories260K's 64 x 64) get the largest group that fits."""
+    blocks = numel // NF4_BLOCK
+    per_shard = blocks // shards
+    return max(d for d in range(1, min(NF4_SCALER_BLOCK, per_shard) + 1) if per_shard % d == 0)
+
+
+_LIBRARIES = {"nf4": ("torchao", "torchao"), "bnb_nf4": ("bitsandbytes", "bitsandbytes"), "hqq": ("hqq", "hqq")}
+
+
+def missing_library(kind: str) -> str | None:
+    """The pip package `kind` needs, if it cannot be imported."""
+    module, package = _LIBRARIES[kind]
+    try:
+        __import__(module)
+    except ImportError:
+        return package
+    return None
+
+
+def check_quantizable(name: str, shape: torch.Size, kind: str, *, shards: int, hqq_group_size: int) -> str | None:
+    """Why a weight of this shape cannot be quantized with `kind` over `shards` FSDP ranks (None: it can)."""
+    rows, cols = shape
+    numel = rows * cols
+    if kind == "nf4":
+        if numel % NF4_BLOCK:
+            return f"{name} {tuple(shape)} has {numel} weights, not a multiple of NF4's block of {NF4_BLOCK}"
+        if rows % shards or (numel // NF4_BLOCK) % shards:
+            return f"{name} {tuple(shape)} does not split into {shards} FSDP shards of whole NF4 blocks ({NF4_BLOCK} weights)"
+    elif kind == "bnb_nf4":
+        if numel % NF4_BLOCK:
+            return f"{name} {tuple(shape)} has {numel} weights, not a multiple of bitsandbytes' block of {NF4_BLOCK}"
+    elif kind == "hqq":
+        if cols % hqq_group_size or numel // hqq_group_size % 2:
+            return f"{name} {tuple(shape)}: its input size {cols} is not a multiple of adapters.hqq_group_size={hqq_group_size} (or the groups are odd in number)"
+    return None
+
+
+class PackedWeight(nn.Module):
+    """4-bit codes as a frozen uint8 parameter (sharded by FSDP2) plus the library's statistics."""
+
+    def __init__(self, codes: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+        super().__init__()
+        self.codes = nn.Parameter(codes, requires_grad=False)
+        self.shape, self.dtype = shape, dtype
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class BnbNF4Weight(PackedWeight):
+    def __init__(self, weight: torch.Tensor):
+        import bitsandbytes.functional as bnbf
+
+        codes, self_state = bnbf.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4")
+        super().__init__(codes, weight.shape, weight.dtype)
+        self.quant_state = self_state
+
+    def dequantize(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(_local(self.codes), self.quant_state).to(self.dtype)
+
+
+class HqqWeight(PackedWeight):
+    def __init__(self, weight: torch.Tensor, group_size: int):
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        # HQQ's own quantizer with its defaults (zero point and scale optimised per group, axis 1).
+        hqq = HQQLinear(
+            linear, quant_config=BaseQuantizeConfig(nbits=4, group_size=group_size), compute_dtype=weight.dtype,
+            device=str(weight.device), del_orig=False,
+        )
+        super().__init__(hqq.W_q.data, weight.shape, weight.dtype)
+        self.meta = hqq.meta
+
+    def dequantize(self) -> torch.Tensor:
+        from hqq.core.quantize import Quantizer
+
+        return Quantizer.dequantize(_local(self.codes), self.meta).to(self.dtype)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # Outside forward (exports, DoRA's initial magnitude) FSDP2 leaves the codes sharded: gather them.
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class DequantLinear(torch.autograd.Function):
+    """x @ W.T with W dequantized on the fly, again in backward: no dequantized weight is kept alive."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+        ctx.packed = packed
+        return F.linear(x, packed.dequantize().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.packed.dequantize().to(grad.dtype), None
+
+
+def quantize(weight: torch.Tensor, kind: str, *, shards: int, hqq_group_size: int) -> torch.Tensor | PackedWeight:
+    """The quantized form of a whole (unsharded) weight: an NF4Tensor (nf4) or a PackedWeight module."""
+    weight = weight.detach().contiguous()
+    if kind == "nf4":
+        from torchao.quantization import to_nf4
+
+        return to_nf4(weight, NF4_BLOCK, nf4_scaler_block(weight.numel(), shards))
+    if kind == "bnb_nf4":
+        return BnbNF4Weight(weight)
+    if kind == "hqq":
+        return HqqWeight(weight, hqq_group_size)
+    raise ValueError(f"unknown 4-bit quantizer {kind!r} (one of {', '.join(QUANTIZERS)})")
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """A whole or local weight, possibly NF4, as a plain float tensor (DTensors stay DTensors)."""
+    if isinstance(weight, DTensor):
+        local = dequantize(weight.to_local())
+        return DTensor.from_local(local, weight.device_mesh, weight.placements, shape=weight.shape, stride=_stride(weight.shape))
+    if type(weight).__name__ == "NF4Tensor" or type(weight.data).__name__ == "NF4Tensor":
+        return weight.get_original_weight()
+    return weight
+
+
+def _stride(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
