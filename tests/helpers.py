@@ -9,6 +9,9 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
+# A model shape whose every weight splits into whole NF4 double-quantization groups (256 scales) over 1
+# or 2 FSDP ranks, so both quantize identically (smaller weights get smaller groups; see quantize.py).
+QUANT_SHAPE = ["model.dim=256", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_hidden_dim=768", "model.n_layers=2"]
 
 
 def stories260k_args(shared) -> list[str]:

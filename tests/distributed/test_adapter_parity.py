@@ -2,12 +2,12 @@
 
 import pytest
 
-from tests.helpers import run_train, tensorboard_scalars
+from tests.helpers import QUANT_SHAPE, run_train, tensorboard_scalars
 
 COMMON = ["--config", "configs/debug.yaml", "training.steps=4", "metrics.log_every=1", "checkpoint.enabled=false"]
 
 
-@pytest.mark.parametrize("kind,layout", [("dora", ["parallel.dp_shard=2"]), ("lora", ["parallel.pp=2"])])
+@pytest.mark.parametrize("kind,layout", [("dora", ["parallel.dp_shard=2"]), ("lora", ["parallel.pp=2"]), ("dora", ["parallel.tp=2"])], ids=["fsdp", "pp", "tp"])
 def test_adapters_on_two_ranks_match_one(tmp_path, kind, layout):
     adapters = [f"adapters.kind={kind}", "adapters.rank=4", "optimizer.lr=1e-2"]
     one = run_train([*COMMON, *adapters, f"job.output_dir={tmp_path / 'one'}"])
@@ -18,11 +18,6 @@ def test_adapters_on_two_ranks_match_one(tmp_path, kind, layout):
     a, b = tensorboard_scalars(tmp_path / "one", "loss/train"), tensorboard_scalars(tmp_path / "two", "loss/train")
     assert a[4] < a[1] - 0.1  # the adapters learn
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5, (a, b)
-
-
-# Every weight of this shape splits into whole NF4 double-quantization groups (256 scales) over 1 or 2
-# ranks, so both quantize identically (stories260K-sized weights get smaller groups; see quantize.py).
-QUANT_SHAPE = ["model.dim=256", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_hidden_dim=768", "model.n_layers=2"]
 
 
 @pytest.mark.parametrize("kind,base", [("lora", "nf4"), ("dora", "nf4"), ("dora", "bnb_nf4"), ("lora", "hqq")])

@@ -1,25 +1,31 @@
 """torch.compile per block, composed with selective activation checkpointing and FSDP2 on 2 real ranks,
-against the eager single process. One test only: compiling costs about 45 s on CPU."""
+against the eager single process: full training, and QDoRA over an NF4 base. Compiling costs about
+45 s on CPU, so these are the only compile tests."""
 
 import os
 
-from tests.helpers import REPO, run_train, tensorboard_scalars
+import pytest
+
+from tests.helpers import QUANT_SHAPE, REPO, run_train, tensorboard_scalars
 
 COMMON = ["--config", "configs/debug.yaml", "training.steps=4", "metrics.log_every=1"]
+QDORA = [*QUANT_SHAPE, "adapters.kind=dora", "adapters.quantize_base=nf4", "optimizer.lr=1e-2", "checkpoint.enabled=false"]
 
 
-def test_compiled_checkpointed_sharded_matches_eager(tmp_path):
-    eager = run_train([*COMMON, f"job.output_dir={tmp_path / 'eager'}"])
+@pytest.mark.parametrize("name,method", [("full", []), ("QDoRA over NF4", QDORA)])
+def test_compiled_checkpointed_sharded_matches_eager(tmp_path, name, method):
+    eager = run_train([*COMMON, *method, f"job.output_dir={tmp_path / 'eager'}"])
     assert eager.returncode == 0, eager.stderr[-3000:]
     # A cache directory that outlives the test: later runs on the same machine skip most compilation.
     cache = {"TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / "inductor"))}
     compiled = run_train(
-        [*COMMON, f"job.output_dir={tmp_path / 'compiled'}", "compile.enabled=true", "activation_checkpoint.mode=selective_op"],
+        [*COMMON, *method, f"job.output_dir={tmp_path / 'compiled'}", "compile.enabled=true", "activation_checkpoint.mode=selective_op",
+         "parallel.dp_shard=2"],
         nproc=2, env=cache,
     )
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     reference = tensorboard_scalars(tmp_path / "eager", "loss/train")
     loss = tensorboard_scalars(tmp_path / "compiled", "loss/train")
     worst = max(abs(loss[s] - reference[s]) for s in reference)
-    print(f"\nPARITY compile + selective_op AC + dp_shard=2: max |loss - eager single| = {worst:.2e}")
+    print(f"\nPARITY compile + selective_op AC + dp_shard=2 ({name}): max |loss - eager single| = {worst:.2e}")
     assert sorted(loss) == [1, 2, 3, 4] and worst < 1e-4, (loss, reference)
