@@ -17,10 +17,10 @@ def header(command: str) -> str:
     return f"{datetime.date.today()} | {platform.node()} | {device} | torch {torch.__version__} | {command}"
 
 
-def measure(overrides: list[str], nproc: int, skip_steps: int) -> dict[str, float] | str:
+def measure(overrides: list[str], nproc: int, skip_steps: int, env: dict | None = None) -> dict[str, float] | str:
     """Means over the log points after `skip_steps` (start-up and compilation excluded); an error line on failure."""
     with tempfile.TemporaryDirectory() as out:
-        result = run_train([*overrides, f"job.output_dir={out}"], nproc=nproc)
+        result = run_train([*overrides, f"job.output_dir={out}"], nproc=nproc, env=env)
         if result.returncode != 0:
             return result.stderr.strip().splitlines()[-1][:120]
 

@@ -5,6 +5,8 @@ import torch
 
 from parallel.pp import split_stages
 from trainer.adapters import apply_adapters
+from trainer.adapters.lora import LoRALinear
+from trainer.adapters.quantize import bytes_per_weight
 from trainer.config import Config, to_yaml
 from trainer.model.build import build_meta_model, count_params, flops_per_token
 from trainer.plan import Plan, make_plan
@@ -13,9 +15,9 @@ from trainer.precision import Precision
 GIB = 2**30
 
 
-def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int, int]:
-    """(parameters, of which sharded by TP, transformer layers, trainable parameters) on the most
-    loaded pipeline rank."""
+def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int, int, int]:
+    """(parameters, of which sharded by TP, transformer layers, trainable parameters, base weights under
+    adapters) on the most loaded pipeline rank."""
     model = build_meta_model(plan.model_args)
     apply_adapters(model, cfg.adapters)
     dims = plan.dims
@@ -31,7 +33,8 @@ def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int, int]:
         total = sum(p.numel() for part in parts for p in part.parameters())
         norms = sum(p.numel() for part in parts for n, p in part.named_parameters() if "norm" in n)
         trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
-        return total, total - norms, sum(len(part.layers) for part in parts), trainable
+        adapted = sum(m.weight.numel() for part in parts for m in part.modules() if isinstance(m, LoRALinear))
+        return total, total - norms, sum(len(part.layers) for part in parts), trainable, adapted
 
     return max((stats(parts) for parts in ranks), key=lambda s: s[0])
 
@@ -59,11 +62,27 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     schedule keeps in flight; plus the float32 logits and their gradient on the last stage.
     """
     args, dims = plan.model_args, plan.dims
-    params, tp_sharded, layers, trainable = _rank_params(plan, cfg)
+    params, tp_sharded, layers, trainable, adapted = _rank_params(plan, cfg)
     per_rank_params = (tp_sharded / dims.tp + (params - tp_sharded)) / dims.dp_shard
     # Gradients and optimizer state exist only for what trains (with adapters: the adapters alone).
     per_rank_trainable = per_rank_params * trainable / params
     compute_bytes = precision.param_dtype.itemsize
+    weights, weights_label = 4 * per_rank_params, "parameters (fp32)"
+    gathered_bytes = compute_bytes  # per parameter of a block that FSDP gathers
+    if cfg.adapters.kind != "none":
+        # Adapters train in fp32; the frozen base is stored in the compute dtype, its adapted weights
+        # 4-bit if quantized (a 4-bit base has no TP, so only FSDP splits it).
+        share = per_rank_params / params
+        frozen_dtype = str(precision.param_dtype).removeprefix("torch.")
+        weights = (4 * trainable + compute_bytes * (params - trainable - adapted)) * share
+        if cfg.adapters.quantize_base == "none":
+            weights += compute_bytes * adapted * share
+            weights_label = f"parameters (adapters fp32, frozen base {frozen_dtype})"
+        else:
+            sharded, whole = bytes_per_weight(cfg.adapters.quantize_base, cfg.adapters.hqq_group_size, compute_bytes)
+            weights += adapted * (sharded / dims.dp_shard + whole)
+            gathered_bytes = sharded + whole  # blocks are nearly all adapted weights: 4-bit codes travel
+            weights_label = f"parameters (adapters fp32, frozen base {frozen_dtype}, adapted weights 4-bit {cfg.adapters.quantize_base})"
     micro_tokens = cfg.training.local_batch_size // plan.pp_microbatches * cfg.training.seq_len
     if dims.pp == 1:
         in_flight = 1
@@ -77,11 +96,11 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     logits = micro_tokens * vocab * (compute_bytes + 8)
     block = (params - args.vocab_size * args.dim) / max(1, layers) / dims.tp
     return {
-        "parameters (fp32)": 4 * per_rank_params,
+        weights_label: weights,
         "gradients (fp32, trainable only)": 4 * per_rank_trainable,
         "optimizer state (AdamW, fp32, trainable only)": 8 * per_rank_trainable,
         # FSDP gathers the current block and prefetches the next one.
-        "gathered parameters in flight": 2 * block * compute_bytes if dims.dp_shard > 1 else 0,
+        "gathered parameters in flight": 2 * block * gathered_bytes if dims.dp_shard > 1 else 0,
         f"activations (AC {cfg.activation_checkpoint.mode}, {in_flight} microbatch(es) in flight)": activations,
         "logits + their gradient": logits,
     }

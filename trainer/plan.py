@@ -39,14 +39,12 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         names = target_names(meta, cfg.adapters.targets)
         if cfg.adapters.quantize_base != "none":
             check_quantizable_layers(meta, names, cfg.adapters, shards=dims.dp_shard)
-    if cfg.export.hf and dims.pp > 1 and not cfg.checkpoint.enabled:
+    if (cfg.export.hf or cfg.export.peft) and dims.pp > 1 and not cfg.checkpoint.enabled:
         raise ConfigError(
-            "export.hf with parallel.pp > 1 is assembled from the final checkpoint: set checkpoint.enabled=true"
+            "exports with parallel.pp > 1 are assembled from the final checkpoint: set checkpoint.enabled=true"
         )
     if cfg.export.peft and cfg.adapters.kind == "none":
         raise ConfigError("export.peft writes an adapter: set adapters.kind to lora or dora (or use export.hf)")
-    if (cfg.export.hf or cfg.export.peft) and cfg.adapters.kind != "none" and dims.pp > 1:
-        raise ConfigError("exports of adapter runs with parallel.pp > 1 are not supported yet; export from a run without pp")
     if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and _has_cuda()):
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
     return Plan(dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches, tokenizer=tokenizer, model_args=model_args)

@@ -13,8 +13,9 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
 from parallel.pp import build_schedule, split_stages
-from trainer.adapters import apply_adapters, init_adapters, materialize_unit
+from trainer.adapters import apply_adapters, materialize_unit
 from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
+from trainer.adapters.load import load_adapter_run
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.paths import checkpoint_root, step_dir
 from trainer.checkpoint.state import (
@@ -129,11 +130,13 @@ class Trainer:
             parts = [(0, model)]
         seed, device = self.cfg.job.seed, self.runtime.device
         materialize = None
-        if self.cfg.adapters.quantize_base != "none":
-            # A 4-bit base: each FSDP unit is loaded and quantized just before it is sharded.
+        if self.cfg.adapters.kind != "none":
+            # Adapter runs: each FSDP unit is loaded (its frozen base in the compute dtype, 4-bit if asked)
+            # just before it is sharded, since FSDP2 cannot change a parameter's dtype or type afterwards.
             materialize = partial(
                 materialize_unit, device=device, weights=open_weights(self.cfg.model.init_from, model_args, seed),
                 cfg=self.cfg.adapters, shards=self.dims.dp_shard if self.uses_fsdp else 1, seed=seed,
+                frozen_dtype=self.precision.param_dtype,
             )
         for _, part in parts:
             parallelize(part, meshes=self.meshes, cfg=self.cfg, precision=self.precision, materialize=materialize)
@@ -144,7 +147,6 @@ class Trainer:
                     load_weights(part, self.cfg.model.init_from)
                 else:
                     init_weights(part, seed)
-                init_adapters(part, seed)
             part.train()
         schedule = None
         if pp_mesh is not None:
@@ -187,22 +189,32 @@ class Trainer:
 
     def export(self) -> None:
         dtype = torch.bfloat16 if self.cfg.export.dtype == "bfloat16" else torch.float32
-        out, ids = self.output_dir / "export" / "hf", {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id}
-        model = self.model_parts[0]
-        if self.cfg.adapters.kind != "none":
-            if self.cfg.export.peft:
-                export_peft(model, self.cfg.adapters, self.output_dir / "export" / "peft")
-                export_hf(model, self.output_dir / "export" / "base", dtype=dtype, tensors=base_named_weights(model), **ids)
-            if self.cfg.export.hf:
-                export_hf(model, out, dtype=dtype, tensors=merged_named_weights(model), **ids)
-            return
         if self.schedule is None:
-            export_hf(model, out, dtype=dtype, **ids)
+            self._export_model(self.model_parts[0], dtype)  # every rank takes part in the gathers
             return
-        # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint.
+        # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint
+        # (with adapters: the base from model.init_from, as at the start, and the checkpoint's adapters).
         if self.runtime.is_main:
-            export_checkpoint_hf(step_dir(checkpoint_root(self.output_dir), self.step), out, dtype, **ids)
+            if self.cfg.adapters.kind != "none":
+                self._export_model(load_adapter_run(self.output_dir, self.step), dtype)
+            else:
+                out = self.output_dir / "export" / "hf"
+                export_checkpoint_hf(step_dir(checkpoint_root(self.output_dir), self.step), out, dtype, **self._token_ids())
         dist.barrier()
+
+    def _export_model(self, model, dtype: torch.dtype) -> None:
+        export_dir, ids = self.output_dir / "export", self._token_ids()
+        if self.cfg.adapters.kind == "none":
+            export_hf(model, export_dir / "hf", dtype=dtype, **ids)
+            return
+        if self.cfg.export.peft:
+            export_peft(model, self.cfg.adapters, export_dir / "peft")
+            export_hf(model, export_dir / "base", dtype=dtype, tensors=base_named_weights(model), **ids)
+        if self.cfg.export.hf:
+            export_hf(model, export_dir / "hf", dtype=dtype, tensors=merged_named_weights(model), **ids)
+
+    def _token_ids(self) -> dict:
+        return {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id}
 
     def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the microbatches; returns (global mean loss per token, grad norm)."""

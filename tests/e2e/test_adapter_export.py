@@ -11,12 +11,17 @@ from transformers import LlamaForCausalLM
 from tests.helpers import run_train
 
 
-@pytest.mark.parametrize("kind,nproc", [("dora", 2), ("lora", 1)])
-def test_peft_export_equals_merged_export(tmp_path, kind, nproc):
+@pytest.mark.parametrize("kind,nproc,layout", [
+    ("dora", 2, ["parallel.dp_shard=2"]), ("lora", 1, []),
+    # Pipeline stages: rank 0 rebuilds the model from model.init_from (here the seeded init) and the
+    # final adapter checkpoint.
+    ("lora", 2, ["parallel.pp=2", "checkpoint.enabled=true"]),
+], ids=["dora-fsdp", "lora", "lora-pp"])
+def test_peft_export_equals_merged_export(tmp_path, kind, nproc, layout):
     result = run_train([
         "--config", "configs/debug.yaml", "training.steps=4", f"adapters.kind={kind}", "adapters.rank=4",
         "optimizer.lr=1e-2", "export.hf=true", "export.peft=true", "export.dtype=float32", "checkpoint.enabled=false",
-        f"job.output_dir={tmp_path}",
+        *layout, f"job.output_dir={tmp_path}",
     ], nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     export = tmp_path / "export"

@@ -25,7 +25,7 @@ CASES = {
                    "layers.0.feed_forward.w1 (90, 128) does not split into 4 FSDP shards of whole NF4 blocks"),
     "nf4 block": (1, ["adapters.kind=dora", "adapters.quantize_base=nf4", "model.dim=72"], "layers.0.attention.wk (36, 72) has 2592 weights, not a multiple of NF4's block of 64"),
     "hqq group": (1, ["adapters.kind=lora", "adapters.quantize_base=hqq", "adapters.hqq_group_size=48"],
-                  "input size 128 is not a multiple of adapters.hqq_group_size=48"),
+                  "layers.0.attention.wq (128, 128) has 16384 weights, not an even number of groups of adapters.hqq_group_size=48"),
     "hqq group size": (1, ["adapters.kind=lora", "adapters.quantize_base=hqq", "adapters.hqq_group_size=0"], "adapters.hqq_group_size=0 must be at least 1"),
     "ac mode": (1, ["activation_checkpoint.mode=some"], "activation_checkpoint.mode='some' is not one of: none, full"),
 }

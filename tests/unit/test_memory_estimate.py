@@ -36,3 +36,31 @@ def test_sharding_and_checkpointing_shrink_what_they_should():
     lora_states, lora_acts = _estimate(1, "adapters.kind=lora", "adapters.rank=4")
     # fp32 weights (4 of the 16 bytes per parameter) stay; gradients and AdamW shrink to the adapters.
     assert states / 4 < lora_states < states / 3 and lora_acts == acts
+
+
+def test_4bit_base_estimate_is_what_the_quantized_model_stores():
+    """The estimate's weight bytes against the bytes a real quantized model holds (codes + statistics)."""
+    from trainer.adapters.load import build_adapted
+
+    for kind in ("nf4", "bnb_nf4", "hqq"):
+        cfg = load_config("configs/debug.yaml", ["adapters.kind=lora", f"adapters.quantize_base={kind}"])
+        plan = make_plan(cfg, 1)
+        estimate = next(v for k, v in estimate_memory(plan, cfg, FP32).items() if k.startswith("parameters"))
+        model = build_adapted(plan.model_args, cfg.adapters, None, seed=0)
+        held = sum(_bytes(t) for t in [*model.parameters(), *model.buffers()])
+        for module in model.modules():
+            state = getattr(module, "quant_state", None)
+            if state is not None:
+                held += sum(_bytes(t) for t in (state.absmax, state.state2.absmax, state.code, state.state2.code))
+            held += sum(_bytes(t) for t in getattr(module, "meta", {}).values() if torch.is_tensor(t))
+        held -= sum(_bytes(b) for b in model.buffers())  # RoPE tables are not parameters
+        assert abs(estimate - held) / held < 0.03, (kind, estimate, held)
+        full = next(v for k, v in estimate_memory(plan, load_config("configs/debug.yaml", ["adapters.kind=lora"]), FP32).items() if k.startswith("parameters"))
+        assert estimate < 0.6 * full  # the blocks shrink about 7x; embeddings and norms stay fp32
+
+
+def _bytes(t: torch.Tensor) -> int:
+    if type(t.data).__name__ == "NF4Tensor":
+        nf4 = t.data
+        return sum(_bytes(x) for x in (nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor))
+    return t.numel() * t.element_size()

@@ -72,12 +72,15 @@ def init_adapter(module: LoRALinear, name: str, seed: int) -> None:
         copy_full_into(module.magnitude, torch.linalg.norm(gather_full(module.base_weight()).float(), dim=1))
 
 
-def materialize_unit(unit: nn.Module, unit_name: str, *, device: torch.device, weights, cfg: AdaptersConfig, shards: int, seed: int) -> None:
+def materialize_unit(
+    unit: nn.Module, unit_name: str, *, device: torch.device, weights, cfg: AdaptersConfig, shards: int, seed: int,
+    frozen_dtype: torch.dtype = torch.float32,
+) -> None:
     """Brings one FSDP unit of an adapter model from meta to `device`, just before FSDP shards it:
-    allocate, load its base weights whole, quantize the adapted ones (QLoRA / QDoRA), initialise the
-    adapters. A block
-    is a unit (unit_name "layers.N"); so are the root's own modules (unit_name ""). Only one block's
-    weights are ever in high precision at once, on any rank."""
+    allocate, load its base weights whole, store the frozen ones in `frozen_dtype` (the compute dtype:
+    they never see an optimizer, so fp32 copies would only cost memory), quantize the adapted ones
+    (QLoRA / QDoRA), initialise the adapters. A block is a unit (unit_name "layers.N"); so are the
+    root's own modules (unit_name ""). Only one block is ever in high precision at once, on any rank."""
     if unit_name:
         pieces = [(unit_name, unit)]
     else:
@@ -87,6 +90,10 @@ def materialize_unit(unit: nn.Module, unit_name: str, *, device: torch.device, w
     for piece_name, piece in pieces:
         piece.to_empty(device=device)
         fill_from(piece, weights, prefix=f"{piece_name}.")
+        for module in piece.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if not param.requires_grad and param.dtype != frozen_dtype:
+                    setattr(module, name, nn.Parameter(param.detach().to(frozen_dtype), requires_grad=False))
         for name, module in piece.named_modules(prefix=piece_name):
             if isinstance(module, LoRALinear):
                 if cfg.quantize_base != "none":

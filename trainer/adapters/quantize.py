@@ -46,8 +46,7 @@ def missing_library(kind: str) -> str | None:
 
 def check_quantizable(name: str, shape: torch.Size, kind: str, *, shards: int, hqq_group_size: int) -> str | None:
     """Why a weight of this shape cannot be quantized with `kind` over `shards` FSDP ranks (None: it can)."""
-    rows, cols = shape
-    numel = rows * cols
+    rows, numel = shape[0], shape[0] * shape[1]
     if kind == "nf4":
         if numel % NF4_BLOCK:
             return f"{name} {tuple(shape)} has {numel} weights, not a multiple of NF4's block of {NF4_BLOCK}"
@@ -57,9 +56,22 @@ def check_quantizable(name: str, shape: torch.Size, kind: str, *, shards: int, h
         if numel % NF4_BLOCK:
             return f"{name} {tuple(shape)} has {numel} weights, not a multiple of bitsandbytes' block of {NF4_BLOCK}"
     elif kind == "hqq":
-        if cols % hqq_group_size or numel // hqq_group_size % 2:
-            return f"{name} {tuple(shape)}: its input size {cols} is not a multiple of adapters.hqq_group_size={hqq_group_size} (or the groups are odd in number)"
+        # HQQ groups consecutive weights of the flattened matrix and packs two groups per byte row.
+        if numel % (2 * hqq_group_size):
+            return f"{name} {tuple(shape)} has {numel} weights, not an even number of groups of adapters.hqq_group_size={hqq_group_size}"
     return None
+
+
+def bytes_per_weight(kind: str, hqq_group_size: int, dtype_bytes: int = 4) -> tuple[float, float]:
+    """Storage per base weight as (sharded by FSDP, kept whole on every rank): the 4-bit codes plus the
+    statistics. torchao NF4: an int8 scale per 64 weights (and a float per 256 scales), all sharded.
+    bitsandbytes: the same, with its statistics whole. HQQ: a scale and a zero point per group, in the
+    weight's dtype, whole."""
+    if kind == "nf4":
+        return 0.5 + 1 / NF4_BLOCK + dtype_bytes / (NF4_BLOCK * NF4_SCALER_BLOCK), 0.0
+    if kind == "bnb_nf4":
+        return 0.5, 1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256)
+    return 0.5, 2 * dtype_bytes / hqq_group_size
 
 
 class PackedWeight(nn.Module):

@@ -54,8 +54,7 @@ def _reserialize(obj) -> io.BytesIO:
 
 class ModelState(Stateful):
     """The model's tensors: all of them, or only the trainable ones (adapter runs: the frozen base
-    comes from model.init_from on every start, so checkpoints hold the small adapters alone), or only
-    the frozen ones (loading a base into a model that has adapters)."""
+    comes from model.init_from on every start, so checkpoints hold the small adapters alone)."""
 
     def __init__(self, parts: list[nn.Module], select: str = "all"):
         self.parts, self.select = parts, select
@@ -63,8 +62,7 @@ class ModelState(Stateful):
     def _names(self, part: nn.Module) -> set[str]:
         if self.select == "all":
             return set(get_model_state_dict(part))
-        trainable = {n for n, p in part.named_parameters() if p.requires_grad}
-        return trainable if self.select == "trainable" else set(get_model_state_dict(part)) - trainable
+        return {n for n, p in part.named_parameters() if p.requires_grad}
 
     def state_dict(self) -> dict:
         merged = {}

@@ -10,25 +10,17 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from trainer.checkpoint.safe_reader import SafeFileSystemReader
-from trainer.checkpoint.state import SafeLoadPlanner
 from trainer.model.build import build_meta_model
-from trainer.weights.dcp_import import read_dcp_args
+from trainer.weights.dcp_import import DCPWeights, read_dcp_args
 from trainer.weights.hf_export import write_hf
 
 
 def export_checkpoint_hf(path: Path, out_dir: Path, dtype: torch.dtype, bos_id=None, eos_id=None) -> None:
     args = read_dcp_args(path)
-
-    def tensors():
-        for name, param in build_meta_model(args).named_parameters():
-            entry = {f"model.{name}": torch.empty(param.shape)}
-            dcp.load(entry, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
-            yield name, entry[f"model.{name}"]
-
-    write_hf(tensors(), args, out_dir, dtype, bos_id=bos_id, eos_id=eos_id)
+    weights = DCPWeights(path, args)
+    tensors = ((name, weights.get(name)) for name, _ in build_meta_model(args).named_parameters())
+    write_hf(tensors, args, out_dir, dtype, bos_id=bos_id, eos_id=eos_id)
 
 
 def main() -> None:

@@ -13,10 +13,6 @@ from trainer.model.llama import Transformer
 from trainer.weights.errors import CheckpointError
 
 
-def _has_adapters(model) -> bool:
-    return any(not p.requires_grad for p in model.parameters())
-
-
 def is_dcp_dir(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
@@ -59,8 +55,7 @@ class DCPWeights:
 def load_dcp_weights(model: Transformer, path: Path) -> None:
     try:
         dcp.load(
-            # "frozen": with adapters on, the checkpoint gives the base and the adapters start fresh.
-            {"model": ModelState([model], "frozen" if _has_adapters(model) else "all")}, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+            {"model": ModelState([model], "all")}, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
             no_dist=not dist.is_initialized(),
         )
     except LOAD_ERRORS as e:
