@@ -19,8 +19,9 @@ def test_lora_sft_of_stories260k_on_alpaca_lowers_the_loss(shared, tmp_path):
 
 
 def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
-    """QLoRA (torchao NF4 base) on real Alpaca records: the loss falls, and the PEFT export loaded by peft
-    onto the HF export of the (dequantized) base gives the logits of the model we trained."""
+    """QLoRA (torchao NF4 base) on real Alpaca records: the loss falls, the PEFT export loaded by peft
+    onto the HF export of the (dequantized) base gives the logits of the model we trained, and so does
+    the merged export on its own."""
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
@@ -31,7 +32,7 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
         "--config", "configs/debug.yaml", *stories260k_args(shared),
         f"data.source={shared('instruct/alpaca/alpaca_data_first2000.json')}", "data.task=sft",
         "data.skip_bad_records=true", "adapters.kind=lora", "adapters.quantize_base=nf4", "adapters.rank=8",
-        "optimizer.lr=3e-3", "training.steps=20", "metrics.log_every=1", "export.peft=true", "export.dtype=float32",
+        "optimizer.lr=3e-3", "training.steps=20", "metrics.log_every=1", "export.peft=true", "export.hf=true", "export.dtype=float32",
         f"job.output_dir={tmp_path}",
     ])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -47,5 +48,9 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
         our_logits = ours(tokens)
         base_logits = base(tokens).logits.clone()
         peft_logits = PeftModel.from_pretrained(base, tmp_path / "export" / "peft").eval()(tokens).logits
+        merged_logits = LlamaForCausalLM.from_pretrained(tmp_path / "export" / "hf").eval()(tokens).logits
     assert (peft_logits - base_logits).abs().max() > 1e-3  # the trained adapter changes the model
+    print(f"\nPARITY QLoRA stories260K: max |peft - ours| = {(peft_logits - our_logits).abs().max():.2e}, "
+          f"max |merged - ours| = {(merged_logits - our_logits).abs().max():.2e}; loss {first:.4f} -> {last:.4f}")
     assert (peft_logits - our_logits).abs().max() < 1e-4
+    assert (merged_logits - our_logits).abs().max() < 1e-4
