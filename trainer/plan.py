@@ -39,6 +39,12 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         names = target_names(meta, cfg.adapters.targets)
         if cfg.adapters.quantize_base != "none":
             check_quantizable_layers(meta, names, cfg.adapters, shards=dims.dp_shard)
+        if cfg.adapters.quantize_base == "nf4" and dims.dp_replicate > 1 and dims.dp_shard == 1:
+            # FSDP2 hands a subclass's all-gather hooks other arguments when the shard group is one rank.
+            raise ConfigError(
+                "adapters.quantize_base=nf4 with parallel.dp_replicate > 1 and dp_shard=1 (pure replication) is not "
+                "supported by torchao's NF4 under FSDP2: shard it (parallel.dp_shard > 1, HSDP works), or use bnb_nf4 / hqq"
+            )
     if (cfg.export.hf or cfg.export.peft) and dims.pp > 1 and not cfg.checkpoint.enabled:
         raise ConfigError(
             "exports with parallel.pp > 1 are assembled from the final checkpoint: set checkpoint.enabled=true"

@@ -23,6 +23,8 @@ CASES = {
     "unknown 4-bit": (1, ["adapters.kind=lora", "adapters.quantize_base=int4"], "adapters.quantize_base='int4' is not one of: none, nf4, bnb_nf4, hqq"),
     "nf4 shards": (4, ["adapters.kind=lora", "adapters.quantize_base=nf4", "model.ffn_hidden_dim=90", "training.local_batch_size=2"],
                    "layers.0.feed_forward.w1 (90, 128) does not split into 4 FSDP shards of whole NF4 blocks"),
+    "nf4 replicated": (2, ["adapters.kind=lora", "adapters.quantize_base=nf4", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
+                       "adapters.quantize_base=nf4 with parallel.dp_replicate > 1 and dp_shard=1 (pure replication) is not supported"),
     "nf4 block": (1, ["adapters.kind=dora", "adapters.quantize_base=nf4", "model.dim=72"], "layers.0.attention.wk (36, 72) has 2592 weights, not a multiple of NF4's block of 64"),
     "hqq group": (1, ["adapters.kind=lora", "adapters.quantize_base=hqq", "adapters.hqq_group_size=48"],
                   "layers.0.attention.wq (128, 128) has 16384 weights, not an even number of groups of adapters.hqq_group_size=48"),
