@@ -96,3 +96,36 @@ def _inner_tensors(layer: LoRALinear):
         return tensors
     nf4 = layer.weight.data
     return [nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor]
+
+
+def test_no_more_than_one_block_is_ever_in_high_precision():
+    """Loading a 4-bit base unit by unit: whenever a tensor is read, the model holds at most one block's
+    adapted weights in high precision (the block being loaded); all earlier ones are 4-bit already."""
+    from trainer.adapters import apply_adapters, materialize_unit
+    from trainer.config.schema import AdaptersConfig
+    from trainer.model.args import ModelArgs
+    from trainer.model.build import build_meta_model
+    from trainer.model.init import SeededInit
+
+    args = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=256, max_seq_len=64)
+    cfg = AdaptersConfig(kind="lora", quantize_base="nf4")
+    model = build_meta_model(args)
+    apply_adapters(model, cfg)
+    block_bytes = sum(m.weight.numel() * 4 for m in model.layers["0"].modules() if isinstance(m, LoRALinear))
+    seen = []
+
+    class Watching(SeededInit):
+        def get(self, name):
+            held = sum(
+                m.weight.numel() * 4 for m in model.modules()
+                if isinstance(m, LoRALinear) and not m.weight.is_meta and type(m.weight.data).__name__ != "NF4Tensor"
+            )
+            seen.append(held)
+            return super().get(name)
+
+    weights = Watching(args, seed=0)
+    for layer_id, block in model.layers.items():
+        materialize_unit(block, f"layers.{layer_id}", device=torch.device("cpu"), weights=weights, cfg=cfg, shards=1, seed=0)
+    materialize_unit(model, "", device=torch.device("cpu"), weights=weights, cfg=cfg, shards=1, seed=0)
+    assert len(seen) == len(weights.names) and max(seen) <= block_bytes and max(seen) > 0
+    assert all(type(m.weight.data).__name__ == "NF4Tensor" for m in model.modules() if isinstance(m, LoRALinear))

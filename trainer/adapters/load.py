@@ -44,6 +44,8 @@ def load_adapter_run(run_dir: str | Path, step: int | None = None, device: str =
     steps = complete_steps(root)
     if not steps:
         raise CheckpointError(f"{root}: no complete checkpoint to take the adapters from")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{root}: no complete checkpoint of step {step} (there are: {', '.join(map(str, steps))})")
     path = step_dir(root, steps[-1] if step is None else step)
     model = build_adapted(read_dcp_args(path), cfg.adapters, cfg.model.init_from, cfg.job.seed, device)
     dcp.load(

@@ -90,9 +90,9 @@ class BnbNF4Weight(PackedWeight):
     def __init__(self, weight: torch.Tensor):
         import bitsandbytes.functional as bnbf
 
-        codes, self_state = bnbf.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4")
+        codes, state = bnbf.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4")
         super().__init__(codes, weight.shape, weight.dtype)
-        self.quant_state = self_state
+        self.quant_state = state  # absmax (itself quantized: double quantization), code book, shape
 
     def dequantize(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
