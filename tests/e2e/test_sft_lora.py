@@ -1,5 +1,7 @@
 """LoRA supervised finetuning of the real stories260K on real Alpaca records, through train.py."""
 
+import pytest
+
 from tests.helpers import run_train, stories260k_args, tensorboard_scalars
 
 
@@ -27,6 +29,7 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
     from transformers import LlamaForCausalLM
 
     from trainer.adapters.load import load_adapter_run
+    from trainer.weights.errors import CheckpointError
 
     result = run_train([
         "--config", "configs/debug.yaml", *stories260k_args(shared),
@@ -40,6 +43,8 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
     first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (18, 19, 20)) / 3
     assert last < first - 0.4, loss
 
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint of step 7 \(there are: 20\)"):
+        load_adapter_run(tmp_path, step=7)
     ours = load_adapter_run(tmp_path)  # the 4-bit base and the adapters of the final checkpoint
     assert type(ours.layers["0"].attention.wq.weight.data).__name__ == "NF4Tensor"
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
