@@ -98,6 +98,33 @@ def _inner_tensors(layer: LoRALinear):
     return [nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor]
 
 
+@pytest.mark.parametrize("quantize_base", ["none", "nf4"])
+def test_frozen_base_is_stored_in_the_compute_dtype(quantize_base):
+    """Frozen weights never meet the optimizer, so an adapter run keeps them in the compute dtype
+    (bf16 on a GPU); only the adapters are fp32."""
+    from trainer.adapters import apply_adapters, materialize_unit
+    from trainer.config.schema import AdaptersConfig
+    from trainer.model.args import ModelArgs
+    from trainer.model.build import build_meta_model
+    from trainer.model.init import SeededInit
+
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=256, max_seq_len=64)
+    cfg = AdaptersConfig(kind="dora", quantize_base=quantize_base)
+    model = build_meta_model(args)
+    apply_adapters(model, cfg)
+    weights = SeededInit(args, seed=0)
+    units = [(block, f"layers.{i}") for i, block in model.layers.items()] + [(model, "")]
+    for unit, name in units:
+        materialize_unit(unit, name, device=torch.device("cpu"), weights=weights, cfg=cfg, shards=1, seed=0, frozen_dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+    assert {n.rpartition(".")[2] for n, p in model.named_parameters() if p.requires_grad} == {"lora_a", "lora_b", "magnitude"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs bf16 without FSDP
+        logits = model(torch.randint(0, 256, (2, 16)))
+    logits.float().mean().backward()
+    assert logits.isfinite().all() and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_no_more_than_one_block_is_ever_in_high_precision():
     """Loading a 4-bit base unit by unit: whenever a tensor is read, the model holds at most one block's
     adapted weights in high precision (the block being loaded); all earlier ones are 4-bit already."""
