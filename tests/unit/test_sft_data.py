@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from trainer.config.schema import DataConfig, TokenizerConfig
 from trainer.data import DataError, PackedLoader, check_enough_tokens, load_documents
