@@ -12,8 +12,9 @@ def apply_fsdp(
     model: nn.Module, *, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
     reshard_after_forward: str, cpu_offload: bool, before_shard: Callable[[nn.Module, str], None] | None = None,
 ) -> None:
-    """`before_shard(unit, unit_name)` runs on each unit just before it is sharded (the 4-bit path
-    materializes and quantizes there, since FSDP2 cannot re-shard a parameter swapped afterwards)."""
+    """`before_shard(unit, unit_name)` runs on each unit just before it is sharded (adapter runs load,
+    cast and quantize their frozen base there, since FSDP2 cannot re-shard a parameter whose type or
+    dtype changes afterwards)."""
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # Pinned host memory needs an accelerator; on a CPU-only machine it must stay off.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()

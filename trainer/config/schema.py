@@ -165,7 +165,8 @@ class AdaptersConfig:
     # NF4, shards with FSDP2), bnb_nf4 (bitsandbytes NF4 with double quantization), hqq (HQQ's own
     # quantizer). Quantized block by block as the weights load: no rank holds the whole model in 16/32 bit.
     quantize_base: str = "none"
-    # HQQ's group size (weights per scale / zero point); it must divide each adapted layer's input size.
+    # HQQ's group size (consecutive weights per scale / zero point); each adapted layer must hold an even
+    # number of groups.
     hqq_group_size: int = 64
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trainer.model.args import ModelArgs
-from trainer.model.llama import Transformer
+from trainer.model.llama import Transformer, param_shapes
 from trainer.weights.placement import fill_from
 
 
@@ -32,9 +32,7 @@ class SeededInit:
     """The initial value of each parameter, whole, drawn from a generator seeded by (seed, its name)."""
 
     def __init__(self, args: ModelArgs, seed: int):
-        self.args, self.seed = args, seed
-        with torch.device("meta"):
-            self.shapes = {name: p.shape for name, p in Transformer(args).named_parameters()}
+        self.args, self.seed, self.shapes = args, seed, param_shapes(args)
         self.names = set(self.shapes)
 
     def label(self, name: str) -> str:

@@ -100,3 +100,10 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
+
+
+def param_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+    """Name -> shape of every parameter of the whole model (a pipeline stage holds only some of them),
+    without allocating anything."""
+    with torch.device("meta"):
+        return {name: p.shape for name, p in Transformer(args).named_parameters()}

@@ -9,7 +9,7 @@ import torch.distributed.checkpoint as dcp
 from trainer.checkpoint.safe_reader import SafeFileSystemReader
 from trainer.checkpoint.state import LOAD_ERRORS, ModelState, SafeLoadPlanner, model_args_from_entry
 from trainer.model.args import ModelArgs
-from trainer.model.llama import Transformer
+from trainer.model.llama import Transformer, param_shapes
 from trainer.weights.errors import CheckpointError
 
 
@@ -28,16 +28,14 @@ def read_dcp_args(path: Path) -> ModelArgs:
 
 
 class DCPWeights:
-    """Base tensors of a checkpoint one at a time, whole, on each rank independently (the 4-bit path
-    quantizes them block by block as they arrive)."""
+    """Base tensors of a checkpoint one at a time, whole, on each rank independently (adapter runs load
+    and quantize their base block by block as the tensors arrive)."""
 
     def __init__(self, path: Path, args: ModelArgs):
         saved = read_dcp_args(path)
         if saved != args:
             raise CheckpointError(f"{path}: the checkpoint's shape {saved} differs from the model's {args}")
-        self.path = path
-        with torch.device("meta"):
-            self.shapes = {name: p.shape for name, p in Transformer(args).named_parameters()}
+        self.path, self.shapes = path, param_shapes(args)
         self.names = set(self.shapes)
 
     def label(self, name: str) -> str:

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from trainer.model.args import ModelArgs, RopeScaling
-from trainer.model.llama import Transformer
+from trainer.model.llama import Transformer, param_shapes
 from trainer.weights.hf_names import hf_to_ours
 from trainer.weights.errors import CheckpointError
 from trainer.weights.placement import fill_from
@@ -82,19 +82,13 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def full_model_names(args: ModelArgs) -> set[str]:
-    """Parameter names of the whole model (a pipeline stage holds only some of them)."""
-    with torch.device("meta"):
-        return {name for name, _ in Transformer(args).named_parameters()}
-
-
 class HFWeights:
     """The tensors of a Hugging Face checkpoint by our parameter names, read one at a time (safetensors
     maps the files, so nothing else is read). Names are checked against the model when opened."""
 
     def __init__(self, path: Path, args: ModelArgs):
         self.path, self.where = path, {}
-        known = self.names = full_model_names(args)
+        known = self.names = set(param_shapes(args))
         for file in _safetensors_files(path):
             try:
                 with safe_open(str(file), framework="pt") as handle:

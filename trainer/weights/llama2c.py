@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from trainer.model.args import ModelArgs
-from trainer.model.llama import Transformer
+from trainer.model.llama import Transformer, param_shapes
 from trainer.weights.errors import CheckpointError
-from trainer.weights.hf_import import full_model_names
 from trainer.weights.placement import fill_from
 
 _HEADER = struct.Struct("<7i")
@@ -62,7 +61,7 @@ class Llama2cWeights:
         a = read_llama2c_args(path)
         if a != args:
             raise CheckpointError(f"{path}: the checkpoint's shape {a} differs from the model's {args}")
-        self.args, self.path, self.names = a, path, full_model_names(a)
+        self.args, self.path, self.names = a, path, set(param_shapes(a))
         L, d, kv, h, V = a.n_layers, a.dim, a.n_kv_heads * a.head_dim, a.hidden_dim, a.vocab_size
         layout = [
             ("tok_embeddings", (V, d)), ("attention_norm", (L, d)), ("wq", (L, d, d)), ("wk", (L, kv, d)),
