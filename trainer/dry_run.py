@@ -13,6 +13,7 @@ from trainer.plan import Plan, make_plan
 from trainer.precision import Precision
 
 GIB = 2**30
+HOST = "host (CPU offload): "
 
 
 def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int, int, int]:
@@ -95,10 +96,12 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     vocab = args.vocab_size / dims.tp if dims.tp > 1 and cfg.parallel.loss_parallel else args.vocab_size
     logits = micro_tokens * vocab * (compute_bytes + 8)
     block = (params - args.vocab_size * args.dim) / max(1, layers) / dims.tp
+    # With FSDP's CPU offload the sharded parameters, their gradients and the optimizer live in host memory.
+    host = HOST if cfg.parallel.cpu_offload and dims.dp_size > 1 else ""
     return {
-        weights_label: weights,
-        "gradients (fp32, trainable only)": 4 * per_rank_trainable,
-        "optimizer state (AdamW, fp32, trainable only)": 8 * per_rank_trainable,
+        host + weights_label: weights,
+        host + "gradients (fp32, trainable only)": 4 * per_rank_trainable,
+        host + "optimizer state (AdamW, fp32, trainable only)": 8 * per_rank_trainable,
         # FSDP gathers the current block and prefetches the next one.
         "gathered parameters in flight": 2 * block * gathered_bytes if dims.dp_shard > 1 else 0,
         f"activations (AC {cfg.activation_checkpoint.mode}, {in_flight} microbatch(es) in flight)": activations,
@@ -124,5 +127,8 @@ def dry_run(cfg: Config, world_size: int) -> str:
     ]
     width = max(len(k) for k in memory)
     lines += [f"{k:<{width}}  {v / GIB:10.3f} GiB" for k, v in memory.items()]
-    lines.append(f"{'total':<{width}}  {sum(memory.values()) / GIB:10.3f} GiB")
+    device_total = sum(v for k, v in memory.items() if not k.startswith(HOST))
+    lines.append(f"{'total on the device':<{width}}  {device_total / GIB:10.3f} GiB")
+    if device_total < sum(memory.values()):
+        lines.append(f"{'total in host memory':<{width}}  {(sum(memory.values()) - device_total) / GIB:10.3f} GiB")
     return "\n".join(lines)

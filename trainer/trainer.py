@@ -95,8 +95,10 @@ class Trainer:
             meta = build_meta_model(model_args)
             apply_adapters(meta, cfg.adapters)
             trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+            q = cfg.adapters.quantize_base
+            base = f" (over a 4-bit {q} base)" if q != "none" else ""
             print(
-                f"training {trainable:,} of {sum(p.numel() for p in meta.parameters()):,} parameters on "
+                f"training {trainable:,} of {sum(p.numel() for p in meta.parameters()):,} parameters{base} on "
                 f"{runtime.world_size} {runtime.device.type} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
                 f"dp_shard {d.dp_shard} x tp {d.tp}), {self.accum_steps} microbatch(es) per step; "
                 f"MFU against {peak:.2f} TFLOP/s ({peak_source})",
