@@ -7,9 +7,16 @@ Presets: cpu, a 207M-parameter Llama (dim 1024, 12 layers) at seq 512, batch 2, 
 8B shape at seq 2048, batch 2, bf16 (GPU); 70b, the Llama 3.1 70B shape, our QLoRA only, on one GPU,
 from the seeded initialisation (a 70B checkpoint does not fit the benchmark machine's disk, and
 transformers quantizes only while loading one). Every other row is a fresh process that loads the same
-random-weight Hugging Face checkpoint (written once to a temporary directory), so peak memory is the
-process's own: peak RSS on CPU, peak CUDA memory reserved on a GPU. Tokens/s are means over the steps after the first (start-up excluded). Activation
-checkpointing is off on both sides; LoRA is rank 8, alpha 16, on all seven linears of each block.
+random-weight Hugging Face checkpoint (written once to a temporary directory).
+
+Peak memory is the process's own: peak CUDA memory reserved on a GPU, peak RSS on CPU. On CPU, glibc
+keeps freed large blocks for reuse (its mmap threshold rises after each free), so peak RSS would count
+long-dead temporaries, such as each block's high-precision weights before quantization. The CPU memory
+columns therefore come from a second run with MALLOC_MMAP_THRESHOLD_=65536 (large blocks go back to
+the system when freed); the tokens/s columns come from a run without it (it halves CPU speed).
+Tokens/s are means over the steps after the first (start-up excluded). Activation checkpointing is off
+on both sides on CPU and full on both on a GPU (where ours also compiles); LoRA is rank 8, alpha 16, on
+all seven linears of each block.
 """
 
 import argparse
@@ -27,9 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import header, measure  # noqa: E402
 
 PRESETS = {
-    "cpu": dict(shape=dict(dim=1024, n_layers=12, n_heads=16, n_kv_heads=8, ffn=2816, vocab=32000), seq=512, batch=2, dtype="float32"),
-    "8b": dict(shape=dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256), seq=2048, batch=2, dtype="bfloat16"),
-    "70b": dict(flavor="llama3_1_70b", seq=2048, batch=1, dtype="bfloat16"),
+    "cpu": dict(shape=dict(dim=1024, n_layers=12, n_heads=16, n_kv_heads=8, ffn=2816, vocab=32000), seq=512, batch=2,
+                dtype="float32", checkpointing=False, compile=False),
+    # GPU presets: activation checkpointing on both sides (transformers' gradient checkpointing), as the
+    # memory targets assume; ours also compiles its blocks, as a user of it would.
+    "8b": dict(shape=dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256), seq=2048, batch=2,
+               dtype="bfloat16", checkpointing=True, compile=True),
+    "70b": dict(flavor="llama3_1_70b", seq=2048, batch=1, dtype="bfloat16", checkpointing=True, compile=True),
 }
 # (label, our adapters overrides, or None for full finetuning; the transformers + peft equivalent)
 METHODS = [
@@ -60,7 +71,8 @@ RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 def ours(preset: dict, checkpoint: Path | None, method: list[str], steps: int, env: dict | None) -> dict | str:
     model = [f"model.flavor={preset['flavor']}"] if checkpoint is None else ["model.flavor=null", f"model.init_from={checkpoint}"]
     overrides = [
-        "--config", "configs/debug.yaml", *model, "tokenizer.kind=byte", "activation_checkpoint.mode=none",
+        "--config", "configs/debug.yaml", *model, "tokenizer.kind=byte",
+        f"activation_checkpoint.mode={'full' if preset['checkpointing'] else 'none'}", f"compile.enabled={preset['compile']}",
         f"training.seq_len={preset['seq']}", f"training.local_batch_size={preset['batch']}", "training.global_batch_size=-1",
         f"training.steps={steps}", "metrics.log_every=1", "checkpoint.enabled=false", "lr_scheduler.warmup_steps=1",
         f"training.mixed_precision_param={preset['dtype']}", *method,
@@ -68,7 +80,7 @@ def ours(preset: dict, checkpoint: Path | None, method: list[str], steps: int, e
     return measure(overrides, nproc=1, skip_steps=1, env=env)
 
 
-def hf_worker(checkpoint: str, method: str, seq: int, batch: int, dtype: str, steps: int) -> None:
+def hf_worker(checkpoint: str, method: str, seq: int, batch: int, dtype: str, steps: int, checkpointing: bool) -> None:
     """One transformers (+ peft, + bitsandbytes) finetuning job; prints its figures as JSON."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
@@ -81,6 +93,8 @@ def hf_worker(checkpoint: str, method: str, seq: int, batch: int, dtype: str, st
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=getattr(torch, dtype),
         )
     model = LlamaForCausalLM.from_pretrained(checkpoint, **kwargs).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method != "full":
         from peft import LoraConfig, get_peft_model
 
@@ -106,6 +120,8 @@ def hf_worker(checkpoint: str, method: str, seq: int, batch: int, dtype: str, st
 def theirs(preset: dict, checkpoint: Path, method: str, steps: int, env: dict | None) -> dict | str:
     cmd = [sys.executable, __file__, "--hf-worker", method, "--checkpoint", str(checkpoint), "--steps", str(steps),
            "--seq", str(preset["seq"]), "--batch", str(preset["batch"]), "--dtype", preset["dtype"]]
+    if preset["checkpointing"]:
+        cmd.append("--checkpointing")
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         return result.stderr.strip().splitlines()[-1][:120]
@@ -128,9 +144,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--dtype")
+    parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args()
     if args.hf_worker:
-        hf_worker(args.checkpoint, args.hf_worker, args.seq, args.batch, args.dtype, args.steps)
+        hf_worker(args.checkpoint, args.hf_worker, args.seq, args.batch, args.dtype, args.steps, args.checkpointing)
         return
     preset = PRESETS[args.preset]
     methods = METHODS[2:3] if args.preset == "70b" else METHODS
