@@ -21,6 +21,9 @@ def _adamw(module: nn.Module, cfg: OptimizerConfig, device: torch.device) -> tor
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    # An empty group (LoRA trains no 1-D parameters) cannot be restored: DCP's optimizer state dict
+    # locates each group by its first parameter.
+    groups = [g for g in groups if g["params"]]
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"

@@ -19,7 +19,7 @@ from trainer.adapters.load import load_adapter_run
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.paths import checkpoint_root, step_dir
 from trainer.checkpoint.state import (
-    CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState, model_args_entry,
+    CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState, base_entry, model_args_entry,
 )
 from trainer.config import Config, to_yaml
 from trainer.data import PackedLoader, check_enough_tokens, load_documents
@@ -116,6 +116,9 @@ class Trainer:
             "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, dp_group),
             "train": self.counters, "rng": RngState(), "model_args": model_args_entry(model_args),
         }
+        a = self.cfg.adapters
+        if a.kind != "none":
+            state["base"] = base_entry(self.cfg.model.init_from, self.cfg.job.seed, a.quantize_base, a.hqq_group_size)
         return CheckpointManager(
             self.cfg.checkpoint, self.output_dir, state, is_main=self.runtime.is_main, total_steps=self.cfg.training.steps
         )

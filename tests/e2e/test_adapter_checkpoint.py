@@ -34,3 +34,25 @@ def test_adapter_only_checkpoint_resumes_exactly(tmp_path):
     assert "resumed from" in resumed.stdout
     want, got = tensorboard_scalars(tmp_path / "ref", "loss/train"), tensorboard_scalars(out, "loss/train")
     assert [got[s] for s in range(9, 13)] == [want[s] for s in range(9, 13)]  # bitwise
+
+
+def test_resuming_over_another_base_is_refused(tmp_path):
+    """Adapter checkpoints hold no base: resuming them over a different one would be silently wrong. Over
+    the same base, plain LoRA (no 1-D parameters to train) resumes exactly."""
+    common = ["--config", "configs/debug.yaml", "checkpoint.interval=2", "adapters.kind=lora", "adapters.quantize_base=nf4",
+              "metrics.log_every=1", "job.deterministic=true",
+              # A schedule that does not depend on training.steps, so that 2 steps + 1 resumed equal 3 straight.
+              "lr_scheduler.warmup_steps=0", "lr_scheduler.decay_type=constant"]
+    args = [*common, "training.steps=2", f"job.output_dir={tmp_path}"]
+    first = run_train(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_train([*args, "training.steps=4", "adapters.quantize_base=none"])
+    assert again.returncode == 2
+    assert ('its adapters were trained over the base {"init_from": "seeded init, job.seed=0", "quantize_base": "nf4"}, '
+            'but this run\'s base is {"init_from": "seeded init, job.seed=0", "quantize_base": "none"}') in again.stderr
+    assert (tmp_path / "checkpoints" / "step-2").is_dir()  # the completed checkpoint is kept
+    resumed = run_train([*args, "training.steps=3"])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    straight = run_train([*common, "training.steps=3", f"job.output_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert tensorboard_scalars(tmp_path, "loss/train")[3] == tensorboard_scalars(tmp_path / "straight", "loss/train")[3]

@@ -86,7 +86,17 @@ class CheckpointManager:
             raise CheckpointError(f"{path}/.metadata: cannot be read ({_one_line(e)}). {self._earlier_hint(path)}") from None
 
     def _check_fits(self, path: Path, saved: dict) -> None:
-        """Compares tensor shapes with this model's before loading, to name the first that differs."""
+        """Compares the adapter run's base and the tensor shapes with this run's before loading, to name
+        the first that differs."""
+        if "base" in self.state and "base.json" in saved:
+            entry = {"base": {"json": ""}}
+            dcp.load(entry, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
+            if entry["base"]["json"] != self.state["base"]["json"]:
+                raise CheckpointError(
+                    f"{path}: its adapters were trained over the base {entry['base']['json']}, but this run's base is "
+                    f"{self.state['base']['json']}: set model.init_from / adapters.quantize_base back, or start over "
+                    f"(a new job.output_dir, or checkpoint.resume_from=none)"
+                )
         for name, tensor in self.state["model"].state_dict().items():
             key = f"model.{name}"
             entry = saved.get(key)

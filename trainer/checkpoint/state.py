@@ -9,6 +9,7 @@ strings and lists only, which is what lets SafeLoadPlanner load them with weight
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -128,6 +129,16 @@ class DataState(Stateful):
 def model_args_entry(args: ModelArgs) -> dict:
     """The model's shape, saved so that model.init_from=<checkpoint> can build the model from it."""
     return {"json": json.dumps(dataclasses.asdict(args), sort_keys=True)}
+
+
+def base_entry(init_from: str | None, seed: int, quantize_base: str, hqq_group_size: int) -> dict:
+    """What an adapter run's frozen base is. Its checkpoints hold only the adapters and the base is
+    rebuilt at every start, so a resume must rebuild the same one (checked before loading)."""
+    base = {"init_from": str(Path(init_from).resolve()) if init_from else f"seeded init, job.seed={seed}",
+            "quantize_base": quantize_base}
+    if quantize_base == "hqq":
+        base["hqq_group_size"] = hqq_group_size
+    return {"json": json.dumps(base, sort_keys=True)}
 
 
 def model_args_from_entry(entry: dict) -> ModelArgs:
