@@ -2,7 +2,12 @@
 
 `python train.py ...` runs as a single process. Mistakes in the config, data or checkpoint paths are
 reported in one line on stderr with exit code 2, before any training work starts. SIGTERM or SIGUSR1
-saves a checkpoint after the current step and exits with code 75 (see trainer/preemption.py).
+saves a checkpoint after the current step and exits with code 75 (see trainer/preemption.py). A run whose
+loss stays non-finite for training.max_bad_steps steps stops with exit code 3, its last good checkpoint
+kept. `--check` validates the config, data and checkpoints in one process and trains nothing: launchers
+run it before starting many processes, so a mistake is reported once and not by every rank.
+
+Only light modules are imported at the top: a config mistake is reported before torch is loaded.
 """
 
 import argparse
@@ -10,21 +15,38 @@ import gc
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, load_config
-from trainer.data import DataError
-from trainer.weights.errors import CheckpointError
+from trainer.config import load_config
+from trainer.errors import ConfigError, TrainingDiverged, UserError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as our one `error:` line (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see python train.py --help)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a Llama-family decoder.")
+    parser = _Parser(description="Train a Llama-family decoder.")
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, sizes and memory estimate, then exit")
-    parser.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan for")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, data and checkpoints for --world-size ranks, train nothing, exit 0 if all is well")
+    parser.add_argument("--world-size", type=int, default=None, help="with --dry-run or --check: the number of ranks to plan for")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. training.steps=50")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.world_size is not None:
+        if not (args.dry_run or args.check):
+            raise ConfigError("--world-size plans for that many ranks with --dry-run or --check; to train on N ranks, "
+                              "launch with torchrun --nproc_per_node N")
+        if args.world_size < 1:
+            raise ConfigError(f"--world-size {args.world_size} must be at least 1")
+    if args.dry_run and args.check:
+        raise ConfigError("--dry-run and --check are separate: give one of them")
+    return args
 
 
 def _run(cfg, runtime) -> None:
@@ -41,29 +63,40 @@ def _run(cfg, runtime) -> None:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    from trainer.distributed import init_runtime, launched_world_size, shutdown
-
     try:
+        args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            from trainer.dry_run import dry_run
+        if args.dry_run or args.check:
+            from trainer.distributed import launched_world_size
 
-            print(dry_run(cfg, args.world_size or launched_world_size()))
+            world_size = args.world_size or launched_world_size()
+            if args.dry_run:
+                from trainer.dry_run import dry_run
+
+                print(dry_run(cfg, world_size))
+            else:
+                from trainer.check import check_run
+
+                print(check_run(cfg, world_size))
             return 0
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
+    from trainer.distributed import init_runtime, shutdown
     from trainer.preemption import EXIT_PREEMPTED, MARKER, Preempted
 
     runtime = init_runtime()
     try:
         _run(cfg, runtime)
-    except USER_ERRORS as e:
+    except UserError as e:
         if runtime.is_main:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingDiverged as e:
+        if runtime.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     except Preempted as e:
         if runtime.is_main:
             (Path(cfg.job.output_dir) / MARKER).write_text(f"step {e.step}\n")

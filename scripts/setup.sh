@@ -29,5 +29,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch==2.13.0
   fi
 fi
-"${PIP[@]}" -e ".[dev]"
+# pip resolves the whole project again even when nothing changed (seconds, and the network for build
+# isolation): skip it while pyproject.toml is the one last installed.
+STAMP="$VENV/.tessera-installed"
+WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  "${PIP[@]}" -e ".[dev]"
+  echo "$WANT" > "$STAMP"
+fi
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -112,7 +112,9 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
 def dry_run(cfg: Config, world_size: int) -> str:
     plan = make_plan(cfg, world_size)
     args, dims = plan.model_args, plan.dims
-    counts = count_params(build_meta_model(args))
+    model = build_meta_model(args)
+    apply_adapters(model, cfg.adapters)  # adapters add parameters and freeze the base
+    counts = count_params(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, device)
     memory = estimate_memory(plan, cfg, precision)

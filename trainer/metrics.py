@@ -18,17 +18,27 @@ from trainer.config.schema import MetricsConfig
 _GPU_PEAK_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> float:
-    """A large matmul's achieved TFLOP/s: the stand-in for 'peak' where no datasheet figure applies (CPU)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, trials: int = 5, repeats: int = 3) -> float:
+    """A large matmul's best TFLOP/s over several trials: the stand-in for 'peak' where no datasheet figure
+    applies (CPU). The best, not the mean, because a busy moment only ever makes a trial slower.
+
+    Its inputs come from a generator of its own: the global RNG may just have been restored from a
+    checkpoint, and drawing from it here would move every later dropout mask (an inexact resume)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+    best = float("inf")
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * repeats / best / 1e12
 
 
 def peak_tflops(cfg: MetricsConfig, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
@@ -40,7 +50,7 @@ def peak_tflops(cfg: MetricsConfig, device: torch.device, dtype: torch.dtype) ->
         for key, value in _GPU_PEAK_TFLOPS.items():
             if key in name:
                 return value, f"{name} datasheet bf16"
-    return measure_matmul_tflops(device, dtype), f"measured {dtype} matmul on {device.type}"
+    return measure_matmul_tflops(device, dtype), f"measured {dtype} matmul on {device.type}, best of 5: approximate"
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -49,13 +59,27 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def tokens_label(tokens: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if tokens >= size:
+            return f"{tokens / size:.2f}{unit}"
+    return str(tokens)
+
+
 class MetricsLogger:
     def __init__(
         self, cfg: MetricsConfig, output_dir: Path, *, is_main: bool, total_steps: int, flops_per_token: int,
-        peak_tflops: float, device: torch.device, start_step: int = 0, rank: int = 0,
+        peak_tflops: float, device: torch.device, peak_source: str = "metrics.peak_tflops", start_step: int = 0,
+        rank: int = 0,
     ):
         self.cfg, self.is_main, self.total_steps = cfg, is_main, total_steps
         self.flops_per_token, self.peak_flops, self.device = flops_per_token, peak_tflops * 1e12, device
+        self.peak_source, self.start_step = peak_source, start_step
         self.writer = None
         if is_main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -68,10 +92,32 @@ class MetricsLogger:
             self.samples = open(output_dir / "samples" / f"rank-{rank}.jsonl", "a")
         self.progress = is_main and (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty()))
         self._tokens, self._time, self._steps = 0, 0.0, 0
+        self._started = time.perf_counter()
+
+    def start_clock(self) -> None:
+        """Elapsed time and the ETA count from here: the start of this process's training loop."""
+        self._started = time.perf_counter()
+
+    def _mfu(self, tokens_per_sec: float) -> float:
+        """Percent of the peak, never above 100. A measured peak is only a lower bound of what the device
+        can do: when training beats it, training's rate is the better bound. A configured peak that
+        training beats is wrong, and said so once."""
+        achieved = tokens_per_sec * self.flops_per_token
+        if achieved > self.peak_flops:
+            if self.is_main:
+                if self.peak_source.startswith("measured"):
+                    print(f"metrics: training ran at {achieved / 1e12:.3f} TFLOP/s, above the measured peak "
+                          f"{self.peak_flops / 1e12:.3f}; MFU is now against the higher figure", flush=True)
+                else:
+                    print(f"metrics: training ran at {achieved / 1e12:.3f} TFLOP/s, above the peak "
+                          f"{self.peak_flops / 1e12:.3f} ({self.peak_source}): set metrics.peak_tflops to the "
+                          f"device's real peak", flush=True)
+            self.peak_flops = achieved
+        return 100 * achieved / self.peak_flops
 
     def maybe_log(
         self, step: int, *, loss: float, lr: float, grad_norm: float, local_tokens: int, step_time: float,
-        window_ids: list[tuple[int, int]] = (),
+        tokens_seen: int = 0, window_ids: list[tuple[int, int]] = (),
     ) -> None:
         if self.samples is not None:
             self.samples.write(json.dumps({"step": step, "windows": [list(w) for w in window_ids]}) + "\n")
@@ -85,23 +131,27 @@ class MetricsLogger:
         if not (step == 1 or step % self.cfg.log_every == 0 or step == self.total_steps):
             return
         tokens_per_sec = self._tokens / self._time
-        mfu = 100 * tokens_per_sec * self.flops_per_token / self.peak_flops
+        mfu = self._mfu(tokens_per_sec)
         memory = peak_memory_gib(self.device)
         step_avg = self._time / self._steps
         self._tokens, self._time, self._steps = 0, 0.0, 0
+        elapsed = time.perf_counter() - self._started
+        eta = elapsed / max(1, step - self.start_step) * (self.total_steps - step)
         if not self.is_main:
             return
         if self.progress:
             print("\r" + " " * 80 + "\r", end="")
         print(
             f"step {step:>6} | loss {loss:8.4f} | lr {lr:.3e} | grad_norm {grad_norm:8.4f} | "
-            f"tok/s/device {tokens_per_sec:9.1f} | mfu {mfu:5.2f}% | mem {memory:6.2f} GiB | step {step_avg * 1000:7.1f} ms",
+            f"tok/s/device {tokens_per_sec:9.1f} | mfu {mfu:5.2f}% | mem {memory:6.2f} GiB | step {step_avg * 1000:7.1f} ms | "
+            f"tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}",
             flush=True,
         )
         if self.writer is not None:
             scalars = {
                 "loss/train": loss, "lr": lr, "grad_norm": grad_norm, "throughput/tokens_per_sec_per_device": tokens_per_sec,
                 "throughput/mfu_percent": mfu, "memory/peak_gib": memory, "time/step_seconds": step_avg,
+                "progress/tokens_seen": tokens_seen, "time/elapsed_seconds": elapsed, "time/eta_seconds": eta,
             }
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)

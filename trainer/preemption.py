@@ -16,8 +16,8 @@ MARKER = "PREEMPTED"
 
 
 class Preempted(Exception):
-    def __init__(self, step: int, signum: int, saved: bool):
-        what = "a checkpoint was saved" if saved else "no checkpoint was saved (checkpoint.enabled=false)"
+    def __init__(self, step: int, signum: int, saved: bool, unsaved_because: str = "checkpoint.enabled=false"):
+        what = "a checkpoint was saved" if saved else f"no checkpoint was saved ({unsaved_because})"
         super().__init__(f"preempted by {signal.Signals(signum).name} after step {step}; {what}")
         self.step, self.signum = step, signum
 

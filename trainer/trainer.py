@@ -1,8 +1,10 @@
 """The one trainer: every training method is this loop with a different model transform and config."""
 
 import contextlib
+import math
 import os
 import time
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -17,13 +19,14 @@ from trainer.adapters import apply_adapters, materialize_unit
 from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
 from trainer.adapters.load import load_adapter_run
 from trainer.checkpoint.manager import CheckpointManager
-from trainer.checkpoint.paths import checkpoint_root, step_dir
+from trainer.checkpoint.paths import checkpoint_root, complete_steps, step_dir
 from trainer.checkpoint.state import (
     CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState, base_entry, model_args_entry,
 )
 from trainer.config import Config, to_yaml
 from trainer.data import PackedLoader, check_enough_tokens, load_documents
 from trainer.distributed import Runtime
+from trainer.errors import TrainingDiverged
 from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.model.build import build_meta_model, flops_per_token
@@ -32,6 +35,7 @@ from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
+from trainer.tokenizer.export import export_tokenizer
 from trainer.weights.checkpoint_export import export_checkpoint_hf
 from trainer.weights.hf_export import export_hf
 from trainer.weights.load import load_weights, open_weights
@@ -79,18 +83,18 @@ class Trainer:
         self.optimizers = Optimizers(self.model_parts, cfg.optimizer, cfg.lr_scheduler, cfg.training.steps, runtime.device)
         self.counters = CounterState()
         self.checkpointer = self._build_checkpointer(model_args)
-        self.step = 0 if cfg.checkpoint.create_seed else self.checkpointer.resume()
-        self.preemption = PreemptionWatch(runtime.device)
+        # Measured before the restore, though it draws from a generator of its own: nothing may touch
+        # the global RNG between the restore and step 1 (dropout masks would move).
         peak, peak_source = peak_tflops(cfg.metrics, runtime.device, self.precision.param_dtype)
+        self.step = 0 if cfg.checkpoint.create_seed else self.checkpointer.resume()
+        self.bad_steps = 0  # steps in a row whose loss or gradient norm was not finite
+        self.preemption = PreemptionWatch(runtime.device)
         self.metrics = MetricsLogger(
             cfg.metrics, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
-            flops_per_token=flops_per_token(model_args, cfg.training.seq_len), peak_tflops=peak, device=runtime.device,
-            start_step=self.step, rank=runtime.rank,
+            flops_per_token=flops_per_token(model_args, cfg.training.seq_len), peak_tflops=peak, peak_source=peak_source,
+            device=runtime.device, start_step=self.step, rank=runtime.rank,
         )
-        if runtime.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / MARKER).unlink(missing_ok=True)
-            (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
+        if runtime.is_main and self.step < cfg.training.steps:
             d = self.dims
             meta = build_meta_model(model_args)
             apply_adapters(meta, cfg.adapters)
@@ -164,9 +168,35 @@ class Trainer:
     def create_seed_checkpoint(self) -> None:
         """checkpoints/step-0 with the initial weights only: later runs (any layout) start from it."""
         self.checkpointer.save(0, blocking=True, model_only=True)
+        self.checkpointer.wait()
+
+    def _record_start(self) -> None:
+        """config.yaml is this start's resolved config; every start also keeps its own copy under
+        starts/, so a resume with other settings never hides those the earlier checkpoints came from."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / MARKER).unlink(missing_ok=True)
+        text = to_yaml(self.cfg)
+        (self.output_dir / "config.yaml").write_text(text)
+        starts = self.output_dir / "starts"
+        starts.mkdir(exist_ok=True)
+        number = len(list(starts.glob("*.yaml"))) + 1
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        header = f"# start {number} at {when}, from step {self.step}, on {self.runtime.world_size} rank(s)\n"
+        (starts / f"{number:03d}-from-step-{self.step}.yaml").write_text(header + text)
 
     def train(self) -> None:
         steps = self.cfg.training.steps
+        if self.step >= steps:
+            if self.runtime.is_main:
+                print(
+                    f"nothing to train: {self.output_dir} holds a checkpoint at step {self.step}, and training.steps="
+                    f"{steps}. Raise training.steps to train on, or start fresh with checkpoint.resume_from=none "
+                    f"(or another job.output_dir)", flush=True,
+                )
+            return
+        if self.runtime.is_main:
+            self._record_start()
+        self.metrics.start_clock()
         while self.step < steps:
             start = time.perf_counter()
             microbatches, window_ids = [], []
@@ -181,42 +211,87 @@ class Trainer:
             self.counters.tokens += local_tokens * self.dims.dp_size
             self.metrics.maybe_log(
                 self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
-                step_time=time.perf_counter() - start, window_ids=window_ids,
+                step_time=time.perf_counter() - start, tokens_seen=self.counters.tokens, window_ids=window_ids,
             )
+            healthy = self._note_health(loss, grad_norm)
             signum = self.preemption.agreed_signal()
-            saved = self.checkpointer.maybe_save(self.step, force=signum != 0)
+            saved = self.checkpointer.maybe_save(self.step, healthy=healthy, force=signum != 0)
+            if self.bad_steps >= self.cfg.training.max_bad_steps:
+                raise TrainingDiverged(self._diverged_message())
             if signum:
-                raise Preempted(self.step, signum, saved)
+                why = "checkpoint.enabled=false" if not self.cfg.checkpoint.enabled else "the step's loss was not finite"
+                raise Preempted(self.step, signum, saved, why)
         self.checkpointer.wait()
         self.metrics.close()
         if self.cfg.export.hf or self.cfg.export.peft:
             self.export()
 
+    def _note_health(self, loss: float, grad_norm: float) -> bool:
+        """Counts non-finite steps in a row (train_step skipped their update); True for a finite step."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.bad_steps = 0
+            return True
+        self.bad_steps += 1
+        if self.runtime.is_main:
+            print(
+                f"step {self.step}: loss {loss:.4f} / grad_norm {grad_norm:.4f} is not finite: skipped its optimizer update and "
+                f"checkpoint ({self.bad_steps} such step(s) in a row; the run stops at training.max_bad_steps="
+                f"{self.cfg.training.max_bad_steps})", flush=True,
+            )
+        return False
+
+    def _diverged_message(self) -> str:
+        n, root = self.bad_steps, checkpoint_root(self.output_dir)
+        steps = complete_steps(root)
+        last = (f"the last good checkpoint is {step_dir(root, steps[-1])}, and a restart resumes from it"
+                if steps else "no checkpoint was written, so a restart begins at step 0")
+        return (
+            f"training diverged: the loss or gradient norm was not finite for {n} steps in a row (steps "
+            f"{self.step - n + 1}-{self.step}, training.max_bad_steps={self.cfg.training.max_bad_steps}); none of them "
+            f"was saved, and {last}. Lower optimizer.lr, lengthen lr_scheduler.warmup_steps or keep "
+            f"training.max_norm clipping on, then start again"
+        )
+
     def export(self) -> None:
         dtype = torch.bfloat16 if self.cfg.export.dtype == "bfloat16" else torch.float32
         if self.schedule is None:
-            self._export_model(self.model_parts[0], dtype)  # every rank takes part in the gathers
-            return
-        # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint
-        # (with adapters: the base from model.init_from, as at the start, and the checkpoint's adapters).
+            written = self._export_model(self.model_parts[0], dtype)  # every rank takes part in the gathers
+        else:
+            # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint
+            # (with adapters: the base from model.init_from, as at the start, and the checkpoint's adapters).
+            written = {}
+            if self.runtime.is_main:
+                if self.cfg.adapters.kind != "none":
+                    written = self._export_model(load_adapter_run(self.output_dir, self.step), dtype)
+                else:
+                    out = self.output_dir / "export" / "hf"
+                    export_checkpoint_hf(step_dir(checkpoint_root(self.output_dir), self.step), out, dtype, **self._token_ids())
+                    written = {out: "Hugging Face checkpoint"}
+            dist.barrier()
         if self.runtime.is_main:
-            if self.cfg.adapters.kind != "none":
-                self._export_model(load_adapter_run(self.output_dir, self.step), dtype)
-            else:
-                out = self.output_dir / "export" / "hf"
-                export_checkpoint_hf(step_dir(checkpoint_root(self.output_dir), self.step), out, dtype, **self._token_ids())
-        dist.barrier()
+            for path, what in written.items():
+                files = [] if what.startswith("PEFT") else export_tokenizer(self.cfg.tokenizer, path)
+                tokenizer = f", tokenizer {' '.join(files)}" if files else (
+                    "" if what.startswith("PEFT") else ", no tokenizer file (the byte tokenizer has none)")
+                print(f"export: {path}: {what} ({self.cfg.export.dtype}{tokenizer})", flush=True)
 
-    def _export_model(self, model, dtype: torch.dtype) -> None:
+    def _export_model(self, model, dtype: torch.dtype) -> dict[Path, str]:
+        """Writes the exports the config asks for; returns {directory: what it holds}."""
         export_dir, ids = self.output_dir / "export", self._token_ids()
         if self.cfg.adapters.kind == "none":
             export_hf(model, export_dir / "hf", dtype=dtype, **ids)
-            return
+            return {export_dir / "hf": "Hugging Face checkpoint"}
+        written = {}
         if self.cfg.export.peft:
-            export_peft(model, self.cfg.adapters, export_dir / "peft")
-            export_hf(model, export_dir / "base", dtype=dtype, tensors=base_named_weights(model), **ids)
+            base = export_dir / "base"
+            export_peft(model, self.cfg.adapters, export_dir / "peft", base_model=str(base.resolve()))
+            export_hf(model, base, dtype=dtype, tensors=base_named_weights(model), **ids)
+            written[export_dir / "peft"] = f"PEFT adapter over {base}"
+            written[base] = "Hugging Face checkpoint of the frozen base (dequantized)"
         if self.cfg.export.hf:
             export_hf(model, export_dir / "hf", dtype=dtype, tensors=merged_named_weights(model), **ids)
+            written[export_dir / "hf"] = "Hugging Face checkpoint, adapters merged"
+        return written
 
     def _token_ids(self) -> dict:
         return {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id}
@@ -234,10 +309,15 @@ class Trainer:
             self.forward_backward(inputs.to(self.runtime.device), labels.to(self.runtime.device))
         pp_group = self.meshes.pp.get_group() if self.meshes and self.meshes.pp else None
         grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=pp_group)
-        self.optimizers.step()
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
         loss = self._sum(self.loss_fn.summed, over_pp=True).item() / global_tokens
-        return loss, grad_norm.item()
+        grad_norm = grad_norm.item()
+        # Both figures are reduced over every rank (the loss over dp and pp, the norm over the whole mesh),
+        # so every rank takes the same decision. A non-finite step leaves the weights, the optimizer's
+        # moments and the schedule as they were.
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizers.step()
+        return loss, grad_norm
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         # autocast covers the pipeline's backward too: the schedule runs both in one call.

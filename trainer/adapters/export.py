@@ -56,7 +56,8 @@ def base_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def export_peft(model: nn.Module, cfg: AdaptersConfig, out_dir: Path) -> None:
+def export_peft(model: nn.Module, cfg: AdaptersConfig, out_dir: Path, base_model: str | None = None) -> None:
+    """`base_model`: where the base it belongs on is (adapter_config.json's base_model_name_or_path)."""
     tensors, targets = {}, []
     for name, module in model.named_modules():
         if not isinstance(module, LoRALinear):
@@ -76,7 +77,7 @@ def export_peft(model: nn.Module, cfg: AdaptersConfig, out_dir: Path) -> None:
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "use_dora": cfg.kind == "dora", "use_rslora": cfg.rslora, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None,
+        "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model,
         "target_modules": sorted(targets),  # exact module names: peft matches them as name suffixes
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))

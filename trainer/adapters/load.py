@@ -7,12 +7,11 @@ and the adapters from one of the run's checkpoints (adapter runs checkpoint only
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from trainer.adapters import apply_adapters, materialize_unit
 from trainer.checkpoint.paths import checkpoint_root, complete_steps, step_dir
-from trainer.checkpoint.safe_reader import SafeFileSystemReader
-from trainer.checkpoint.state import ModelState, SafeLoadPlanner
+from trainer.checkpoint.safe_reader import load_safely
+from trainer.checkpoint.state import ModelState
 from trainer.config import load_config
 from trainer.config.schema import AdaptersConfig
 from trainer.model.build import build_meta_model
@@ -48,8 +47,5 @@ def load_adapter_run(run_dir: str | Path, step: int | None = None, device: str =
         raise CheckpointError(f"{root}: no complete checkpoint of step {step} (there are: {', '.join(map(str, steps))})")
     path = step_dir(root, steps[-1] if step is None else step)
     model = build_adapted(read_dcp_args(path), cfg.adapters, cfg.model.init_from, cfg.job.seed, device)
-    dcp.load(
-        {"model": ModelState([model], "trainable")}, storage_reader=SafeFileSystemReader(str(path)),
-        planner=SafeLoadPlanner(), no_dist=True,
-    )
+    load_safely({"model": ModelState([model], "trainable")}, path, no_dist=True, what=f"{path}: cannot load its adapters")
     return model.eval()

@@ -7,15 +7,12 @@ strings and lists only, which is what lets SafeLoadPlanner load them with weight
 """
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,27 +27,6 @@ from trainer.model.args import ModelArgs, RopeScaling
 from trainer.optimizer import Optimizers
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-# DCP reports failures on any rank as CheckpointException, which derives from BaseException.
-LOAD_ERRORS = (Exception, CheckpointException)
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP unpickles non-tensor values with weights_only=False; a checkpoint may come from anyone, so
-    only plain values (numbers, strings, lists, dicts, tensors) are accepted here."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except Exception as e:
-            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn} is not a plain value ({e})") from None
-        super().load_bytes(read_item, _reserialize(obj))
-
-
-def _reserialize(obj) -> io.BytesIO:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return buffer
 
 
 class ModelState(Stateful):

@@ -4,14 +4,24 @@ Each check raises ConfigError with one line naming the key, the value and what t
 any model or data work starts.
 """
 
+import math
+from pathlib import Path
+
 from trainer.config.schema import CHOICES, Config
+from trainer.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A user mistake in the config file or the command line."""
+def _finite(value: float) -> bool:
+    return not math.isnan(value) and not math.isinf(value)
+
+
+def _require(ok: bool, dotted: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{dotted}={value} {rule}")
 
 
 def check_choices(cfg: Config) -> None:
+    """Every value on its own (choices, ranges, finiteness) and the combinations that need no file read."""
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -21,8 +31,10 @@ def check_choices(cfg: Config) -> None:
         "training.steps": cfg.training.steps,
         "training.local_batch_size": cfg.training.local_batch_size,
         "training.seq_len": cfg.training.seq_len,
+        "training.max_bad_steps": cfg.training.max_bad_steps,
         "data.num_streams": cfg.data.num_streams,
         "metrics.log_every": cfg.metrics.log_every,
+        "parallel.dp_replicate": cfg.parallel.dp_replicate,
         "parallel.tp": cfg.parallel.tp,
         "parallel.pp": cfg.parallel.pp,
         "parallel.pp_stages_per_rank": cfg.parallel.pp_stages_per_rank,
@@ -30,38 +42,81 @@ def check_choices(cfg: Config) -> None:
         "checkpoint.interval": cfg.checkpoint.interval,
     }
     for dotted, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{dotted}={value} must be at least 1")
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
-    if not 0.0 <= cfg.lr_scheduler.min_lr_ratio <= 1.0:
-        raise ConfigError(f"lr_scheduler.min_lr_ratio={cfg.lr_scheduler.min_lr_ratio} must lie in [0, 1]")
-    if cfg.lr_scheduler.warmup_steps < 0:
-        raise ConfigError(f"lr_scheduler.warmup_steps={cfg.lr_scheduler.warmup_steps} must be 0 or more")
-    if cfg.checkpoint.keep_last < 0:
-        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be 0 (keep all) or more")
+        _require(value >= 1, dotted, value, "must be at least 1")
+    _require(0 <= cfg.job.seed < 2**63, "job.seed", cfg.job.seed, "must lie in [0, 2**63)")
+    _check_optimizer(cfg)
+    _check_model(cfg)
+    _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be 0 (keep all) or more")
+    peak = cfg.metrics.peak_tflops
+    if peak is not None:
+        _require(_finite(peak) and peak > 0, "metrics.peak_tflops", peak,
+                 "must be a positive number of TFLOP/s per device (or null to look it up / measure it)")
+    _check_adapters(cfg)
+    _check_paths(cfg)
+
+
+def _check_optimizer(cfg: Config) -> None:
+    o, s = cfg.optimizer, cfg.lr_scheduler
+    _require(_finite(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a positive, finite number")
+    for key in ("beta1", "beta2"):
+        value = getattr(o, key)
+        _require(0.0 <= value < 1.0, f"optimizer.{key}", value, "must lie in [0, 1)")
+    _require(_finite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a positive, finite number (e.g. 1e-8)")
+    _require(_finite(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
+             "must be 0 (off) or a positive, finite number")
+    _require(0.0 <= s.min_lr_ratio <= 1.0, "lr_scheduler.min_lr_ratio", s.min_lr_ratio, "must lie in [0, 1]")
+    _require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "must be 0 or more")
+    t = cfg.training
+    _require(_finite(t.max_norm) and t.max_norm >= 0, "training.max_norm", t.max_norm,
+             "must be 0 (no clipping) or a positive, finite number")
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "max_seq_len"):
+        value = getattr(m, key)
+        if value is not None:
+            _require(value >= 1, f"model.{key}", value, "must be at least 1 (or null to take the flavor's)")
+    for key in ("rope_theta", "norm_eps"):
+        value = getattr(m, key)
+        if value is not None:
+            _require(_finite(value) and value > 0, f"model.{key}", value,
+                     "must be a positive, finite number (or null to take the flavor's)")
+
+
+def _check_adapters(cfg: Config) -> None:
     a = cfg.adapters
     if a.kind != "none":
-        if a.rank < 1:
-            raise ConfigError(f"adapters.rank={a.rank} must be at least 1")
-        if a.alpha <= 0:
-            raise ConfigError(f"adapters.alpha={a.alpha} must be positive")
-        if not 0.0 <= a.dropout < 1.0:
-            raise ConfigError(f"adapters.dropout={a.dropout} must lie in [0, 1)")
+        _require(a.rank >= 1, "adapters.rank", a.rank, "must be at least 1")
+        _require(_finite(a.alpha) and a.alpha > 0, "adapters.alpha", a.alpha, "must be a positive, finite number")
+        _require(0.0 <= a.dropout < 1.0, "adapters.dropout", a.dropout, "must lie in [0, 1)")
         if a.quantize_base != "none" and cfg.parallel.tp > 1:
             raise ConfigError(
                 f"adapters.quantize_base={a.quantize_base} with parallel.tp > 1 is not supported: shard a 4-bit base "
                 f"with FSDP (parallel.dp_shard) and/or pp, or keep parallel.tp with quantize_base=none"
             )
-        if a.hqq_group_size < 1:
-            raise ConfigError(f"adapters.hqq_group_size={a.hqq_group_size} must be at least 1")
+        _require(a.hqq_group_size >= 1, "adapters.hqq_group_size", a.hqq_group_size, "must be at least 1")
     elif a.quantize_base != "none":
         raise ConfigError(
             f"adapters.quantize_base={a.quantize_base} quantizes the frozen base under adapters: set adapters.kind "
             f"to lora or dora (QLoRA / QDoRA), or quantize_base=none"
         )
-    if cfg.training.max_norm < 0:
-        raise ConfigError(f"training.max_norm={cfg.training.max_norm} must be 0 (off) or positive")
+
+
+def _check_paths(cfg: Config) -> None:
+    out = Path(cfg.job.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"job.output_dir={out} is an existing file, not a directory: choose another job.output_dir")
+    d = cfg.data
+    if not d.source.startswith("hub:"):
+        # Only a Hub dataset has named splits and configs; silently ignoring them would train on other data.
+        if d.split != "train":
+            raise ConfigError(
+                f"data.split={d.split} applies to hub:NAME datasets only; data.source={d.source} is read whole: "
+                f"point data.source at the file you want"
+            )
+        if d.hub_config is not None:
+            raise ConfigError(f"data.hub_config={d.hub_config} applies to hub:NAME datasets only; remove it")
 
 
 def check_batch(cfg: Config, dp_size: int) -> int:

@@ -56,6 +56,8 @@ def _parse_overrides(overrides: list[str]):
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad override: {_one_line(e)}") from None
+    except Exception as e:  # the YAML reader's own errors (control characters, bad quoting, ...)
+        raise ConfigError(f"bad override among {' '.join(overrides)!r}: {' '.join(str(e).split())[:200]}") from None
 
 
 def _check_keys(tree: Any, schema: type, prefix: str) -> None:

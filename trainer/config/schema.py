@@ -86,6 +86,10 @@ class TrainingConfig:
     mixed_precision_param: str = "auto"
     # Gradient reduction dtype across data-parallel ranks.
     mixed_precision_reduce: str = "float32"
+    # A step whose loss or gradient norm is not finite (nan / inf) is skipped: no optimizer update, no
+    # checkpoint. After this many such steps in a row the run stops (exit code 3), keeping the last
+    # good checkpoint to resume from.
+    max_bad_steps: int = 3
 
 
 @dataclass

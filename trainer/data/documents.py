@@ -4,19 +4,18 @@ Every source is a `Documents`: len() and [i] -> str, with a `name` for error mes
 tokenized here; that happens lazily in the packed streams.
 """
 
+import codecs
 import glob
+import json
 import os
 import sysconfig
 from pathlib import Path
 
 from trainer.config import ConfigError
 from trainer.config.schema import DataConfig
+from trainer.errors import DataError, describe
 
 _FORMAT_BY_SUFFIX = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """Training data that is missing, empty or malformed."""
 
 
 class StdlibDocuments:
@@ -101,9 +100,18 @@ def load_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
     import datasets
 
     datasets.disable_progress_bars()
+    # Our errors name the file and the row; datasets' own error log lines would only come first and
+    # repeat them less clearly.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     if cfg.source.startswith("hub:"):
         name = cfg.source.removeprefix("hub:")
         offline = any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        if not offline and not hub_reachable():
+            raise DataError(
+                f"data.source={cfg.source}: the Hugging Face Hub cannot be reached from this machine. Download the "
+                f"dataset where there is a network and point data.source at its files (or set HF_HUB_OFFLINE=1 to "
+                f"use the local datasets cache)"
+            )
         try:
             dataset = datasets.load_dataset(name, cfg.hub_config, split=cfg.split)
         except Exception as e:
@@ -116,15 +124,84 @@ def load_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
 
     files = _local_files(cfg.source)
     fmt = _format_of(files, cfg.format)
+    for file in files:
+        check_file(Path(file), fmt)
     kwargs = {"sample_by": cfg.text_sample_by} if fmt == "text" else {}
     name = files[0] if len(files) == 1 else f"{cfg.source} ({len(files)} files)"
     try:
         dataset = datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
     except Exception as e:
-        raise DataError(f"{name}: cannot read it as {fmt} ({' '.join(str(e).split())[:300]})") from None
+        if fmt == "json":
+            for file in files:
+                find_bad_json(Path(file))
+        raise DataError(f"{name}: cannot read it as {fmt} ({describe(e)})") from None
     if len(dataset) == 0:
         raise DataError(f"{name}: the dataset is empty")
     return DatasetDocuments(dataset, _field(cfg), name)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the Hub's endpoint: without it, datasets retries for half a minute offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+_SNIFF_BYTES = 1 << 16
+
+
+def check_file(path: Path, fmt: str) -> None:
+    """Cheap checks that name what is wrong with a file before datasets fails on it less clearly."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path}: the file is empty; remove it from data.source or give it some documents")
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+        if fmt == "parquet":
+            f.seek(max(0, size - 4))
+            tail = f.read(4)
+    if fmt == "parquet":
+        if head[:4] != b"PAR1" or tail != b"PAR1":
+            raise DataError(f"{path}: not a Parquet file (it lacks Parquet's PAR1 signature); is the file damaged "
+                            f"or misnamed? Set data.format if it holds another format")
+        return
+    nul = head.find(b"\x00")
+    try:
+        # An incremental decoder: a character cut at the end of the sniffed bytes is not an error.
+        codecs.getincrementaldecoder("utf-8")().decode(head if nul < 0 else head[:nul], final=False)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (an invalid byte at offset {e.start}); is it a binary file? "
+                        f"Data files must be UTF-8 ({fmt})") from None
+    if nul >= 0:
+        raise DataError(f"{path}: not text (a NUL byte at offset {nul}); is it a binary file? Data files must be UTF-8 ({fmt})")
+
+
+def find_bad_json(path: Path) -> None:
+    """After datasets failed on a JSON file: raises naming the first line that does not parse. Read only
+    on failure, so the happy path never parses a large file twice."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return  # one valid JSON document: its problem is elsewhere
+    except json.JSONDecodeError as whole:
+        if text.lstrip().startswith("[") or "\n" not in text.strip():
+            # One JSON document (an array of records): its own error position is the answer.
+            raise DataError(f"{path}: not valid JSON at line {whole.lineno}, column {whole.colno} ({whole.msg})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); fix or remove "
+                            f"that record") from None
 
 
 def _field(cfg: DataConfig) -> str | None:

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
-from trainer.checkpoint.safe_reader import SafeFileSystemReader
-from trainer.checkpoint.state import LOAD_ERRORS, ModelState, SafeLoadPlanner, model_args_from_entry
+from trainer.checkpoint.safe_reader import load_safely
+from trainer.checkpoint.state import ModelState, model_args_from_entry
 from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer, param_shapes
 from trainer.weights.errors import CheckpointError
@@ -19,11 +18,8 @@ def is_dcp_dir(path: Path) -> bool:
 
 def read_dcp_args(path: Path) -> ModelArgs:
     entry = {"model_args": {"json": ""}}
-    try:
-        # no_dist: every rank reads this small entry on its own, before any process group work.
-        dcp.load(entry, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
-    except LOAD_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot read the model shape from this checkpoint ({' '.join(str(e).split())[:300]})") from None
+    # no_dist: every rank reads this small entry on its own, before any process group work.
+    load_safely(entry, path, no_dist=True, what=f"{path}: cannot read the model shape from this checkpoint")
     return model_args_from_entry(entry["model_args"])
 
 
@@ -43,18 +39,10 @@ class DCPWeights:
 
     def get(self, name: str) -> torch.Tensor:
         entry = {"model": {name: torch.empty(self.shapes[name])}}
-        try:
-            dcp.load(entry, storage_reader=SafeFileSystemReader(str(self.path)), planner=SafeLoadPlanner(), no_dist=True)
-        except LOAD_ERRORS as e:
-            raise CheckpointError(f"{self.label(name)}: cannot load it ({' '.join(str(e).split())[:300]})") from None
+        load_safely(entry, self.path, no_dist=True, what=f"{self.label(name)}: cannot load it")
         return entry["model"][name]
 
 
 def load_dcp_weights(model: Transformer, path: Path) -> None:
-    try:
-        dcp.load(
-            {"model": ModelState([model], "all")}, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
-            no_dist=not dist.is_initialized(),
-        )
-    except LOAD_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot load the model weights ({' '.join(str(e).split())[:300]})") from None
+    load_safely({"model": ModelState([model], "all")}, path, no_dist=not dist.is_initialized(),
+                what=f"{path}: cannot load the model weights")

@@ -1,2 +1,3 @@
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit the model."""
+from trainer.errors import CheckpointError
+
+__all__ = ["CheckpointError"]

@@ -1,0 +1,220 @@
+"""Every bad input a user can give, through the real CLI (`python train.py` subprocesses): exit code 2,
+exactly one `error:` line on stderr, no Python traceback anywhere, and the completed checkpoints of the
+output directory byte for byte as they were.
+
+The cases run two at a time in a module fixture (most fail in a tenth of a second, before torch is
+imported; the rest after building the plan, reading data or a checkpoint), and each is its own test."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, run_train
+
+CONFIG = ["--config", "configs/debug.yaml"]
+RUN = "{run}"  # replaced by the output directory of a completed 2-step run (checkpoints/step-2)
+
+# id -> (command-line arguments after train.py, a part of the expected error line).
+# Arguments without --config get CONFIG and job.output_dir={run} in front (except after RAW).
+CASES = {
+    # optimizer and schedule
+    "lr nan": (["optimizer.lr=nan"], "optimizer.lr=nan must be a positive, finite number"),
+    "lr inf": (["optimizer.lr=inf"], "optimizer.lr=inf must be a positive, finite number"),
+    "lr negative": (["optimizer.lr=-1"], "optimizer.lr=-1.0 must be a positive"),
+    "lr zero": (["optimizer.lr=0"], "optimizer.lr=0.0 must be a positive"),
+    "beta1 above 1": (["optimizer.beta1=1.5"], "optimizer.beta1=1.5 must lie in [0, 1)"),
+    "beta2 negative": (["optimizer.beta2=-0.1"], "optimizer.beta2=-0.1 must lie in [0, 1)"),
+    "beta2 nan": (["optimizer.beta2=nan"], "optimizer.beta2=nan must lie in [0, 1)"),
+    "eps negative": (["optimizer.eps=-1"], "optimizer.eps=-1.0 must be a positive, finite number"),
+    "eps zero": (["optimizer.eps=0"], "optimizer.eps=0.0 must be a positive"),
+    "weight decay negative": (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1 must be 0 (off) or a positive"),
+    "weight decay inf": (["optimizer.weight_decay=inf"], "optimizer.weight_decay=inf must be 0 (off)"),
+    "optimizer name": (["optimizer.name=sgd"], "optimizer.name='sgd' is not one of: adamw"),
+    "min lr ratio": (["lr_scheduler.min_lr_ratio=1.5"], "lr_scheduler.min_lr_ratio=1.5 must lie in [0, 1]"),
+    "warmup negative": (["lr_scheduler.warmup_steps=-1"], "lr_scheduler.warmup_steps=-1 must be 0 or more"),
+    "decay type": (["lr_scheduler.decay_type=cosin"], "lr_scheduler.decay_type='cosin' is not one of: cosine, linear, constant"),
+    # training
+    "max_norm nan": (["training.max_norm=nan"], "training.max_norm=nan must be 0 (no clipping) or a positive, finite number"),
+    "max_norm negative": (["training.max_norm=-1"], "training.max_norm=-1.0 must be 0"),
+    "steps zero": (["training.steps=0"], "training.steps=0 must be at least 1"),
+    "steps not a number": (["training.steps=many"], "config key 'training.steps': Value 'many' of type 'str' could not be converted to Integer"),
+    "local batch zero": (["training.local_batch_size=0"], "training.local_batch_size=0 must be at least 1"),
+    "seq_len negative": (["training.seq_len=-1"], "training.seq_len=-1 must be at least 1"),
+    "max_bad_steps zero": (["training.max_bad_steps=0"], "training.max_bad_steps=0 must be at least 1"),
+    "precision": (["training.mixed_precision_param=fp8"], "training.mixed_precision_param='fp8' is not one of"),
+    "global batch": (["training.global_batch_size=10"], "training.global_batch_size=10 is not a multiple of training.local_batch_size x data-parallel size = 4 x 1 = 4"),
+    "seq_len over the model": (["training.seq_len=4096"], "training.seq_len=4096 is over the model's maximum sequence length 1024"),
+    # metrics and checkpoints
+    "peak tflops zero": (["metrics.peak_tflops=0"], "metrics.peak_tflops=0.0 must be a positive number of TFLOP/s"),
+    "peak tflops negative": (["metrics.peak_tflops=-5"], "metrics.peak_tflops=-5.0 must be a positive number"),
+    "peak tflops nan": (["metrics.peak_tflops=nan"], "metrics.peak_tflops=nan must be a positive number"),
+    "log_every zero": (["metrics.log_every=0"], "metrics.log_every=0 must be at least 1"),
+    "progress": (["metrics.progress=sometimes"], "metrics.progress='sometimes' is not one of: auto, on, off"),
+    "interval zero": (["checkpoint.interval=0"], "checkpoint.interval=0 must be at least 1"),
+    "keep_last negative": (["checkpoint.keep_last=-1"], "checkpoint.keep_last=-1 must be 0 (keep all) or more"),
+    "resume_from missing": (["checkpoint.resume_from=/nope/step-3"], "checkpoint.resume_from=/nope/step-3: no such directory"),
+    "export dtype": (["export.dtype=float16"], "export.dtype='float16' is not one of: float32, bfloat16"),
+    "export peft without adapters": (["export.peft=true"], "export.peft writes an adapter: set adapters.kind to lora or dora"),
+    # model
+    "dim negative": (["model.dim=-128"], "model.dim=-128 must be at least 1"),
+    "ffn zero": (["model.ffn_hidden_dim=0"], "model.ffn_hidden_dim=0 must be at least 1"),
+    "layers zero": (["model.n_layers=0"], "model.n_layers=0 must be at least 1"),
+    "heads zero": (["model.n_heads=0"], "model.n_heads=0 must be at least 1"),
+    "kv heads not dividing": (["model.n_kv_heads=3"], "model: model n_heads 4 is not a multiple of n_kv_heads 3"),
+    "vocab zero": (["model.vocab_size=0"], "model.vocab_size=0 must be at least 1"),
+    "vocab below the tokenizer": (["model.vocab_size=100"], "the tokenizer has 259 tokens but the model's vocab_size is 100"),
+    "max_seq_len zero": (["model.max_seq_len=0"], "model.max_seq_len=0 must be at least 1"),
+    "norm_eps negative": (["model.norm_eps=-1"], "model.norm_eps=-1.0 must be a positive, finite number"),
+    "norm_eps zero": (["model.norm_eps=0"], "model.norm_eps=0.0 must be a positive"),
+    "rope_theta zero": (["model.rope_theta=0"], "model.rope_theta=0.0 must be a positive, finite number"),
+    "rope_theta negative": (["model.rope_theta=-10000"], "model.rope_theta=-10000.0 must be a positive"),
+    "rope_theta inf": (["model.rope_theta=inf"], "model.rope_theta=inf must be a positive, finite number"),
+    "flavor": (["model.flavor=llama9"], "model.flavor='llama9' is not one of: debug, llama3_2_1b"),
+    "init_from missing": (["model.init_from=/nope/model"], "model.init_from: no such file or directory: /nope/model"),
+    "model shape of another run": (["model.dim=64", "model.n_heads=2", "model.n_kv_heads=2"],
+                                   "model.tok_embeddings.weight has shape (320, 128) but this model's is (320, 64)"),
+    # job, parallel
+    "seed negative": (["job.seed=-1"], "job.seed=-1 must lie in [0, 2**63)"),
+    "output_dir is a file": (["job.output_dir={file}"], "is an existing file, not a directory: choose another job.output_dir"),
+    "dp_replicate zero": (["parallel.dp_replicate=0"], "parallel.dp_replicate=0 must be at least 1"),
+    "tp zero": (["parallel.tp=0"], "parallel.tp=0 must be at least 1"),
+    "dp_shard over the world": (["parallel.dp_shard=2"], "pp x dp_replicate x dp_shard x tp = 1 x 1 x 2 x 1 = 2 do not multiply to the world size 1"),
+    "pp schedule": (["parallel.pp_schedule=zb"], "parallel.pp_schedule='zb' is not one of: gpipe, 1f1b, interleaved_1f1b"),
+    "activation checkpoint mode": (["activation_checkpoint.mode=some"], "activation_checkpoint.mode='some' is not one of"),
+    "async tp on cpu": (["parallel.async_tp=true"], "parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true"),
+    # adapters
+    "adapter kind": (["adapters.kind=qlora"], "adapters.kind='qlora' is not one of: none, lora, dora"),
+    "adapter rank": (["adapters.kind=lora", "adapters.rank=0"], "adapters.rank=0 must be at least 1"),
+    "adapter alpha nan": (["adapters.kind=lora", "adapters.alpha=nan"], "adapters.alpha=nan must be a positive, finite number"),
+    "adapter dropout": (["adapters.kind=dora", "adapters.dropout=1.0"], "adapters.dropout=1.0 must lie in [0, 1)"),
+    "adapter targets": (["adapters.kind=lora", "adapters.targets=[qkv]"], "adapters.targets=['qkv'] matches no linear layer"),
+    "4-bit base without adapters": (["adapters.quantize_base=nf4"], "adapters.quantize_base=nf4 quantizes the frozen base under adapters"),
+    "4-bit base with tp": (["adapters.kind=lora", "adapters.quantize_base=nf4", "parallel.tp=2"], "with parallel.tp > 1 is not supported"),
+    "adapters over a full checkpoint": (["adapters.kind=lora"], "it is from a different model (another run in this output_dir?); start fresh with checkpoint.resume_from=none"),
+    # tokenizer and data
+    "tokenizer missing": (["tokenizer.kind=auto", "tokenizer.path=/nope/tok.model"], "tokenizer.path: no such file or directory: /nope/tok.model"),
+    "tokenizer kind": (["tokenizer.kind=bpe"], "tokenizer.kind='bpe' is not one of"),
+    "data missing": (["data.source=/nope/x.jsonl"], "data.source=/nope/x.jsonl: no such file, directory or glob match"),
+    "data split on a local file": (["data.source={txt}", "data.split=test"], "data.split=test applies to hub:NAME datasets only"),
+    "hub config on a local file": (["data.source={txt}", "data.hub_config=en"], "data.hub_config=en applies to hub:NAME datasets only"),
+    "empty txt": (["data.source={empty}"], "empty.txt: the file is empty"),
+    "binary txt": (["data.source={binary}"], "binary.txt: not text (a NUL byte at offset 0); is it a binary file?"),
+    "broken jsonl": (["data.source={broken}"], "broken.jsonl: line 3 is not valid JSON (Expecting ',' delimiter at column 17); fix or remove that record"),
+    "garbage parquet": (["data.source={parquet}"], "garbage.parquet: not a Parquet file (it lacks Parquet's PAR1 signature)"),
+    "jsonl without the field": (["data.source={nofield}"], "nofield.jsonl: no field 'text' (its fields: body); set data.text_field"),
+    "documents too short": (["data.source={short}"], "every document is too short"),
+    "mixed formats": (["data.source={mixed}"], "data.source: cannot pick one format"),
+    "sft over plain text": (["data.task=sft"], "data.task=sft needs records"),
+    "hub offline": (["data.source=hub:nobody/nothing"], "data.source=hub:nobody/nothing: could not load it from the Hugging Face Hub (HF_HUB_OFFLINE is set)"),
+    "hub unreachable": (["data.source=hub:nobody/nothing", "ENV:unset-offline"], "data.source=hub:nobody/nothing: the Hugging Face Hub cannot be reached"),
+    # checkpoints given as files
+    "init_from a corrupt checkpoint": (["model.init_from={corrupt}/checkpoints/step-2"], "step-2: cannot read the model shape from this checkpoint ("),
+    "resume from a truncated shard": (["job.output_dir={truncated}"], "truncated/checkpoints/step-2: cannot be loaded ("),
+    "resume from corrupt metadata": (["job.output_dir={corrupt}"], "corrupt/checkpoints/step-2/.metadata: cannot be read ("),
+    # the command line itself
+    "override form": (["training.steps"], "override 'training.steps' is not of the form dotted.key=value"),
+    "unknown key": (["training.stepz=5"], "unknown config key 'training.stepz' in training; did you mean 'training.steps'?"),
+    "unknown section": (["optimiser.lr=1"], "did you mean 'optimizer'?"),
+    "world size without a plan": (["--world-size", "2"], "--world-size plans for that many ranks with --dry-run or --check"),
+    "dry run for zero ranks": (["--dry-run", "--world-size", "0"], "--world-size 0 must be at least 1"),
+    "check for negative ranks": (["--check", "--world-size", "-1"], "--world-size -1 must be at least 1"),
+    "dry run and check": (["--dry-run", "--check"], "--dry-run and --check are separate"),
+    "unknown flag": (["--config", "configs/debug.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    "no config flag": (["RAW", "--dry-run"], "the following arguments are required: --config"),
+    "missing config file": (["--config", "nope.yaml"], "config file not found: nope.yaml"),
+    "invalid yaml": (["--config", "{yaml}"], "bad.yaml: not valid YAML"),
+    "yaml not a mapping": (["--config", "{list_yaml}"], "list.yaml: the top level must be a mapping of sections"),
+}
+
+
+def _tree_hash(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "checkpoints" in p.parts):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _files(tmp: Path, run: Path) -> dict[str, Path]:
+    """The bad files and directories the cases name."""
+    data = tmp / "data"
+    data.mkdir()
+    (data / "empty.txt").write_bytes(b"")
+    (data / "binary.txt").write_bytes(bytes(range(256)) * 20)
+    (data / "broken.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"\n{"text": "four"}\n')
+    (data / "garbage.parquet").write_bytes(b"\x01\x02garbage" * 100)
+    (data / "nofield.jsonl").write_text('{"body": "x"}\n' * 20)
+    (data / "short.jsonl").write_text('{"text": "tiny"}\n' * 20)
+    (data / "mixed").mkdir()
+    (data / "mixed" / "a.txt").write_text("some text\n")
+    (data / "mixed" / "b.jsonl").write_text('{"text": "x"}\n')
+    (data / "plain.txt").write_text("plain text for a split\n" * 200)
+    (tmp / "bad.yaml").write_text("training: [unclosed\n")
+    (tmp / "list.yaml").write_text("- a\n- b\n")
+    (tmp / "a_file").write_text("not a directory\n")
+    corrupt, truncated = tmp / "corrupt", tmp / "truncated"
+    shutil.copytree(run, corrupt)
+    (corrupt / "checkpoints" / "step-2" / ".metadata").write_bytes(b"garbage")
+    shutil.copytree(run, truncated)
+    shard = sorted((truncated / "checkpoints" / "step-2").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    return {
+        "run": run, "file": tmp / "a_file", "txt": data / "plain.txt", "empty": data / "empty.txt",
+        "binary": data / "binary.txt", "broken": data / "broken.jsonl", "parquet": data / "garbage.parquet",
+        "nofield": data / "nofield.jsonl", "short": data / "short.jsonl", "mixed": data / "mixed",
+        "yaml": tmp / "bad.yaml", "list_yaml": tmp / "list.yaml", "corrupt": corrupt, "truncated": truncated,
+    }
+
+
+def _run_case(args: list[str], paths: dict[str, Path]) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if "ENV:unset-offline" in args:
+        args = [a for a in args if a != "ENV:unset-offline"]
+        env.pop("HF_HUB_OFFLINE", None)
+        env.pop("HF_DATASETS_OFFLINE", None)
+    args = [a.format(**{k: str(v) for k, v in paths.items()}) for a in args]
+    if args[0] == "RAW":
+        args = args[1:]
+    elif "--config" not in args:
+        args = [*CONFIG, f"job.output_dir={paths['run']}", *args]
+    # The directory whose checkpoints must survive: the one the case trains in.
+    out = next((Path(a.split("=", 1)[1]) for a in reversed(args) if a.startswith("job.output_dir=")), paths["run"])
+    before = _tree_hash(out) if out.is_dir() else None
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=env)
+    return {"result": result, "unchanged": before is None or _tree_hash(out) == before}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    run = tmp / "run"
+    done = run_train([*CONFIG, "training.steps=2", "checkpoint.interval=2", f"job.output_dir={run}"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "checkpoints" / "step-2" / ".metadata").is_file()
+    paths = _files(tmp, run)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case: pool.submit(_run_case, args, paths) for case, (args, _) in CASES.items()}
+        return {case: future.result() for case, future in futures.items()}
+
+
+def test_there_are_many_cases():
+    assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(outcomes, case):
+    outcome, expected = outcomes[case], CASES[case][1]
+    result = outcome["result"]
+    output = result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, output[-3000:]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in output, output[-3000:]
+    assert outcome["unchanged"], "the completed checkpoints changed"

@@ -1,0 +1,144 @@
+"""The README, followed to the letter: its shell commands run in order, as a user would type them, in a
+fresh copy of the repository (one output tree for all of them), with the virtual environment that
+`make` made activated as the README says. Each does what the README says it does."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATA, _shared
+from tests.helpers import REPO, tensorboard_scalars
+
+README = REPO / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's ```sh blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and line != "make test":  # the suite itself
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+def _fresh_copy(tmp: Path) -> Path:
+    """The repository's files as a clone has them, with ../shared beside it and the venv already made."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    repo = tmp / "tessera"
+    for name in files:
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    (tmp / "shared").symlink_to(SHARED_DATA.parent)
+    (repo / ".venv").symlink_to(REPO / ".venv")
+    return repo
+
+
+def _run(command: str, repo: Path) -> subprocess.CompletedProcess:
+    venv = repo / ".venv"
+    env = {**os.environ, "VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(["bash", "-c", command], cwd=repo, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def walkthrough(tmp_path_factory):
+    _shared("models/stories260K/stories260K.bin")  # skips (or fails under CI) without the shared data
+    repo = _fresh_copy(tmp_path_factory.mktemp("readme"))
+    results = {}
+    for command in readme_commands():
+        results[command] = _run(command, repo)
+    results["make train (again)"] = _run("make train", repo)
+    return repo, results
+
+
+def _find(results, needle: str) -> subprocess.CompletedProcess:
+    matches = [r for c, r in results.items() if needle in c]
+    assert len(matches) == 1, f"the README has {len(matches)} commands with {needle!r}"
+    return matches[0]
+
+
+def test_the_readme_has_the_walkthrough():
+    commands = readme_commands()
+    assert commands[0] == "make train" and "source .venv/bin/activate" in commands
+    assert len(commands) >= 6
+
+
+def test_every_command_succeeds(walkthrough):
+    _, results = walkthrough
+    for command, result in results.items():
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        assert "Traceback" not in result.stdout + result.stderr, command
+
+
+def test_default_run_reports_progress_and_honest_mfu(walkthrough):
+    repo, results = walkthrough
+    out = results["make train"].stdout
+    lines = [line for line in out.splitlines() if line.startswith("step ") and "| loss" in line]
+    assert len(lines) == 21  # steps 1, 10, ..., 200
+    mfu = [float(re.search(r"mfu\s+([\d.]+)%", line).group(1)) for line in lines]
+    assert all(0 < m <= 100 for m in mfu), mfu
+    assert "MFU against" in out and "approximate" in out
+    assert re.search(r"tokens 409.60K \| elapsed \d+:\d\d:\d\d \| eta 0:00:00$", lines[-1]), lines[-1]
+    run = repo / "outputs" / "debug"
+    assert tensorboard_scalars(run, "progress/tokens_seen")[200] == 200 * 2048
+    assert tensorboard_scalars(run, "time/eta_seconds")[200] == 0
+    assert tensorboard_scalars(run, "time/elapsed_seconds")[200] > tensorboard_scalars(run, "time/elapsed_seconds")[10]
+
+
+def test_a_finished_run_says_there_is_nothing_to_train(walkthrough):
+    repo, results = walkthrough
+    again = results["make train (again)"].stdout
+    assert "nothing to train: outputs/debug holds a checkpoint at step 200, and training.steps=200" in again
+    starts = sorted(p.name for p in (repo / "outputs" / "debug" / "starts").iterdir())
+    assert starts == ["001-from-step-0.yaml"]  # the second start trained nothing and wrote nothing
+
+
+def test_each_example_has_its_own_output_dir(walkthrough):
+    repo, results = walkthrough
+    two_ranks = _find(results, "torchrun --nproc_per_node 2")
+    assert "check: ok: outputs/debug-2ranks on 2 rank(s)" in two_ranks.stdout
+    assert "resumed from" not in two_ranks.stdout
+    assert (repo / "outputs" / "debug-2ranks" / "checkpoints" / "step-50").is_dir()
+    lora = _find(results, "adapters.kind=lora")
+    assert "resumed from" not in lora.stdout and (repo / "outputs" / "stories260k-lora" / "checkpoints" / "step-60").is_dir()
+
+
+def test_dry_run_counts_what_trains(walkthrough):
+    _, results = walkthrough
+    plan = _find(results, "llama3_1_70b_qlora.yaml --dry-run").stdout
+    assert "parameters total: 70,760,800,256" in plan and "parameters trainable: 207,093,760" in plan
+    assert "parameters total: 820,352" in _find(results, "debug.yaml --dry-run").stdout
+
+
+def test_exports_are_named_and_usable_alone(walkthrough):
+    repo, results = walkthrough
+    export = repo / "outputs" / "stories260k-lora" / "export"
+    out = _find(results, "adapters.kind=lora").stdout
+    for line in (f"export: outputs/stories260k-lora/export/peft: PEFT adapter over outputs/stories260k-lora/export/base",
+                 "export: outputs/stories260k-lora/export/base: Hugging Face checkpoint of the frozen base",
+                 "export: outputs/stories260k-lora/export/hf: Hugging Face checkpoint, adapters merged"):
+        assert line in out, out[-3000:]
+    config = json.loads((export / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((export / "base").resolve())
+
+    import sentencepiece
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for folder in ("base", "hf"):
+        assert {"tokenizer.model", "tokenizer_config.json"} <= {p.name for p in (export / folder).iterdir()}
+        tokenizer = AutoTokenizer.from_pretrained(export / folder)
+        reference = sentencepiece.SentencePieceProcessor(model_file=str(export / folder / "tokenizer.model"))
+        assert tokenizer("Once upon a time", add_special_tokens=False).input_ids == reference.encode("Once upon a time")
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    PeftModel.from_pretrained(base, export / "peft")  # the base named in the adapter's config takes it

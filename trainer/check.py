@@ -1,0 +1,46 @@
+"""`python train.py --config X --check [--world-size N]`: everything that can be wrong before training,
+checked in one process and on the meta device, with nothing written. Launchers run it before they
+start N ranks: a mistake is then one line, not one per rank followed by torchrun's own traceback."""
+
+from pathlib import Path
+
+from trainer.adapters import apply_adapters
+from trainer.checkpoint.manager import check_fits, read_metadata, resume_path
+from trainer.checkpoint.paths import checkpoint_root
+from trainer.checkpoint.state import base_entry
+from trainer.config import Config
+from trainer.data import check_enough_tokens, load_documents
+from trainer.model.build import build_meta_model
+from trainer.plan import make_plan
+
+
+def check_run(cfg: Config, world_size: int) -> str:
+    """Raises the first UserError a start of this config on `world_size` ranks would; else a summary."""
+    plan = make_plan(cfg, world_size)
+    docs = load_documents(cfg.data)
+    check_enough_tokens(docs, plan.tokenizer, cfg.data, cfg.training.seq_len)
+    start = "a fresh start at step 0"
+    root = checkpoint_root(Path(cfg.job.output_dir))
+    path = None if cfg.checkpoint.create_seed else resume_path(cfg.checkpoint, root)
+    if path is not None:
+        saved = read_metadata(path, root).state_dict_metadata
+        model = build_meta_model(plan.model_args)
+        apply_adapters(model, cfg.adapters)
+        adapters = cfg.adapters.kind != "none"
+        # The names and shapes a resume would load: the adapters alone in an adapter run, else everything.
+        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()
+                  if not adapters or n in dict(model.named_parameters()) and model.get_parameter(n).requires_grad}
+        base = None
+        if adapters:
+            a = cfg.adapters
+            base = base_entry(cfg.model.init_from, cfg.job.seed, a.quantize_base, a.hqq_group_size)["json"]
+        check_fits(path, saved, shapes, base)
+        start = f"a resume from {path}"
+        counters = {k for k in saved if k.startswith("train.")}
+        if not counters:
+            start += " (model weights only)"
+    d = plan.dims
+    return (
+        f"check: ok: {cfg.job.output_dir} on {world_size} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
+        f"dp_shard {d.dp_shard} x tp {d.tp}), {len(docs):,} documents from {docs.name}, {start}"
+    )
