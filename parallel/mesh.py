@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from trainer.config import ConfigError
-from trainer.config.schema import ParallelConfig
-from trainer.model.args import ModelArgs
+
+class LayoutError(ValueError):
+    """Parallel sizes that do not fit the world: the caller reports it as a user mistake."""
 
 
 @dataclass(frozen=True)
@@ -23,23 +23,24 @@ class ParallelDims:
     world_size: int
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
-        dp_replicate, dp_shard, tp, pp = cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.pp
+    def from_sizes(cls, *, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int) -> "ParallelDims":
+        """`dp_shard=-1` takes what the world leaves over. The messages name the sizes as the config's
+        `parallel.*` keys, which is where every caller takes them from."""
         for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp)):
             if value < 1:
-                raise ConfigError(f"parallel.{name}={value} must be at least 1")
+                raise LayoutError(f"parallel.{name}={value} must be at least 1")
         others = dp_replicate * tp * pp
         if dp_shard == -1:
             if world_size % others:
-                raise ConfigError(
+                raise LayoutError(
                     f"parallel sizes pp x dp_replicate x tp = {pp} x {dp_replicate} x {tp} = {others} do not "
                     f"divide the world size {world_size}"
                 )
             dp_shard = world_size // others
         if dp_shard < 1:
-            raise ConfigError(f"parallel.dp_shard={dp_shard} must be at least 1, or -1 for the rest of the world")
+            raise LayoutError(f"parallel.dp_shard={dp_shard} must be at least 1, or -1 for the rest of the world")
         if others * dp_shard != world_size:
-            raise ConfigError(
+            raise LayoutError(
                 f"parallel sizes pp x dp_replicate x dp_shard x tp = {pp} x {dp_replicate} x {dp_shard} x {tp} = "
                 f"{others * dp_shard} do not multiply to the world size {world_size}; set parallel.dp_shard=-1 to use the rest"
             )
@@ -49,37 +50,9 @@ class ParallelDims:
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 
-    def check_model(self, args: ModelArgs, cfg: ParallelConfig) -> None:
-        """Layout constraints that depend on the model's shape."""
-        if self.tp > 1:
-            for name in ("n_heads", "n_kv_heads"):
-                if getattr(args, name) % self.tp:
-                    raise ConfigError(
-                        f"parallel.tp={self.tp} does not divide the model's {name}={getattr(args, name)}; "
-                        f"pick a tp that divides both n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads}"
-                    )
-            if args.hidden_dim % self.tp:
-                raise ConfigError(f"parallel.tp={self.tp} does not divide the model's MLP hidden size {args.hidden_dim}")
-            if cfg.loss_parallel and args.vocab_size % self.tp:
-                raise ConfigError(
-                    f"parallel.loss_parallel shards the vocabulary ({args.vocab_size}) over tp={self.tp}, which does "
-                    f"not divide it; set model.vocab_size to a multiple of {self.tp} or parallel.loss_parallel=false"
-                )
-        if args.tie_embeddings and (self.tp > 1 or self.pp > 1):
-            raise ConfigError(
-                "tied embeddings (model.tie_embeddings) cannot be split by tensor or pipeline parallelism; "
-                "use parallel.tp=1 and parallel.pp=1 for this model, or untie them"
-            )
-        stages = self.num_stages(cfg)
-        if stages > args.n_layers:
-            raise ConfigError(
-                f"parallel.pp={self.pp} with {stages // self.pp} stage(s) per rank makes {stages} pipeline stages, "
-                f"more than the model's {args.n_layers} layers"
-            )
-
-    def num_stages(self, cfg: ParallelConfig) -> int:
-        per_rank = cfg.pp_stages_per_rank if cfg.pp_schedule == "interleaved_1f1b" else 1
-        return self.pp * per_rank if self.pp > 1 else 1
+    def num_stages(self, stages_per_rank: int) -> int:
+        """Pipeline stages in all: `stages_per_rank` of them on each pipeline rank (interleaved schedules)."""
+        return self.pp * stages_per_rank if self.pp > 1 else 1
 
 
 @dataclass(frozen=True)

@@ -7,33 +7,33 @@ parameters the others leave and hooks around the compiled, checkpointed blocks).
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.ac import apply_ac
 from parallel.compile import apply_compile
 from parallel.fsdp import apply_fsdp
-from parallel.mesh import Meshes
-from parallel.tp import apply_tp
-from trainer.config.schema import Config
-from trainer.precision import Precision
+from parallel.tp import TPPlan, apply_tp
 
 
 def parallelize(
-    model: nn.Module, *, meshes: Meshes | None, cfg: Config, precision: Precision,
-    materialize: Callable[[nn.Module, str], None] | None = None,
+    model: nn.Module, *, tp_mesh: DeviceMesh | None, tp_plan: TPPlan | None, async_tp: bool, ac_mode: str, ac_every: int,
+    compile: bool, fsdp_mesh: DeviceMesh | None, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+    reshard_after_forward: str, cpu_offload: bool, materialize: Callable[[nn.Module, str], None] | None = None,
 ) -> None:
-    """`materialize(unit, unit_name)`, if given, brings each block and then the root's own modules off
-    the meta device, each just before FSDP shards it (a model without it is materialized afterwards)."""
-    if meshes is not None and meshes.tp is not None:
-        apply_tp(model, tp_mesh=meshes.tp, loss_parallel=cfg.parallel.loss_parallel, async_tp=cfg.parallel.async_tp)
-    apply_ac(model, mode=cfg.activation_checkpoint.mode, every=cfg.activation_checkpoint.every)
-    if cfg.compile.enabled:
+    """`tp_plan` (the model family's, with the styles of the modules converters created) is needed with a
+    tp_mesh. `materialize(unit, unit_name)`, if given, brings each block and then the root's own modules
+    off the meta device, each just before FSDP shards it (a model without it is materialized afterwards)."""
+    if tp_mesh is not None:
+        apply_tp(model, tp_mesh=tp_mesh, plan=tp_plan, async_tp=async_tp)
+    apply_ac(model, mode=ac_mode, every=ac_every)
+    if compile:
         apply_compile(model)
-    if meshes is not None and meshes.fsdp is not None:
+    if fsdp_mesh is not None:
         apply_fsdp(
-            model, mesh=meshes.fsdp, param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype,
-            reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward, cpu_offload=cfg.parallel.cpu_offload,
-            before_shard=materialize,
+            model, mesh=fsdp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+            reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload, before_shard=materialize,
         )
     elif materialize is not None:
         for layer_id, block in model.layers.items():

@@ -8,10 +8,9 @@ r + 2 pp, ...: the "looped" assignment the schedule expects.
 import copy
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-
-from trainer.model.llama import Transformer
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -23,12 +22,15 @@ def stage_layers(n_layers: int, num_stages: int, stage: int) -> range:
     return range(start, start + base + (1 if stage < extra else 0))
 
 
-def split_stages(model: Transformer, *, pp_rank: int, pp_size: int, num_stages: int) -> list[tuple[int, Transformer]]:
-    """(stage index, stage module) for every stage this pipeline rank runs; `model` is on the meta device."""
+def split_stages(model: nn.Module, *, pp_rank: int, pp_size: int, num_stages: int) -> list[tuple[int, nn.Module]]:
+    """(stage index, stage module) for every stage this pipeline rank runs; `model` is on the meta device.
+
+    The model is a decoder in the shape every family here has: `layers` (a ModuleDict keyed by layer id),
+    `tok_embeddings` before them and `norm` + `output` after them, which a stage without them sets to None."""
     parts = []
     for stage in range(pp_rank, num_stages, pp_size):
         part = copy.deepcopy(model)
-        keep = {str(i) for i in stage_layers(model.args.n_layers, num_stages, stage)}
+        keep = {str(i) for i in stage_layers(len(model.layers), num_stages, stage)}
         for layer_id in list(part.layers):
             if layer_id not in keep:
                 del part.layers[layer_id]
@@ -42,7 +44,7 @@ def split_stages(model: Transformer, *, pp_rank: int, pp_size: int, num_stages: 
 
 
 def build_schedule(
-    parts: list[tuple[int, Transformer]], *, num_stages: int, pp_mesh: DeviceMesh, device: torch.device,
+    parts: list[tuple[int, nn.Module]], *, num_stages: int, pp_mesh: DeviceMesh, device: torch.device,
     schedule: str, n_microbatches: int, loss_fn,
 ):
     stages = [

@@ -4,11 +4,10 @@ start N ranks: a mistake is then one line, not one per rank followed by torchrun
 
 from pathlib import Path
 
-from trainer.adapters import apply_adapters
 from trainer.checkpoint.manager import check_fits, read_metadata, resume_path
 from trainer.checkpoint.paths import checkpoint_root
-from trainer.checkpoint.state import base_entry
 from trainer.config import Config
+from trainer.converters import convert
 from trainer.data import check_enough_tokens, load_documents
 from trainer.model.build import build_meta_model
 from trainer.plan import make_plan
@@ -24,17 +23,15 @@ def check_run(cfg: Config, world_size: int) -> str:
     path = None if cfg.checkpoint.create_seed else resume_path(cfg.checkpoint, root)
     if path is not None:
         saved = read_metadata(path, root).state_dict_metadata
-        model = build_meta_model(plan.model_args)
-        apply_adapters(model, cfg.adapters)
-        adapters = cfg.adapters.kind != "none"
-        # The names and shapes a resume would load: the adapters alone in an adapter run, else everything.
-        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()
-                  if not adapters or n in dict(model.named_parameters()) and model.get_parameter(n).requires_grad}
-        base = None
-        if adapters:
-            a = cfg.adapters
-            base = base_entry(cfg.model.init_from, cfg.job.seed, a.quantize_base, a.hqq_group_size)["json"]
-        check_fits(path, saved, shapes, base)
+        model = convert(build_meta_model(plan.model_args), plan.converters)
+        # The names and shapes a resume would load: the trainable ones alone where converters rebuild the
+        # rest at every start (adapter runs), else everything.
+        trainable_only = any(c.checkpoints_trainable_only for c in plan.converters)
+        params = dict(model.named_parameters())
+        shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()
+                  if not trainable_only or (n in params and params[n].requires_grad)}
+        entries = {k: v for c in plan.converters for k, v in c.checkpoint_entries().items()}
+        check_fits(path, saved, shapes, entries["base"]["json"] if "base" in entries else None)
         start = f"a resume from {path}"
         counters = {k for k in saved if k.startswith("train.")}
         if not counters:

@@ -4,12 +4,10 @@ computed on the meta device without loading data or allocating the model."""
 import torch
 
 from parallel.pp import split_stages
-from trainer.adapters import apply_adapters
-from trainer.adapters.lora import LoRALinear
-from trainer.adapters.quantize import bytes_per_weight
 from trainer.config import Config, to_yaml
+from trainer.converters import convert
 from trainer.model.build import build_meta_model, count_params, flops_per_token
-from trainer.plan import Plan, make_plan
+from trainer.plan import Plan, build_converters, make_plan
 from trainer.precision import Precision
 
 GIB = 2**30
@@ -19,12 +17,12 @@ HOST = "host (CPU offload): "
 def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int, int, int]:
     """(parameters, of which sharded by TP, transformer layers, trainable parameters, base weights under
     adapters) on the most loaded pipeline rank."""
-    model = build_meta_model(plan.model_args)
-    apply_adapters(model, cfg.adapters)
+    converters = build_converters(cfg)
+    model = convert(build_meta_model(plan.model_args), converters)
     dims = plan.dims
     if dims.pp > 1:
         ranks = [
-            [part for _, part in split_stages(model, pp_rank=r, pp_size=dims.pp, num_stages=dims.num_stages(cfg.parallel))]
+            [part for _, part in split_stages(model, pp_rank=r, pp_size=dims.pp, num_stages=plan.num_stages)]
             for r in range(dims.pp)
         ]
     else:
@@ -34,7 +32,7 @@ def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int, int, int]:
         total = sum(p.numel() for part in parts for p in part.parameters())
         norms = sum(p.numel() for part in parts for n, p in part.named_parameters() if "norm" in n)
         trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
-        adapted = sum(m.weight.numel() for part in parts for m in part.modules() if isinstance(m, LoRALinear))
+        adapted = sum(c.count_adapted(parts) for c in converters)
         return total, total - norms, sum(len(part.layers) for part in parts), trainable, adapted
 
     return max((stats(parts) for parts in ranks), key=lambda s: s[0])
@@ -70,20 +68,11 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     compute_bytes = precision.param_dtype.itemsize
     weights, weights_label = 4 * per_rank_params, "parameters (fp32)"
     gathered_bytes = compute_bytes  # per parameter of a block that FSDP gathers
-    if cfg.adapters.kind != "none":
-        # Adapters train in fp32; the frozen base is stored in the compute dtype, its adapted weights
-        # 4-bit if quantized (a 4-bit base has no TP, so only FSDP splits it).
-        share = per_rank_params / params
-        frozen_dtype = str(precision.param_dtype).removeprefix("torch.")
-        weights = (4 * trainable + compute_bytes * (params - trainable - adapted)) * share
-        if cfg.adapters.quantize_base == "none":
-            weights += compute_bytes * adapted * share
-            weights_label = f"parameters (adapters fp32, frozen base {frozen_dtype})"
-        else:
-            sharded, whole = bytes_per_weight(cfg.adapters.quantize_base, cfg.adapters.hqq_group_size, compute_bytes)
-            weights += adapted * (sharded / dims.dp_shard + whole)
-            gathered_bytes = sharded + whole  # blocks are nearly all adapted weights: 4-bit codes travel
-            weights_label = f"parameters (adapters fp32, frozen base {frozen_dtype}, adapted weights 4-bit {cfg.adapters.quantize_base})"
+    for converter in build_converters(cfg):  # the config's, which may differ from the plan's (what-ifs)
+        stored = converter.weight_bytes(params=params, trainable=trainable, adapted=adapted, share=per_rank_params / params,
+                                        compute_bytes=compute_bytes, dp_shard=dims.dp_shard)
+        if stored is not None:
+            weights, weights_label, gathered_bytes = stored
     micro_tokens = cfg.training.local_batch_size // plan.pp_microbatches * cfg.training.seq_len
     if dims.pp == 1:
         in_flight = 1
@@ -112,9 +101,7 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
 def dry_run(cfg: Config, world_size: int) -> str:
     plan = make_plan(cfg, world_size)
     args, dims = plan.model_args, plan.dims
-    model = build_meta_model(args)
-    apply_adapters(model, cfg.adapters)  # adapters add parameters and freeze the base
-    counts = count_params(model)
+    counts = count_params(convert(build_meta_model(args), plan.converters))  # adapters add parameters, freeze the base
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, device)
     memory = estimate_memory(plan, cfg, precision)

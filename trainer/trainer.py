@@ -15,21 +15,20 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
 from parallel.pp import build_schedule, split_stages
-from trainer.adapters import apply_adapters, materialize_unit
-from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
-from trainer.adapters.load import load_adapter_run
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.paths import checkpoint_root, complete_steps, step_dir
 from trainer.checkpoint.state import (
-    CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState, base_entry, model_args_entry,
+    CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState,
 )
 from trainer.config import Config, to_yaml
 from trainer.data import PackedLoader, check_enough_tokens, load_documents
+from trainer.converters import convert, linear_styles
 from trainer.distributed import Runtime
 from trainer.errors import TrainingDiverged
 from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.model.build import build_meta_model, flops_per_token
+from trainer.model.family import family_of
 from trainer.model.init import init_weights
 from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
@@ -56,6 +55,8 @@ class Trainer:
         # Everything that can be wrong with the config or the data is found before the model is built.
         plan = make_plan(cfg, runtime.world_size)
         self.dims, self.accum_steps, self.pp_microbatches = plan.dims, plan.accum_steps, plan.pp_microbatches
+        self.num_stages, self.family = plan.num_stages, family_of(plan.model_args)
+        self.converters = plan.converters
         self.tokenizer, model_args = plan.tokenizer, plan.model_args
         docs = load_documents(cfg.data)
         check_enough_tokens(docs, self.tokenizer, cfg.data, cfg.training.seq_len)
@@ -96,11 +97,9 @@ class Trainer:
         )
         if runtime.is_main and self.step < cfg.training.steps:
             d = self.dims
-            meta = build_meta_model(model_args)
-            apply_adapters(meta, cfg.adapters)
+            meta = convert(build_meta_model(model_args), self.converters)
             trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
-            q = cfg.adapters.quantize_base
-            base = f" (over a 4-bit {q} base)" if q != "none" else ""
+            base = "".join(c.describe() for c in self.converters)
             print(
                 f"training {trainable:,} of {sum(p.numel() for p in meta.parameters()):,} parameters{base} on "
                 f"{runtime.world_size} {runtime.device.type} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
@@ -112,43 +111,41 @@ class Trainer:
     def _build_checkpointer(self, model_args) -> CheckpointManager:
         """Everything a resume needs, as one DCP state dict (DESIGN rule 7)."""
         dp_group = self.meshes.dp.get_group() if self.meshes and self.meshes.dp else None
+        # A converter that rebuilds the frozen part at every start (adapters: from model.init_from, or the
+        # seeded init) checkpoints only what trains.
+        trainable_only = any(c.checkpoints_trainable_only for c in self.converters)
         state = {
-            # With adapters the base is frozen and rebuilt the same way at every start (model.init_from, or
-            # the seeded init): checkpoints hold only the adapters.
-            "model": ModelState(self.model_parts, "trainable" if self.cfg.adapters.kind != "none" else "all"),
+            "model": ModelState(self.model_parts, "trainable" if trainable_only else "all"),
             "optimizer": OptimizerState(self.optimizers),
             "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, dp_group),
-            "train": self.counters, "rng": RngState(), "model_args": model_args_entry(model_args),
+            "train": self.counters, "rng": RngState(), "model_args": {"json": model_args.to_json()},
         }
-        a = self.cfg.adapters
-        if a.kind != "none":
-            state["base"] = base_entry(self.cfg.model.init_from, self.cfg.job.seed, a.quantize_base, a.hqq_group_size)
+        for converter in self.converters:
+            state.update(converter.checkpoint_entries())
         return CheckpointManager(
             self.cfg.checkpoint, self.output_dir, state, is_main=self.runtime.is_main, total_steps=self.cfg.training.steps
         )
 
     def _build_model(self, model_args):
         """Meta model -> pipeline stages -> parallelized -> materialized: nothing is ever whole on a rank."""
-        model = build_meta_model(model_args)
-        apply_adapters(model, self.cfg.adapters)  # before the split: stages keep the adapters of their layers
+        # Converted before the split: stages keep the converted modules of their layers.
+        model = convert(build_meta_model(model_args), self.converters)
         pp_mesh = self.meshes.pp if self.meshes else None
-        num_stages = self.dims.num_stages(self.cfg.parallel)
+        num_stages = self.num_stages
         if pp_mesh is not None:
             parts = split_stages(model, pp_rank=pp_mesh.get_local_rank(), pp_size=self.dims.pp, num_stages=num_stages)
         else:
             parts = [(0, model)]
         seed, device = self.cfg.job.seed, self.runtime.device
         materialize = None
-        if self.cfg.adapters.kind != "none":
-            # Adapter runs: each FSDP unit is loaded (its frozen base in the compute dtype, 4-bit if asked)
-            # just before it is sharded, since FSDP2 cannot change a parameter's dtype or type afterwards.
+        unit_converter = next((c for c in self.converters if c.materializes()), None)
+        if unit_converter is not None:
             materialize = partial(
-                materialize_unit, device=device, weights=open_weights(self.cfg.model.init_from, model_args, seed),
-                cfg=self.cfg.adapters, shards=self.dims.dp_shard if self.uses_fsdp else 1, seed=seed,
-                frozen_dtype=self.precision.param_dtype,
+                unit_converter.materialize_unit, device=device, weights=open_weights(self.cfg.model.init_from, model_args, seed),
+                shards=self.dims.dp_shard if self.uses_fsdp else 1, seed=seed, frozen_dtype=self.precision.param_dtype,
             )
         for _, part in parts:
-            parallelize(part, meshes=self.meshes, cfg=self.cfg, precision=self.precision, materialize=materialize)
+            self._parallelize(part, materialize)
             if materialize is None:
                 part.to_empty(device=device)
                 part.init_buffers()
@@ -164,6 +161,19 @@ class Trainer:
                 schedule=self.cfg.parallel.pp_schedule, n_microbatches=self.pp_microbatches, loss_fn=self.loss_fn,
             )
         return [part for _, part in parts], schedule
+
+    def _parallelize(self, part, materialize) -> None:
+        cfg, meshes = self.cfg, self.meshes
+        tp_mesh = meshes.tp if meshes else None
+        styles = linear_styles(self.converters)
+        tp_plan = self.family.tp_plan(part, loss_parallel=cfg.parallel.loss_parallel, styles=styles) if tp_mesh else None
+        parallelize(
+            part, tp_mesh=tp_mesh, tp_plan=tp_plan, async_tp=cfg.parallel.async_tp,
+            ac_mode=cfg.activation_checkpoint.mode, ac_every=cfg.activation_checkpoint.every, compile=cfg.compile.enabled,
+            fsdp_mesh=meshes.fsdp if meshes else None, param_dtype=self.precision.param_dtype,
+            reduce_dtype=self.precision.reduce_dtype, reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
+            cpu_offload=cfg.parallel.cpu_offload, materialize=materialize,
+        )
 
     def create_seed_checkpoint(self) -> None:
         """checkpoints/step-0 with the initial weights only: later runs (any layout) start from it."""
@@ -258,11 +268,12 @@ class Trainer:
             written = self._export_model(self.model_parts[0], dtype)  # every rank takes part in the gathers
         else:
             # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint
-            # (with adapters: the base from model.init_from, as at the start, and the checkpoint's adapters).
+            # (a converter that checkpoints only what trains rebuilds the rest, as at the start).
             written = {}
             if self.runtime.is_main:
-                if self.cfg.adapters.kind != "none":
-                    written = self._export_model(load_adapter_run(self.output_dir, self.step), dtype)
+                rebuilt = next((m for c in self.converters if (m := c.load_run(self.output_dir, self.step)) is not None), None)
+                if rebuilt is not None:
+                    written = self._export_model(rebuilt, dtype)
                 else:
                     out = self.output_dir / "export" / "hf"
                     export_checkpoint_hf(step_dir(checkpoint_root(self.output_dir), self.step), out, dtype, **self._token_ids())
@@ -278,20 +289,12 @@ class Trainer:
     def _export_model(self, model, dtype: torch.dtype) -> dict[Path, str]:
         """Writes the exports the config asks for; returns {directory: what it holds}."""
         export_dir, ids = self.output_dir / "export", self._token_ids()
-        if self.cfg.adapters.kind == "none":
-            export_hf(model, export_dir / "hf", dtype=dtype, **ids)
-            return {export_dir / "hf": "Hugging Face checkpoint"}
-        written = {}
-        if self.cfg.export.peft:
-            base = export_dir / "base"
-            export_peft(model, self.cfg.adapters, export_dir / "peft", base_model=str(base.resolve()))
-            export_hf(model, base, dtype=dtype, tensors=base_named_weights(model), **ids)
-            written[export_dir / "peft"] = f"PEFT adapter over {base}"
-            written[base] = "Hugging Face checkpoint of the frozen base (dequantized)"
-        if self.cfg.export.hf:
-            export_hf(model, export_dir / "hf", dtype=dtype, tensors=merged_named_weights(model), **ids)
-            written[export_dir / "hf"] = "Hugging Face checkpoint, adapters merged"
-        return written
+        for converter in self.converters:
+            written = converter.export(model, export_dir, dtype=dtype, token_ids=ids)
+            if written is not None:
+                return written
+        export_hf(model, export_dir / "hf", dtype=dtype, **ids)
+        return {export_dir / "hf": "Hugging Face checkpoint"}
 
     def _token_ids(self) -> dict:
         return {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id}
@@ -317,6 +320,8 @@ class Trainer:
         # moments and the schedule as they were.
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizers.step()
+            for converter in self.converters:
+                converter.after_optimizer_step(self.model_parts)
         return loss, grad_norm
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:

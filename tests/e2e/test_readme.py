@@ -124,7 +124,7 @@ def test_exports_are_named_and_usable_alone(walkthrough):
     repo, results = walkthrough
     export = repo / "outputs" / "stories260k-lora" / "export"
     out = _find(results, "adapters.kind=lora").stdout
-    for line in (f"export: outputs/stories260k-lora/export/peft: PEFT adapter over outputs/stories260k-lora/export/base",
+    for line in ("export: outputs/stories260k-lora/export/peft: PEFT adapter over outputs/stories260k-lora/export/base",
                  "export: outputs/stories260k-lora/export/base: Hugging Face checkpoint of the frozen base",
                  "export: outputs/stories260k-lora/export/hf: Hugging Face checkpoint, adapters merged"):
         assert line in out, out[-3000:]

@@ -13,10 +13,11 @@ import zlib
 import torch
 from torch import nn
 
+from parallel.placement import copy_full_into, gather_full
 from trainer.adapters.lora import LoRALinear
 from trainer.config import ConfigError
 from trainer.config.schema import AdaptersConfig
-from trainer.weights.placement import copy_full_into, fill_from, gather_full
+from trainer.weights.placement import fill_from
 
 SHORT_NAMES = {
     "q": r"layers\.\d+\.attention\.wq", "k": r"layers\.\d+\.attention\.wk", "v": r"layers\.\d+\.attention\.wv",

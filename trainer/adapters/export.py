@@ -17,7 +17,7 @@ from torch import nn
 from trainer.adapters.lora import LoRALinear
 from trainer.config.schema import AdaptersConfig
 from trainer.weights.hf_names import ours_to_hf
-from trainer.weights.placement import gather_full
+from parallel.placement import gather_full
 
 
 def _hf_module(name: str) -> str:

@@ -6,9 +6,7 @@ before saving, so any later layout finds every stream in it. Non-tensor values a
 strings and lists only, which is what lets SafeLoadPlanner load them with weights_only=True.
 """
 
-import dataclasses
 import json
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,7 +21,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainer.data.loader import PackedLoader
-from trainer.model.args import ModelArgs, RopeScaling
 from trainer.optimizer import Optimizers
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -100,27 +97,6 @@ class DataState(Stateful):
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(json.loads(state["json"]))
-
-
-def model_args_entry(args: ModelArgs) -> dict:
-    """The model's shape, saved so that model.init_from=<checkpoint> can build the model from it."""
-    return {"json": json.dumps(dataclasses.asdict(args), sort_keys=True)}
-
-
-def base_entry(init_from: str | None, seed: int, quantize_base: str, hqq_group_size: int) -> dict:
-    """What an adapter run's frozen base is. Its checkpoints hold only the adapters and the base is
-    rebuilt at every start, so a resume must rebuild the same one (checked before loading)."""
-    base = {"init_from": str(Path(init_from).resolve()) if init_from else f"seeded init, job.seed={seed}",
-            "quantize_base": quantize_base}
-    if quantize_base == "hqq":
-        base["hqq_group_size"] = hqq_group_size
-    return {"json": json.dumps(base, sort_keys=True)}
-
-
-def model_args_from_entry(entry: dict) -> ModelArgs:
-    fields = json.loads(entry["json"])
-    scaling = fields.pop("rope_scaling")
-    return ModelArgs(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)
 
 
 class CounterState(Stateful):

@@ -101,6 +101,8 @@ def _check_adapters(cfg: Config) -> None:
             f"adapters.quantize_base={a.quantize_base} quantizes the frozen base under adapters: set adapters.kind "
             f"to lora or dora (QLoRA / QDoRA), or quantize_base=none"
         )
+    elif cfg.export.peft:
+        raise ConfigError("export.peft writes an adapter: set adapters.kind to lora or dora (or use export.hf)")
 
 
 def _check_paths(cfg: Config) -> None:

@@ -1,5 +1,7 @@
 """The shape of a Llama-family decoder."""
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -53,3 +55,13 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def to_json(self) -> str:
+        """The shape as JSON: checkpoints carry it, so that model.init_from=<checkpoint> can rebuild it."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelArgs":
+        fields = json.loads(text)
+        scaling = fields.pop("rope_scaling")
+        return cls(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)

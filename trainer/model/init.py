@@ -13,7 +13,7 @@ from torch import nn
 
 from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer, param_shapes
-from trainer.weights.placement import fill_from
+from parallel.placement import copy_full_into
 
 
 def init_std(name: str, args: ModelArgs) -> float | None:
@@ -48,5 +48,9 @@ class SeededInit:
         return full
 
 
+@torch.no_grad()
 def init_weights(model: Transformer, seed: int) -> None:
-    fill_from(model, SeededInit(model.args, seed))
+    source = SeededInit(model.args, seed)
+    for name, param in model.named_parameters():
+        if name in source.names:  # adapter parameters have their own initialisation
+            copy_full_into(param, source.get(name))

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint.safe_reader import load_safely
-from trainer.checkpoint.state import ModelState, model_args_from_entry
+from trainer.checkpoint.state import ModelState
 from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer, param_shapes
 from trainer.weights.errors import CheckpointError
@@ -20,7 +20,7 @@ def read_dcp_args(path: Path) -> ModelArgs:
     entry = {"model_args": {"json": ""}}
     # no_dist: every rank reads this small entry on its own, before any process group work.
     load_safely(entry, path, no_dist=True, what=f"{path}: cannot read the model shape from this checkpoint")
-    return model_args_from_entry(entry["model_args"])
+    return ModelArgs.from_json(entry["model_args"]["json"])
 
 
 class DCPWeights:

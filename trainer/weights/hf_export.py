@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from trainer.model.args import ModelArgs
 from trainer.model.llama import Transformer
 from trainer.weights.hf_names import ours_to_hf
-from trainer.weights.placement import gather_full
+from parallel.placement import gather_full
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None, eos_id: int | None = None) -> dict:

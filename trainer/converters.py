@@ -1,0 +1,88 @@
+"""Model converters: the transforms a config chooses, each one object that the trainer, the plan, the
+dry run and the exports ask instead of testing config keys themselves (torchtitan's model converters).
+
+A converter changes the model in place on the meta device, before the pipeline split and
+parallelization, keeping the base's parameter names. Converters run in config order: float8's linear
+swap first (it will join as one more converter), then the adapters (over a 4-bit base or not). Every
+hook has a do-nothing default, so a converter states only what it needs.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.config import Config
+from trainer.model.llama_parallel import LinearStyles
+
+
+class ModelConverter:
+    name = "converter"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "ModelConverter | None":
+        """The converter if the config asks for it, else None."""
+        return None
+    # Checkpoints hold only the trainable parameters: the rest is rebuilt the same way at every start.
+    checkpoints_trainable_only = False
+    # How the modules this converter creates split under tensor parallelism (None: the plain styles).
+    linear_styles: LinearStyles | None = None
+
+    def check(self, meta: nn.Module, dims) -> None:
+        """Raises ConfigError for what this converter cannot do with this model and layout (on meta)."""
+
+    def convert(self, model: nn.Module) -> None:
+        """Swaps modules in place, on the meta device."""
+
+    def materialize_unit(self, unit: nn.Module, unit_name: str, *, device: torch.device, weights, shards: int,
+                         seed: int, frozen_dtype: torch.dtype) -> bool:
+        """Brings an FSDP unit off the meta device just before it is sharded, if this converter must
+        (its modules change dtype or type as they load, which FSDP2 cannot follow afterwards). Returns
+        whether it did; the first converter that does wins."""
+        return False
+
+    def materializes(self) -> bool:
+        return False
+
+    def checkpoint_entries(self) -> dict[str, dict]:
+        """Extra plain entries a checkpoint carries and a resume must find equal (what it was built over)."""
+        return {}
+
+    def after_optimizer_step(self, parts: list[nn.Module]) -> None:
+        """Runs on every rank after each optimizer step that was taken."""
+
+    def describe(self) -> str:
+        """Words for the start line, e.g. ' (over a 4-bit nf4 base)'."""
+        return ""
+
+    def load_run(self, output_dir: Path, step: int) -> nn.Module | None:
+        """The whole model of a finished run rebuilt in one process from its checkpoint at `step` (exports
+        of pipeline runs), if this converter's checkpoints cannot be read as a plain model's."""
+        return None
+
+    def export(self, model: nn.Module, export_dir: Path, *, dtype: torch.dtype, token_ids: dict) -> dict[Path, str] | None:
+        """Writes this converter's exports and returns {directory: what it holds}; None leaves the model's
+        plain Hugging Face export to the trainer."""
+        return None
+
+    def count_adapted(self, parts: list[nn.Module]) -> int:
+        """For the dry run: how many base weights this converter stores its own way."""
+        return 0
+
+    def weight_bytes(self, *, params: float, trainable: float, adapted: float, share: float, compute_bytes: int,
+                     dp_shard: int) -> tuple[float, str, float] | None:
+        """For the dry run: (bytes of this rank's weights, label, bytes per gathered parameter), or None
+        for plain fp32 parameters."""
+        return None
+
+
+def convert(model: nn.Module, converters: list[ModelConverter]) -> nn.Module:
+    for converter in converters:
+        converter.convert(model)
+    return model
+
+
+def linear_styles(converters: list[ModelConverter]) -> LinearStyles:
+    styles = [c.linear_styles for c in converters if c.linear_styles is not None]
+    assert len(styles) <= 1, "two converters that both restyle linear layers need a combined style"
+    return styles[0] if styles else LinearStyles()

@@ -1,0 +1,67 @@
+"""Llama's tensor + sequence parallel plan (its model family's entry hands it to parallel/).
+
+Between blocks the residual stream is split along the sequence (Shard(1)), so norms run on 1/tp of the
+tokens; attention and the MLP gather the sequence, split heads / hidden columns (colwise in, rowwise
+out), and scatter the sequence again. With loss_parallel the logits stay split over the vocabulary
+and the cross-entropy is computed without gathering them.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+from parallel.tp import TPPlan
+
+
+@dataclass(frozen=True)
+class LinearStyles:
+    """The colwise and rowwise style for one linear module: the plain ones, unless a converter replaced
+    the module with one of its own (an adapter layer) and says how that one splits."""
+
+    colwise: Callable[..., ParallelStyle] = lambda module, **kwargs: ColwiseParallel(**kwargs)
+    rowwise: Callable[..., ParallelStyle] = lambda module, **kwargs: RowwiseParallel(**kwargs)
+
+
+def llama_tp_plan(model: nn.Module, *, loss_parallel: bool, styles: LinearStyles = LinearStyles()) -> TPPlan:
+    colwise, rowwise = styles.colwise, styles.rowwise
+    # Top-level modules; a pipeline stage may lack some of them.
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        top["norm"] = SequenceParallel()
+        top["output"] = colwise(
+            model.output, input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+
+    def block(block: nn.Module) -> dict[str, ParallelStyle]:
+        attn, ffn = block.attention, block.feed_forward
+        return {
+            "attention_norm": SequenceParallel(),
+            # cos and sin are plain tensors, the same on every rank: passed through untouched.
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
+            "attention.wq": colwise(attn.wq),
+            "attention.wk": colwise(attn.wk),
+            "attention.wv": colwise(attn.wv),
+            "attention.wo": rowwise(attn.wo, output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": colwise(ffn.w1),
+            "feed_forward.w2": rowwise(ffn.w2, output_layouts=Shard(1)),
+            "feed_forward.w3": colwise(ffn.w3),
+        }
+
+    return TPPlan(top=top, block=block)
