@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)
         if args.dry_run or args.check:
-            from trainer.distributed import launched_world_size
+            from parallel.distributed import launched_world_size
 
             world_size = args.world_size or launched_world_size()
             if args.dry_run:
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
-    from trainer.distributed import init_runtime, shutdown
+    from parallel.distributed import init_runtime, shutdown
     from trainer.preemption import EXIT_PREEMPTED, MARKER, Preempted
 
     runtime = init_runtime()

@@ -9,7 +9,8 @@ OUT=${OUT:-outputs/walkthrough}
 echo "== 1. Plan: sizes and per-rank memory, without allocating anything"
 $PY train.py --config configs/debug.yaml --dry-run --world-size 2 | tail -n 16
 
-echo "== 2. Train 100 steps on two ranks (FSDP2 over gloo on CPU, NCCL on GPUs), exporting at the end"
+echo "== 2. Check the run in one process, then train 100 steps on two ranks (FSDP2 over gloo on CPU, NCCL on GPUs), exporting at the end"
+$PY train.py --config configs/debug.yaml --check --world-size 2 training.steps=100 job.output_dir="$OUT" export.hf=true
 $PY -m torch.distributed.run --standalone --nproc_per_node 2 train.py --config configs/debug.yaml \
   training.steps=100 job.output_dir="$OUT" export.hf=true export.dtype=float32
 

@@ -7,6 +7,7 @@ the most, so its ranks are neighbours (the same node); pipeline stages talk the 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
@@ -56,19 +57,50 @@ class ParallelDims:
 
 
 @dataclass(frozen=True)
+class SubMesh:
+    """One named dimension of the layout. Of size 1 it holds no DeviceMesh and its collectives do nothing,
+    so callers use it the same way at any world size, with no None checks (a null object)."""
+
+    mesh: DeviceMesh | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def size(self) -> int:
+        return self.mesh.size() if self.mesh is not None else 1
+
+    @property
+    def local_rank(self) -> int:
+        return self.mesh.get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def group(self):
+        """The process group (None where there is no communication to do)."""
+        return self.mesh.get_group() if self.mesh is not None else None
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums `tensor` in place over this dimension's ranks; returns it."""
+        if self.mesh is not None:
+            dist.all_reduce(tensor, group=self.mesh.get_group())
+        return tensor
+
+
+@dataclass(frozen=True)
 class Meshes:
-    """The named sub-meshes a run uses; a dimension of size 1 has no mesh (None)."""
+    """The named sub-meshes a run uses; a dimension of size 1 is an inactive SubMesh."""
 
-    world: DeviceMesh
-    dp: DeviceMesh | None  # all data-parallel ranks (replicate x shard): data loading, loss sums
-    fsdp: DeviceMesh | None  # what fully_shard shards over: dp_shard, or (dp_replicate, dp_shard) for HSDP
-    tp: DeviceMesh | None
-    pp: DeviceMesh | None
+    world: DeviceMesh | None  # None for a single process
+    dp: SubMesh  # all data-parallel ranks (replicate x shard): data loading, loss sums
+    fsdp: SubMesh  # what fully_shard shards over: dp_shard, or (dp_replicate, dp_shard) for HSDP
+    tp: SubMesh
+    pp: SubMesh
 
 
-def build_meshes(dims: ParallelDims, device_type: str) -> Meshes | None:
+def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     if dims.world_size == 1:
-        return None
+        return Meshes(world=None, dp=SubMesh(), fsdp=SubMesh(), tp=SubMesh(), pp=SubMesh())
     names = ("pp", "dp_replicate", "dp_shard", "tp")
     world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=names)
     # Flattened meshes are kept here: slicing them from the root again is deprecated.
@@ -77,7 +109,8 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes | None:
     if dims.dp_size > 1:
         fsdp = world[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else world["dp_shard"]
     return Meshes(
-        world=world, dp=dp, fsdp=fsdp, tp=world["tp"] if dims.tp > 1 else None, pp=world["pp"] if dims.pp > 1 else None
+        world=world, dp=SubMesh(dp), fsdp=SubMesh(fsdp), tp=SubMesh(world["tp"] if dims.tp > 1 else None),
+        pp=SubMesh(world["pp"] if dims.pp > 1 else None),
     )
 
 

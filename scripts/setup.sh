@@ -30,11 +30,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 # pip resolves the whole project again even when nothing changed (seconds, and the network for build
-# isolation): skip it while pyproject.toml is the one last installed.
+# isolation): skip it while pyproject.toml and this script are those last installed.
 STAMP="$VENV/.tessera-installed"
-WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  "${PIP[@]}" -e ".[dev]"
+  "${PIP[@]}" -e ".[dev,quant]"
   echo "$WANT" > "$STAMP"
 fi
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -23,7 +23,7 @@ from trainer.checkpoint.state import (
 from trainer.config import Config, to_yaml
 from trainer.data import PackedLoader, check_enough_tokens, load_documents
 from trainer.converters import convert, linear_styles
-from trainer.distributed import Runtime
+from parallel.distributed import Runtime
 from trainer.errors import TrainingDiverged
 from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
@@ -63,12 +63,11 @@ class Trainer:
 
         self.meshes = build_meshes(self.dims, device_type())
         # FSDP casts parameters itself (MixedPrecisionPolicy); without it, autocast does.
-        self.uses_fsdp = self.meshes is not None and self.meshes.fsdp is not None
+        self.uses_fsdp = self.meshes.fsdp.active
         set_determinism(cfg.job.seed, cfg.job.deterministic)
-        dp_rank = self.meshes.dp.get_local_rank() if self.meshes and self.meshes.dp else 0
         self.loader = PackedLoader(
             docs, self.tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
-            dp_rank=dp_rank, dp_size=self.dims.dp_size, seed=cfg.job.seed,
+            dp_rank=self.meshes.dp.local_rank, dp_size=self.dims.dp_size, seed=cfg.job.seed,
         )
 
         self.precision = Precision.from_config(
@@ -110,14 +109,13 @@ class Trainer:
 
     def _build_checkpointer(self, model_args) -> CheckpointManager:
         """Everything a resume needs, as one DCP state dict (DESIGN rule 7)."""
-        dp_group = self.meshes.dp.get_group() if self.meshes and self.meshes.dp else None
         # A converter that rebuilds the frozen part at every start (adapters: from model.init_from, or the
         # seeded init) checkpoints only what trains.
         trainable_only = any(c.checkpoints_trainable_only for c in self.converters)
         state = {
             "model": ModelState(self.model_parts, "trainable" if trainable_only else "all"),
             "optimizer": OptimizerState(self.optimizers),
-            "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, dp_group),
+            "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, self.meshes.dp.group),
             "train": self.counters, "rng": RngState(), "model_args": {"json": model_args.to_json()},
         }
         for converter in self.converters:
@@ -130,10 +128,9 @@ class Trainer:
         """Meta model -> pipeline stages -> parallelized -> materialized: nothing is ever whole on a rank."""
         # Converted before the split: stages keep the converted modules of their layers.
         model = convert(build_meta_model(model_args), self.converters)
-        pp_mesh = self.meshes.pp if self.meshes else None
-        num_stages = self.num_stages
-        if pp_mesh is not None:
-            parts = split_stages(model, pp_rank=pp_mesh.get_local_rank(), pp_size=self.dims.pp, num_stages=num_stages)
+        pp, num_stages = self.meshes.pp, self.num_stages
+        if pp.active:
+            parts = split_stages(model, pp_rank=pp.local_rank, pp_size=self.dims.pp, num_stages=num_stages)
         else:
             parts = [(0, model)]
         seed, device = self.cfg.job.seed, self.runtime.device
@@ -155,22 +152,22 @@ class Trainer:
                     init_weights(part, seed)
             part.train()
         schedule = None
-        if pp_mesh is not None:
+        if pp.active:
             schedule = build_schedule(
-                parts, num_stages=num_stages, pp_mesh=pp_mesh, device=self.runtime.device,
+                parts, num_stages=num_stages, pp_mesh=pp.mesh, device=self.runtime.device,
                 schedule=self.cfg.parallel.pp_schedule, n_microbatches=self.pp_microbatches, loss_fn=self.loss_fn,
             )
         return [part for _, part in parts], schedule
 
     def _parallelize(self, part, materialize) -> None:
         cfg, meshes = self.cfg, self.meshes
-        tp_mesh = meshes.tp if meshes else None
+        tp_mesh = meshes.tp.mesh
         styles = linear_styles(self.converters)
         tp_plan = self.family.tp_plan(part, loss_parallel=cfg.parallel.loss_parallel, styles=styles) if tp_mesh else None
         parallelize(
             part, tp_mesh=tp_mesh, tp_plan=tp_plan, async_tp=cfg.parallel.async_tp,
             ac_mode=cfg.activation_checkpoint.mode, ac_every=cfg.activation_checkpoint.every, compile=cfg.compile.enabled,
-            fsdp_mesh=meshes.fsdp if meshes else None, param_dtype=self.precision.param_dtype,
+            fsdp_mesh=meshes.fsdp.mesh, param_dtype=self.precision.param_dtype,
             reduce_dtype=self.precision.reduce_dtype, reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
             cpu_offload=cfg.parallel.cpu_offload, materialize=materialize,
         )
@@ -310,8 +307,7 @@ class Trainer:
         self.loss_fn.start(scale=self.dims.dp_size / global_tokens, device=self.runtime.device)
         for inputs, labels in microbatches:
             self.forward_backward(inputs.to(self.runtime.device), labels.to(self.runtime.device))
-        pp_group = self.meshes.pp.get_group() if self.meshes and self.meshes.pp else None
-        grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=pp_group)
+        grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=self.meshes.pp.group)
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
         loss = self._sum(self.loss_fn.summed, over_pp=True).item() / global_tokens
         grad_norm = grad_norm.item()
@@ -338,7 +334,7 @@ class Trainer:
     def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         """The schedule splits the batch into pp microbatches and runs the loss (and its backward) itself."""
         # Stage 0 is on pipeline rank 0 and the last stage on the last rank, for every schedule.
-        pp_rank = self.meshes.pp.get_local_rank()
+        pp_rank = self.meshes.pp.local_rank
         args = (inputs,) if pp_rank == 0 else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": labels, "losses": losses} if pp_rank == self.dims.pp - 1 else {}
@@ -348,8 +344,7 @@ class Trainer:
 
     def _sum(self, value: torch.Tensor, over_pp: bool) -> torch.Tensor:
         value = value.to(self.runtime.device)
-        if self.meshes is not None and self.meshes.dp is not None:
-            dist.all_reduce(value, group=self.meshes.dp.get_group())
-        if over_pp and self.meshes is not None and self.meshes.pp is not None:
-            dist.all_reduce(value, group=self.meshes.pp.get_group())
+        self.meshes.dp.all_reduce(value)
+        if over_pp:
+            self.meshes.pp.all_reduce(value)
         return value

@@ -19,11 +19,6 @@ def masked(ids: list[int]) -> list[int]:
     return [-(i + 1) for i in ids]
 
 
-def decode_window(window: list[int]) -> tuple[list[int], list[bool]]:
-    """Packed entries -> (token ids, whether each token is trained)."""
-    return [t if t >= 0 else -t - 1 for t in window], [t >= 0 for t in window]
-
-
 def detect_format(columns: list[str], name: str) -> str:
     if "messages" in columns:
         return "messages"

@@ -1,4 +1,4 @@
-"""Process-group setup: gloo on CPU, nccl on CUDA, chosen from what the machine has."""
+"""Process-group setup from the launcher's environment: gloo on CPU, nccl on CUDA, chosen from what the machine has."""
 
 import os
 from dataclasses import dataclass
