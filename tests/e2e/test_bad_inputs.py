@@ -64,6 +64,7 @@ CASES = {
     # model
     "dim negative": (["model.dim=-128"], "model.dim=-128 must be at least 1"),
     "ffn zero": (["model.ffn_hidden_dim=0"], "model.ffn_hidden_dim=0 must be at least 1"),
+    "dim absurd": (["model.dim=1180591620717411303424"], "model.dim=1180591620717411303424 is over 16,777,216: is it a typo?"),
     "layers zero": (["model.n_layers=0"], "model.n_layers=0 must be at least 1"),
     "heads zero": (["model.n_heads=0"], "model.n_heads=0 must be at least 1"),
     "kv heads not dividing": (["model.n_kv_heads=3"], "model: model n_heads 4 is not a multiple of n_kv_heads 3"),

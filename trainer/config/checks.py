@@ -71,12 +71,18 @@ def _check_optimizer(cfg: Config) -> None:
              "must be 0 (no clipping) or a positive, finite number")
 
 
+_MAX_SIZE = 2**24
+
+
 def _check_model(cfg: Config) -> None:
     m = cfg.model
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "max_seq_len"):
         value = getattr(m, key)
         if value is not None:
             _require(value >= 1, f"model.{key}", value, "must be at least 1 (or null to take the flavor's)")
+            # 16.7M: far above any real model's size (Llama 3.1 405B: dim 16,384, vocabulary 128,256), and far
+            # below what overflows torch's shape arithmetic when the model is built.
+            _require(value <= _MAX_SIZE, f"model.{key}", value, f"is over {_MAX_SIZE:,}: is it a typo?")
     for key in ("rope_theta", "norm_eps"):
         value = getattr(m, key)
         if value is not None:
