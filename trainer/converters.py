@@ -34,15 +34,10 @@ class ModelConverter:
     def convert(self, model: nn.Module) -> None:
         """Swaps modules in place, on the meta device."""
 
-    def materialize_unit(self, unit: nn.Module, unit_name: str, *, device: torch.device, weights, shards: int,
-                         seed: int, frozen_dtype: torch.dtype) -> bool:
-        """Brings an FSDP unit off the meta device just before it is sharded, if this converter must
-        (its modules change dtype or type as they load, which FSDP2 cannot follow afterwards). Returns
-        whether it did; the first converter that does wins."""
-        return False
-
-    def materializes(self) -> bool:
-        return False
+    def finish_unit(self, pieces: list[tuple[str, nn.Module]], *, shards: int, seed: int, frozen_dtype: torch.dtype) -> None:
+        """Runs on each FSDP unit right after its base weights are in place and before FSDP shards it,
+        with the (whole-model name, module) pieces it holds: the place to change a module's dtype or type
+        as it loads (FSDP2 cannot follow such a change afterwards), or to initialise new parameters."""
 
     def checkpoint_entries(self) -> dict[str, dict]:
         """Extra plain entries a checkpoint carries and a resume must find equal (what it was built over)."""

@@ -29,7 +29,6 @@ from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.model.build import build_meta_model, flops_per_token
 from trainer.model.family import family_of
-from trainer.model.init import init_weights
 from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
@@ -37,7 +36,8 @@ from trainer.preemption import MARKER, Preempted, PreemptionWatch
 from trainer.tokenizer.export import export_tokenizer
 from trainer.weights.checkpoint_export import export_checkpoint_hf
 from trainer.weights.hf_export import export_hf
-from trainer.weights.load import load_weights, open_weights
+from trainer.weights.load import open_weights
+from trainer.weights.materialize import materialize_unit
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -133,23 +133,9 @@ class Trainer:
             parts = split_stages(model, pp_rank=pp.local_rank, pp_size=self.dims.pp, num_stages=num_stages)
         else:
             parts = [(0, model)]
-        seed, device = self.cfg.job.seed, self.runtime.device
-        materialize = None
-        unit_converter = next((c for c in self.converters if c.materializes()), None)
-        if unit_converter is not None:
-            materialize = partial(
-                unit_converter.materialize_unit, device=device, weights=open_weights(self.cfg.model.init_from, model_args, seed),
-                shards=self.dims.dp_shard if self.uses_fsdp else 1, seed=seed, frozen_dtype=self.precision.param_dtype,
-            )
+        weights = open_weights(self.cfg.model.init_from, model_args, self.cfg.job.seed)
         for _, part in parts:
-            self._parallelize(part, materialize)
-            if materialize is None:
-                part.to_empty(device=device)
-                part.init_buffers()
-                if self.cfg.model.init_from is not None:
-                    load_weights(part, self.cfg.model.init_from)
-                else:
-                    init_weights(part, seed)
+            self._parallelize(part, partial(self._materialize_unit, weights=weights))
             part.train()
         schedule = None
         if pp.active:
@@ -158,6 +144,14 @@ class Trainer:
                 schedule=self.cfg.parallel.pp_schedule, n_microbatches=self.pp_microbatches, loss_fn=self.loss_fn,
             )
         return [part for _, part in parts], schedule
+
+    def _materialize_unit(self, unit, unit_name: str, *, weights) -> None:
+        """Each FSDP unit leaves the meta device just before it is sharded (the only way any run does):
+        its base weights from model.init_from or the seeded init, then each converter's part."""
+        pieces = materialize_unit(unit, unit_name, device=self.runtime.device, weights=weights)
+        for converter in self.converters:
+            converter.finish_unit(pieces, shards=self.dims.dp_shard if self.uses_fsdp else 1, seed=self.cfg.job.seed,
+                                  frozen_dtype=self.precision.param_dtype)
 
     def _parallelize(self, part, materialize) -> None:
         cfg, meshes = self.cfg, self.meshes

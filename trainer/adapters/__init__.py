@@ -17,7 +17,7 @@ from parallel.placement import copy_full_into, gather_full
 from trainer.adapters.lora import LoRALinear
 from trainer.config import ConfigError
 from trainer.config.schema import AdaptersConfig
-from trainer.weights.placement import fill_from
+from trainer.weights.materialize import materialize_unit as base_materialize_unit
 
 SHORT_NAMES = {
     "q": r"layers\.\d+\.attention\.wq", "k": r"layers\.\d+\.attention\.wk", "v": r"layers\.\d+\.attention\.wv",
@@ -77,20 +77,18 @@ def materialize_unit(
     unit: nn.Module, unit_name: str, *, device: torch.device, weights, cfg: AdaptersConfig, shards: int, seed: int,
     frozen_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Brings one FSDP unit of an adapter model from meta to `device`, just before FSDP shards it:
-    allocate, load its base weights whole, store the frozen ones in `frozen_dtype` (the compute dtype:
-    they never see an optimizer, so fp32 copies would only cost memory), quantize the adapted ones
-    (QLoRA / QDoRA), initialise the adapters. A block is a unit (unit_name "layers.N"); so are the
-    root's own modules (unit_name ""). Only one block is ever in high precision at once, on any rank."""
-    if unit_name:
-        pieces = [(unit_name, unit)]
-    else:
-        pieces = [(name, child) for name, child in unit.named_children() if name != "layers"]
-        unit.to_empty(device=device, recurse=False)  # the RoPE tables
-        unit.init_buffers()
+    """Brings one FSDP unit of an adapter model from meta to `device`, just before FSDP shards it (the
+    project's one materialization, then the adapters' part of it: see finish_unit)."""
+    finish_unit(base_materialize_unit(unit, unit_name, device=device, weights=weights), cfg=cfg, shards=shards, seed=seed,
+                frozen_dtype=frozen_dtype)
+
+
+def finish_unit(pieces: list[tuple[str, nn.Module]], *, cfg: AdaptersConfig, shards: int, seed: int,
+                frozen_dtype: torch.dtype) -> None:
+    """After a unit's base weights are in place: store the frozen ones in `frozen_dtype` (the compute
+    dtype: they never see an optimizer, so fp32 copies would only cost memory), quantize the adapted
+    ones (QLoRA / QDoRA), initialise the adapters. Only one block is ever in high precision at once."""
     for piece_name, piece in pieces:
-        piece.to_empty(device=device)
-        fill_from(piece, weights, prefix=f"{piece_name}.")
         for module in piece.modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 if not param.requires_grad and param.dtype != frozen_dtype:

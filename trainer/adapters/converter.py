@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.adapters import apply_adapters, materialize_unit, target_names
+from trainer.adapters import apply_adapters, finish_unit, target_names
 from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
 from trainer.adapters.lora import LoRALinear
 from trainer.adapters.quantize import bytes_per_weight, check_quantizable, missing_library
@@ -56,15 +56,10 @@ class AdapterConverter(ModelConverter):
     def convert(self, model: nn.Module) -> None:
         apply_adapters(model, self.cfg)
 
-    def materializes(self) -> bool:
-        return True
-
-    def materialize_unit(self, unit, unit_name, *, device, weights, shards, seed, frozen_dtype) -> bool:
-        # Each unit is loaded (its frozen base in the compute dtype, 4-bit if asked) just before it is
-        # sharded, since FSDP2 cannot change a parameter's dtype or type afterwards.
-        materialize_unit(unit, unit_name, device=device, weights=weights, cfg=self.cfg, shards=shards, seed=seed,
-                         frozen_dtype=frozen_dtype)
-        return True
+    def finish_unit(self, pieces, *, shards, seed, frozen_dtype) -> None:
+        # The frozen base in the compute dtype, 4-bit if asked, and the adapters initialised, before FSDP
+        # shards the unit, since FSDP2 cannot change a parameter's dtype or type afterwards.
+        finish_unit(pieces, cfg=self.cfg, shards=shards, seed=seed, frozen_dtype=frozen_dtype)
 
     def checkpoint_entries(self) -> dict[str, dict]:
         """What the adapters were trained over. Checkpoints hold only the adapters and the base is rebuilt

@@ -32,9 +32,15 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # Which model family builds this shape (trainer/model/family.py): llama or qwen3.
+    family: str = "llama"
+    # Per-head size when it is not dim / n_heads (Qwen3: 128 for every size).
+    attention_head_dim: int | None = None
+    # RMSNorm over each head's queries and keys before RoPE (Qwen3).
+    qk_norm: bool = False
 
     def __post_init__(self):
-        if self.dim % self.n_heads:
+        if self.attention_head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"model dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
@@ -45,7 +51,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attention_head_dim or self.dim // self.n_heads
 
     @property
     def hidden_dim(self) -> int:

@@ -3,11 +3,19 @@
 import torch
 
 from trainer.model.args import ModelArgs
+from trainer.model.family import family_of
 from trainer.model.llama import Transformer
 
 def build_meta_model(args: ModelArgs) -> Transformer:
+    """The model of args' family (a Transformer or a subclass), on the meta device."""
     with torch.device("meta"):
-        return Transformer(args)
+        return family_of(args).model(args)
+
+
+def param_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+    """Name -> shape of every parameter of the whole model (a pipeline stage holds only some of them),
+    without allocating anything."""
+    return {name: p.shape for name, p in build_meta_model(args).named_parameters()}
 
 
 def count_params(model: Transformer) -> dict[str, int]:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from trainer.model.args import ModelArgs
-from trainer.model.llama import Transformer, param_shapes
+from trainer.model.build import param_shapes
+from trainer.model.llama import Transformer
 from parallel.placement import copy_full_into
 
 

@@ -22,14 +22,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, seq, heads, head_dim) queries and keys before RoPE: unchanged in Llama."""
+        return q, k
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """cos/sin are the whole RoPE tables: sliced here, where the full sequence length is known even
         when the residual stream around this module is split over sequence-parallel ranks."""
         batch, seq, _ = x.shape
         cos, sin = cos[:seq], sin[:seq]
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
-        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        q, k = self.normalize_qk(q, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         repeats = q.shape[1] // k.shape[1]
@@ -54,10 +60,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, attention: type[Attention] = Attention):
         super().__init__()
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = attention(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
@@ -67,12 +73,15 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    # A family whose blocks differ only in attention (Qwen3's QK-norm) subclasses this and sets it.
+    attention = Attention
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # A ModuleDict keyed by layer id keeps parameter names stable when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, self.attention) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         # Tied: no module of its own. A shared Parameter would be split in two by to_empty() and by
         # sharding, so the projection reads the embedding's weight directly instead.
@@ -100,10 +109,3 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
-
-
-def param_shapes(args: ModelArgs) -> dict[str, torch.Size]:
-    """Name -> shape of every parameter of the whole model (a pipeline stage holds only some of them),
-    without allocating anything."""
-    with torch.device("meta"):
-        return {name: p.shape for name, p in Transformer(args).named_parameters()}

@@ -8,7 +8,8 @@ import torch.distributed as dist
 from trainer.checkpoint.safe_reader import load_safely
 from trainer.checkpoint.state import ModelState
 from trainer.model.args import ModelArgs
-from trainer.model.llama import Transformer, param_shapes
+from trainer.model.build import param_shapes
+from trainer.model.llama import Transformer
 from trainer.weights.errors import CheckpointError
 
 

@@ -9,13 +9,15 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from trainer.model.args import ModelArgs
+from trainer.model.family import family_of
 from trainer.model.llama import Transformer
 from trainer.weights.hf_names import ours_to_hf
 from parallel.placement import gather_full
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None, eos_id: int | None = None) -> dict:
-    from transformers import LlamaConfig  # the installed version decides the config's field layout
+    # The installed transformers decides the config's field layout.
+    from transformers import LlamaConfig, Qwen3Config
 
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling is not None:
@@ -24,13 +26,15 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None, eo
             rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
             high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_seq_len,
         )
-    config = LlamaConfig(
+    family = family_of(args)
+    config_class = {"llama": LlamaConfig, "qwen3": Qwen3Config}[family.hf_model_type]
+    config = config_class(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
         head_dim=args.head_dim, max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
         tie_word_embeddings=args.tie_embeddings, rope_parameters=rope, bos_token_id=bos_id, eos_token_id=eos_id,
     )
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [family.hf_architecture]
     out = config.to_dict()
     out["dtype"] = str(dtype).removeprefix("torch.")
     return out

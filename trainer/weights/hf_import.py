@@ -1,4 +1,4 @@
-"""Loading a Hugging Face Llama checkpoint directory (config.json + one or sharded safetensors)."""
+"""Loading a Hugging Face Llama or Qwen3 checkpoint directory (config.json + one or sharded safetensors)."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 from trainer.model.args import ModelArgs, RopeScaling
-from trainer.model.llama import Transformer, param_shapes
+from trainer.model.build import param_shapes
+from trainer.model.llama import Transformer
 from trainer.weights.hf_names import hf_to_ours
 from trainer.weights.errors import CheckpointError
 from trainer.weights.placement import fill_from
@@ -23,9 +24,11 @@ def read_hf_args(path: Path) -> ModelArgs:
         cfg = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_file}: cannot read it as JSON ({e})") from None
-    arch = cfg.get("model_type")
-    if arch not in ("llama", None):
-        raise CheckpointError(f"{config_file}: model_type {arch!r} is not a Llama checkpoint")
+    arch = cfg.get("model_type") or "llama"
+    if arch not in ("llama", "qwen3"):
+        raise CheckpointError(f"{config_file}: model_type {arch!r} is not a Llama or Qwen3 checkpoint")
+    if cfg.get("use_sliding_window"):
+        raise CheckpointError(f"{config_file}: sliding-window attention is not supported (use_sliding_window)")
     try:
         # transformers >= 5 keeps theta and scaling in rope_parameters; older files use rope_theta/rope_scaling.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -43,8 +46,8 @@ def read_hf_args(path: Path) -> ModelArgs:
             raise CheckpointError(f"{config_file}: rope type {rope_type!r} is not supported (default, llama3)")
         n_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-        if head_dim * n_heads != cfg["hidden_size"]:
-            raise CheckpointError(f"{config_file}: head_dim x heads != hidden_size is not supported")
+        if arch == "llama" and head_dim * n_heads != cfg["hidden_size"]:
+            raise CheckpointError(f"{config_file}: head_dim x heads != hidden_size is not supported for Llama")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise CheckpointError(f"{config_file}: attention/MLP biases are not part of the Llama shape we train")
         return ModelArgs(
@@ -59,6 +62,8 @@ def read_hf_args(path: Path) -> ModelArgs:
             rope_scaling=scaling,
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen3 sets its head size on its own and normalizes queries and keys per head.
+            **({"family": "qwen3", "attention_head_dim": head_dim, "qk_norm": True} if arch == "qwen3" else {}),
         )
     except KeyError as e:
         raise CheckpointError(f"{config_file}: missing field {e}") from None

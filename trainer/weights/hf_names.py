@@ -1,4 +1,4 @@
-"""Parameter names: ours <-> Hugging Face LlamaForCausalLM."""
+"""Parameter names: ours <-> Hugging Face LlamaForCausalLM and Qwen3ForCausalLM (the same layout)."""
 
 import re
 
@@ -12,6 +12,9 @@ _LAYER = {
     "mlp.up_proj": "feed_forward.w3",
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
+    # Qwen3's per-head query / key norms (Llama has none).
+    "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
 }
 _TOP = {
     "model.embed_tokens.weight": "tok_embeddings.weight",

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from trainer.model.args import ModelArgs
-from trainer.model.llama import Transformer, param_shapes
+from trainer.model.build import param_shapes
+from trainer.model.llama import Transformer
 from trainer.weights.errors import CheckpointError
 from trainer.weights.placement import fill_from
 
