@@ -50,8 +50,8 @@ class ModelConverter:
         """Words for the start line, e.g. ' (over a 4-bit nf4 base)'."""
         return ""
 
-    def load_run(self, output_dir: Path, step: int) -> nn.Module | None:
-        """The whole model of a finished run rebuilt in one process from its checkpoint at `step` (exports
+    def load_run(self, step_path: Path) -> nn.Module | None:
+        """The whole model of this run rebuilt in one process from its checkpoint at `step_path` (exports
         of pipeline runs), if this converter's checkpoints cannot be read as a plain model's."""
         return None
 

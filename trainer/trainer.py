@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.mesh import build_meshes, device_type
@@ -25,6 +24,7 @@ from trainer.data import PackedLoader, check_enough_tokens, load_documents
 from trainer.converters import convert, linear_styles
 from parallel.distributed import Runtime
 from trainer.errors import TrainingDiverged
+from trainer.export import export_run
 from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.model.build import build_meta_model, flops_per_token
@@ -33,9 +33,6 @@ from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
-from trainer.tokenizer.export import export_tokenizer
-from trainer.weights.checkpoint_export import export_checkpoint_hf
-from trainer.weights.hf_export import export_hf
 from trainer.weights.load import open_weights
 from trainer.weights.materialize import materialize_unit
 
@@ -225,7 +222,10 @@ class Trainer:
         self.checkpointer.wait()
         self.metrics.close()
         if self.cfg.export.hf or self.cfg.export.peft:
-            self.export()
+            export_run(
+                self.cfg, self.model_parts, pipelined=self.schedule is not None, converters=self.converters,
+                tokenizer=self.tokenizer, step=self.step, is_main=self.runtime.is_main,
+            )
 
     def _note_health(self, loss: float, grad_norm: float) -> bool:
         """Counts non-finite steps in a row (train_step skipped their update); True for a finite step."""
@@ -252,43 +252,6 @@ class Trainer:
             f"was saved, and {last}. Lower optimizer.lr, lengthen lr_scheduler.warmup_steps or keep "
             f"training.max_norm clipping on, then start again"
         )
-
-    def export(self) -> None:
-        dtype = torch.bfloat16 if self.cfg.export.dtype == "bfloat16" else torch.float32
-        if self.schedule is None:
-            written = self._export_model(self.model_parts[0], dtype)  # every rank takes part in the gathers
-        else:
-            # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint
-            # (a converter that checkpoints only what trains rebuilds the rest, as at the start).
-            written = {}
-            if self.runtime.is_main:
-                rebuilt = next((m for c in self.converters if (m := c.load_run(self.output_dir, self.step)) is not None), None)
-                if rebuilt is not None:
-                    written = self._export_model(rebuilt, dtype)
-                else:
-                    out = self.output_dir / "export" / "hf"
-                    export_checkpoint_hf(step_dir(checkpoint_root(self.output_dir), self.step), out, dtype, **self._token_ids())
-                    written = {out: "Hugging Face checkpoint"}
-            dist.barrier()
-        if self.runtime.is_main:
-            for path, what in written.items():
-                files = [] if what.startswith("PEFT") else export_tokenizer(self.cfg.tokenizer, path)
-                tokenizer = f", tokenizer {' '.join(files)}" if files else (
-                    "" if what.startswith("PEFT") else ", no tokenizer file (the byte tokenizer has none)")
-                print(f"export: {path}: {what} ({self.cfg.export.dtype}{tokenizer})", flush=True)
-
-    def _export_model(self, model, dtype: torch.dtype) -> dict[Path, str]:
-        """Writes the exports the config asks for; returns {directory: what it holds}."""
-        export_dir, ids = self.output_dir / "export", self._token_ids()
-        for converter in self.converters:
-            written = converter.export(model, export_dir, dtype=dtype, token_ids=ids)
-            if written is not None:
-                return written
-        export_hf(model, export_dir / "hf", dtype=dtype, **ids)
-        return {export_dir / "hf": "Hugging Face checkpoint"}
-
-    def _token_ids(self) -> dict:
-        return {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id}
 
     def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the microbatches; returns (global mean loss per token, grad norm)."""

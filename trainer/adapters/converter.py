@@ -9,6 +9,7 @@ from torch import nn
 
 from trainer.adapters import apply_adapters, finish_unit, target_names
 from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
+from trainer.adapters.load import load_adapters
 from trainer.adapters.lora import LoRALinear
 from trainer.adapters.quantize import bytes_per_weight, check_quantizable, missing_library
 from trainer.adapters.tp import ADAPTER_STYLES
@@ -24,6 +25,7 @@ class AdapterConverter(ModelConverter):
     linear_styles = ADAPTER_STYLES
 
     def __init__(self, cfg: Config):
+        self.run_cfg = cfg
         self.cfg, self.init_from, self.seed, self.exports = cfg.adapters, cfg.model.init_from, cfg.job.seed, cfg.export
 
     @classmethod
@@ -75,10 +77,9 @@ class AdapterConverter(ModelConverter):
         q = self.cfg.quantize_base
         return f" (over a 4-bit {q} base)" if q != "none" else ""
 
-    def load_run(self, output_dir: Path, step: int) -> nn.Module:
-        from trainer.adapters.load import load_adapter_run
-
-        return load_adapter_run(output_dir, step)
+    def load_run(self, step_path: Path) -> nn.Module:
+        # This run's own config (in memory): its base, rebuilt as at the start, and the checkpoint's adapters.
+        return load_adapters(self.run_cfg, step_path)
 
     def export(self, model, export_dir, *, dtype, token_ids) -> dict[Path, str]:
         written = {}

@@ -12,7 +12,7 @@ from trainer.adapters import apply_adapters, materialize_unit
 from trainer.checkpoint.paths import checkpoint_root, complete_steps, step_dir
 from trainer.checkpoint.safe_reader import load_safely
 from trainer.checkpoint.state import ModelState
-from trainer.config import load_config
+from trainer.config import Config, load_config
 from trainer.config.schema import AdaptersConfig
 from trainer.model.build import build_meta_model
 from trainer.model.llama import Transformer
@@ -45,7 +45,11 @@ def load_adapter_run(run_dir: str | Path, step: int | None = None, device: str =
         raise CheckpointError(f"{root}: no complete checkpoint to take the adapters from")
     if step is not None and step not in steps:
         raise CheckpointError(f"{root}: no complete checkpoint of step {step} (there are: {', '.join(map(str, steps))})")
-    path = step_dir(root, steps[-1] if step is None else step)
+    return load_adapters(cfg, step_dir(root, steps[-1] if step is None else step), device)
+
+
+def load_adapters(cfg: Config, path: Path, device: str = "cpu") -> Transformer:
+    """The model of an adapter run with this config, its adapters from the checkpoint at `path`, in eval mode."""
     model = build_adapted(read_dcp_args(path), cfg.adapters, cfg.model.init_from, cfg.job.seed, device)
     load_safely({"model": ModelState([model], "trainable")}, path, no_dist=True, what=f"{path}: cannot load its adapters")
     return model.eval()
