@@ -3,10 +3,10 @@ computed on the meta device without loading data or allocating the model."""
 
 import torch
 
-from parallel.pp import split_stages
 from trainer.config import Config, to_yaml
 from trainer.converters import convert
 from trainer.model.build import build_meta_model, count_params, flops_per_token
+from trainer.model.family import family_of
 from trainer.plan import Plan, build_converters, make_plan
 from trainer.precision import Precision
 
@@ -22,7 +22,7 @@ def _rank_params(plan: Plan, cfg: Config) -> tuple[int, int, int, int, int]:
     dims = plan.dims
     if dims.pp > 1:
         ranks = [
-            [part for _, part in split_stages(model, pp_rank=r, pp_size=dims.pp, num_stages=plan.num_stages)]
+            [part for _, part in family_of(plan.model_args).split_stages(model, pp_rank=r, pp_size=dims.pp, num_stages=plan.num_stages)]
             for r in range(dims.pp)
         ]
     else:

@@ -12,6 +12,7 @@ from trainer.adapters.converter import AdapterConverter
 from trainer.converters import ModelConverter
 from trainer.model.args import ModelArgs
 from trainer.model.build import build_meta_model
+from trainer.model.family import FAMILIES
 from trainer.model.flavors import FLAVORS
 from trainer.tokenizer import build_tokenizer
 from trainer.tokenizer.base import Tokenizer
@@ -118,7 +119,8 @@ def resolve_model_args(cfg: ModelConfig, tokenizer_vocab_size: int) -> ModelArgs
     else:
         flavor = cfg.flavor or "debug"
         if flavor not in FLAVORS:
-            raise ConfigError(f"model.flavor={flavor!r} is not one of: {', '.join(FLAVORS)}")
+            by_family = "; ".join(f"{', '.join(f.flavors)} ({f.name})" for f in FAMILIES.values())
+            raise ConfigError(f"model.flavor={flavor!r} is not one of: {by_family}")
         fields = dict(FLAVORS[flavor], **overrides)
         if fields.get("vocab_size", -1) == -1:
             # Padded to a multiple of 64 so that it splits evenly over any TP degree up to 64 (and

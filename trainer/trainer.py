@@ -13,7 +13,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
-from parallel.pp import build_schedule, split_stages
+from parallel.pp import build_schedule
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.paths import checkpoint_root, complete_steps, step_dir
 from trainer.checkpoint.state import (
@@ -127,7 +127,7 @@ class Trainer:
         model = convert(build_meta_model(model_args), self.converters)
         pp, num_stages = self.meshes.pp, self.num_stages
         if pp.active:
-            parts = split_stages(model, pp_rank=pp.local_rank, pp_size=self.dims.pp, num_stages=num_stages)
+            parts = self.family.split_stages(model, pp_rank=pp.local_rank, pp_size=self.dims.pp, num_stages=num_stages)
         else:
             parts = [(0, model)]
         weights = open_weights(self.cfg.model.init_from, model_args, self.cfg.job.seed)

@@ -17,25 +17,20 @@ from parallel.placement import copy_full_into, gather_full
 from trainer.adapters.lora import LoRALinear
 from trainer.config import ConfigError
 from trainer.config.schema import AdaptersConfig
+from trainer.model.family import family_of
 from trainer.weights.materialize import materialize_unit as base_materialize_unit
 
-SHORT_NAMES = {
-    "q": r"layers\.\d+\.attention\.wq", "k": r"layers\.\d+\.attention\.wk", "v": r"layers\.\d+\.attention\.wv",
-    "o": r"layers\.\d+\.attention\.wo", "gate": r"layers\.\d+\.feed_forward\.w1",
-    "up": r"layers\.\d+\.feed_forward\.w3", "down": r"layers\.\d+\.feed_forward\.w2", "output": r"output",
-}
-
-
 def target_names(model: nn.Module, targets: list[str]) -> list[str]:
+    short_names = family_of(model.args).adapter_targets
     patterns = []
     for target in targets:
         try:
-            patterns.append(re.compile(SHORT_NAMES.get(target, target)))
+            patterns.append(re.compile(short_names.get(target, target)))
         except re.error as e:
-            raise ConfigError(f"adapters.targets: {target!r} is neither a short name ({', '.join(SHORT_NAMES)}) nor a valid regular expression ({e})") from None
+            raise ConfigError(f"adapters.targets: {target!r} is neither a short name ({', '.join(short_names)}) nor a valid regular expression ({e})") from None
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(p.fullmatch(n) for p in patterns)]
     if not names:
-        raise ConfigError(f"adapters.targets={targets} matches no linear layer of the model (short names: {', '.join(SHORT_NAMES)})")
+        raise ConfigError(f"adapters.targets={targets} matches no linear layer of the model (short names: {', '.join(short_names)})")
     return names
 
 

@@ -16,12 +16,12 @@ from torch import nn
 
 from trainer.adapters.lora import LoRALinear
 from trainer.config.schema import AdaptersConfig
-from trainer.weights.hf_names import ours_to_hf
+from trainer.model.family import family_of
 from parallel.placement import gather_full
 
 
-def _hf_module(name: str) -> str:
-    return ours_to_hf(f"{name}.weight").removesuffix(".weight")
+def _hf_module(model: nn.Module, name: str) -> str:
+    return family_of(model.args).to_hf(f"{name}.weight").removesuffix(".weight")
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def export_peft(model: nn.Module, cfg: AdaptersConfig, out_dir: Path, base_model
     for name, module in model.named_modules():
         if not isinstance(module, LoRALinear):
             continue
-        hf = _hf_module(name)
+        hf = _hf_module(model, name)
         targets.append(hf)
         prefix = f"base_model.model.{hf}"
         tensors[f"{prefix}.lora_A.weight"] = gather_full(module.lora_a)

@@ -26,16 +26,5 @@ def count_params(model: Transformer) -> dict[str, int]:
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:
-    """Training FLOPs per token: 6 x (parameters used in matmuls) + 12 x layers x dim x seq_len (attention).
-
-    The embedding lookup is no matmul, so it is left out; the output projection is one, so it counts
-    even when it shares its weight with the embedding.
-    """
-    per_layer = (
-        2 * args.dim * args.n_heads * args.head_dim
-        + 2 * args.dim * args.n_kv_heads * args.head_dim
-        + 3 * args.dim * args.hidden_dim
-        + 2 * args.dim
-    )
-    matmul_params = args.n_layers * per_layer + args.dim + args.vocab_size * args.dim
-    return 6 * matmul_params + 12 * args.n_layers * args.dim * seq_len
+    """Training FLOPs per token of the model (its family's count)."""
+    return family_of(args).flops_per_token(args, seq_len)

@@ -5,7 +5,6 @@ slice. A sharded run therefore starts from exactly the weights of a single-proce
 makes parallel-vs-single parity checks exact. Only one parameter is ever whole at a time.
 """
 
-import math
 import zlib
 
 import torch
@@ -13,20 +12,9 @@ from torch import nn
 
 from trainer.model.args import ModelArgs
 from trainer.model.build import param_shapes
+from trainer.model.family import family_of
 from trainer.model.llama import Transformer
 from parallel.placement import copy_full_into
-
-
-def init_std(name: str, args: ModelArgs) -> float | None:
-    """The init std of a parameter; None means "fill with ones" (norm weights)."""
-    if name.endswith("norm.weight"):
-        return None
-    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-        # Residual-branch outputs shrink with depth so the residual stream's variance stays bounded.
-        return 0.02 / math.sqrt(2 * args.n_layers)
-    if name == "output.weight" or (name == "tok_embeddings.weight" and args.tie_embeddings):
-        return args.dim**-0.5
-    return 0.02
 
 
 class SeededInit:
@@ -40,7 +28,7 @@ class SeededInit:
         return f"initial value of {name}"
 
     def get(self, name: str) -> torch.Tensor:
-        shape, std = self.shapes[name], init_std(name, self.args)
+        shape, std = self.shapes[name], family_of(self.args).init_std(name, self.args)
         if std is None:
             return torch.ones(shape)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))

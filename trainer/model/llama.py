@@ -5,6 +5,8 @@ checkpoints: tok_embeddings, layers.{i}.attention.{wq,wk,wv,wo}, layers.{i}.feed
 layers.{i}.{attention_norm,ffn_norm}, norm, output (absent when tied to tok_embeddings).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,3 +111,49 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
+
+
+# ---- what the Llama family's registry entry (trainer/model/family.py) takes from here ----------------
+
+# adapters.targets short names -> module-name patterns.
+ADAPTER_TARGETS = {
+    "q": r"layers\.\d+\.attention\.wq", "k": r"layers\.\d+\.attention\.wk", "v": r"layers\.\d+\.attention\.wv",
+    "o": r"layers\.\d+\.attention\.wo", "gate": r"layers\.\d+\.feed_forward\.w1",
+    "up": r"layers\.\d+\.feed_forward\.w3", "down": r"layers\.\d+\.feed_forward\.w2", "output": r"output",
+}
+
+
+def init_std(name: str, args: ModelArgs) -> float | None:
+    """The init std of a parameter; None means "fill with ones" (norm weights)."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        # Residual-branch outputs shrink with depth so the residual stream's variance stays bounded.
+        return 0.02 / math.sqrt(2 * args.n_layers)
+    if name == "output.weight" or (name == "tok_embeddings.weight" and args.tie_embeddings):
+        return args.dim**-0.5
+    return 0.02
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> int:
+    """Training FLOPs per token: 6 x (parameters used in matmuls) + 12 x layers x dim x seq_len (attention).
+
+    The embedding lookup is no matmul, so it is left out; the output projection is one, so it counts
+    even when it shares its weight with the embedding.
+    """
+    per_layer = (
+        2 * args.dim * args.n_heads * args.head_dim
+        + 2 * args.dim * args.n_kv_heads * args.head_dim
+        + 3 * args.dim * args.hidden_dim
+        + 2 * args.dim
+    )
+    matmul_params = args.n_layers * per_layer + args.dim + args.vocab_size * args.dim
+    return 6 * matmul_params + 12 * args.n_layers * args.dim * seq_len
+
+
+def hf_extra_args(config: dict, head_dim: int) -> dict:
+    """ModelArgs fields a Hugging Face LlamaConfig implies beyond the shared ones (none); raises
+    ValueError for what Llama's shape cannot hold."""
+    if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        raise ValueError("head_dim x heads != hidden_size is not supported for Llama")
+    return {}

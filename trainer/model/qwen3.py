@@ -23,3 +23,8 @@ class Qwen3Attention(Attention):
 
 class Qwen3Transformer(Transformer):
     attention = Qwen3Attention
+
+
+def hf_extra_args(config: dict, head_dim: int) -> dict:
+    """A Qwen3Config's head size is its own, and queries and keys are normalized per head."""
+    return {"family": "qwen3", "attention_head_dim": head_dim, "qk_norm": True}

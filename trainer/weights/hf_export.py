@@ -1,4 +1,5 @@
-"""Writing the model as a Hugging Face LlamaForCausalLM checkpoint (config.json + safetensors)."""
+"""Writing the model as a Hugging Face checkpoint of its family (LlamaForCausalLM, Qwen3ForCausalLM):
+config.json + safetensors."""
 
 import json
 from collections.abc import Iterable
@@ -11,13 +12,11 @@ from safetensors.torch import save_file
 from trainer.model.args import ModelArgs
 from trainer.model.family import family_of
 from trainer.model.llama import Transformer
-from trainer.weights.hf_names import ours_to_hf
 from parallel.placement import gather_full
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None, eos_id: int | None = None) -> dict:
-    # The installed transformers decides the config's field layout.
-    from transformers import LlamaConfig, Qwen3Config
+    import transformers
 
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling is not None:
@@ -27,7 +26,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None, eo
             high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_seq_len,
         )
     family = family_of(args)
-    config_class = {"llama": LlamaConfig, "qwen3": Qwen3Config}[family.hf_model_type]
+    config_class = getattr(transformers, family.hf_config_class)
     config = config_class(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
@@ -49,6 +48,7 @@ def write_hf(
     shard is held in CPU memory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    to_hf = family_of(args).to_hf
     written: list[tuple[Path, list[str], int]] = []
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -65,7 +65,7 @@ def write_hf(
         nbytes = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + nbytes > max_shard_bytes:
             flush()
-        shard[ours_to_hf(name)] = tensor
+        shard[to_hf(name)] = tensor
         shard_bytes += nbytes
     flush()
     count = len(written)

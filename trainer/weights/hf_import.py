@@ -9,7 +9,7 @@ from safetensors import safe_open
 from trainer.model.args import ModelArgs, RopeScaling
 from trainer.model.build import param_shapes
 from trainer.model.llama import Transformer
-from trainer.weights.hf_names import hf_to_ours
+from trainer.model.family import FAMILIES, family_for_hf, family_of
 from trainer.weights.errors import CheckpointError
 from trainer.weights.placement import fill_from
 
@@ -25,8 +25,10 @@ def read_hf_args(path: Path) -> ModelArgs:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_file}: cannot read it as JSON ({e})") from None
     arch = cfg.get("model_type") or "llama"
-    if arch not in ("llama", "qwen3"):
-        raise CheckpointError(f"{config_file}: model_type {arch!r} is not a Llama or Qwen3 checkpoint")
+    family = family_for_hf(arch)
+    if family is None:
+        known = ", ".join(f.hf_model_type for f in FAMILIES.values())
+        raise CheckpointError(f"{config_file}: model_type {arch!r} is not one we train ({known})")
     if cfg.get("use_sliding_window"):
         raise CheckpointError(f"{config_file}: sliding-window attention is not supported (use_sliding_window)")
     try:
@@ -46,8 +48,10 @@ def read_hf_args(path: Path) -> ModelArgs:
             raise CheckpointError(f"{config_file}: rope type {rope_type!r} is not supported (default, llama3)")
         n_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-        if arch == "llama" and head_dim * n_heads != cfg["hidden_size"]:
-            raise CheckpointError(f"{config_file}: head_dim x heads != hidden_size is not supported for Llama")
+        try:
+            extra = family.hf_extra_args(cfg, head_dim)
+        except ValueError as e:
+            raise CheckpointError(f"{config_file}: {e}") from None
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise CheckpointError(f"{config_file}: attention/MLP biases are not part of the Llama shape we train")
         return ModelArgs(
@@ -62,8 +66,7 @@ def read_hf_args(path: Path) -> ModelArgs:
             rope_scaling=scaling,
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen3 sets its head size on its own and normalizes queries and keys per head.
-            **({"family": "qwen3", "attention_head_dim": head_dim, "qk_norm": True} if arch == "qwen3" else {}),
+            **extra,
         )
     except KeyError as e:
         raise CheckpointError(f"{config_file}: missing field {e}") from None
@@ -94,6 +97,7 @@ class HFWeights:
     def __init__(self, path: Path, args: ModelArgs):
         self.path, self.where = path, {}
         known = self.names = set(param_shapes(args))
+        from_hf = family_of(args).from_hf
         for file in _safetensors_files(path):
             try:
                 with safe_open(str(file), framework="pt") as handle:
@@ -101,7 +105,7 @@ class HFWeights:
             except Exception as e:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
             for hf_name in hf_names:
-                name = hf_to_ours(hf_name)
+                name = from_hf(hf_name)
                 if name is None or (name == "output.weight" and args.tie_embeddings):
                     continue  # some tied checkpoints also store lm_head; the embedding is the one we keep
                 if name not in known:
