@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor.parallel import loss_parallel
 
+from parallel.distributed import Runtime
 from parallel.mesh import build_meshes, device_type
 from parallel.parallelize import parallelize
 from parallel.pp import build_schedule
@@ -20,9 +21,8 @@ from trainer.checkpoint.state import (
     CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState,
 )
 from trainer.config import Config, to_yaml
-from trainer.data import PackedLoader, check_enough_tokens, load_documents
 from trainer.converters import convert, linear_styles
-from parallel.distributed import Runtime
+from trainer.data import PackedLoader, check_enough_tokens, load_documents
 from trainer.errors import TrainingDiverged
 from trainer.export import export_run
 from trainer.loss import TokenLoss
