@@ -18,15 +18,15 @@ from trainer.model.llama_parallel import LinearStyles
 
 class ModelConverter:
     name = "converter"
+    # Checkpoints hold only the trainable parameters: the rest is rebuilt the same way at every start.
+    checkpoints_trainable_only = False
+    # How the modules this converter creates split under tensor parallelism (None: the plain styles).
+    linear_styles: LinearStyles | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelConverter | None":
         """The converter if the config asks for it, else None."""
         return None
-    # Checkpoints hold only the trainable parameters: the rest is rebuilt the same way at every start.
-    checkpoints_trainable_only = False
-    # How the modules this converter creates split under tensor parallelism (None: the plain styles).
-    linear_styles: LinearStyles | None = None
 
     def check(self, meta: nn.Module, dims) -> None:
         """Raises ConfigError for what this converter cannot do with this model and layout (on meta)."""
