@@ -2,8 +2,8 @@
 dry run and the exports ask instead of testing config keys themselves (torchtitan's model converters).
 
 A converter changes the model in place on the meta device, before the pipeline split and
-parallelization, keeping the base's parameter names. Converters run in config order: float8's linear
-swap first (it will join as one more converter), then the adapters (over a 4-bit base or not). Every
+parallelization, keeping the base's parameter names. Converters run in a fixed order: float8's linear
+swap first (fp8/), then the adapters (over a 4-bit base or not), which wrap what float8 left. Every
 hook has a do-nothing default, so a converter states only what it needs.
 """
 
@@ -44,11 +44,22 @@ class ModelConverter:
         return {}
 
     def after_optimizer_step(self, parts: list[nn.Module]) -> None:
-        """Runs on every rank after each optimizer step that was taken."""
+        """Runs on every rank after each optimizer step that was taken, and once before the first step,
+        when the weights are in place (built, and restored if resuming): whatever it derives from the
+        weights is then the same in a resumed run as in an uninterrupted one."""
 
     def describe(self) -> str:
         """Words for the start line, e.g. ' (over a 4-bit nf4 base)'."""
         return ""
+
+    def report(self) -> list[str]:
+        """Lines for the start of a run, after convert(): what it converted, what it left and why."""
+        return []
+
+    def fast_flops(self, model: nn.Module) -> tuple[str, float, float, str] | None:
+        """For MFU: (number format, FLOPs per token that run in it, its peak over the bf16 peak, where that
+        ratio came from), for the part of the model's FLOPs this converter moves to a faster format."""
+        return None
 
     def load_run(self, step_path: Path) -> nn.Module | None:
         """The whole model of this run rebuilt in one process from its checkpoint at `step_path` (exports
@@ -64,6 +75,14 @@ class ModelConverter:
         """For the dry run: how many base weights this converter stores its own way."""
         return 0
 
+    def gathered_bytes(self, model: nn.Module, compute_bytes: int) -> float | None:
+        """For the dry run: bytes per block parameter that FSDP gathers, if not the compute dtype's."""
+        return None
+
+    def memory(self, model: nn.Module, *, micro_tokens: int, tp: int) -> dict[str, float]:
+        """For the dry run: bytes per rank this converter adds, by label."""
+        return {}
+
     def weight_bytes(self, *, params: float, trainable: float, adapted: float, share: float, compute_bytes: int,
                      dp_shard: int) -> tuple[float, str, float] | None:
         """For the dry run: (bytes of this rank's weights, label, bytes per gathered parameter), or None
@@ -78,6 +97,5 @@ def convert(model: nn.Module, converters: list[ModelConverter]) -> nn.Module:
 
 
 def linear_styles(converters: list[ModelConverter]) -> LinearStyles:
-    styles = [c.linear_styles for c in converters if c.linear_styles is not None]
-    assert len(styles) <= 1, "two converters that both restyle linear layers need a combined style"
-    return styles[0] if styles else LinearStyles()
+    """Each converter's styles claim the modules it created; the plain styles take the rest."""
+    return LinearStyles.combine([c.linear_styles for c in converters if c.linear_styles is not None])

@@ -73,6 +73,10 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
                                         compute_bytes=compute_bytes, dp_shard=dims.dp_shard)
         if stored is not None:
             weights, weights_label, gathered_bytes = stored
+    converters = build_converters(cfg)
+    model = convert(build_meta_model(args), converters)
+    gathered_bytes = next((b for c in converters if (b := c.gathered_bytes(model, gathered_bytes)) is not None),
+                          gathered_bytes)
     micro_tokens = cfg.training.local_batch_size // plan.pp_microbatches * cfg.training.seq_len
     if dims.pp == 1:
         in_flight = 1
@@ -87,6 +91,7 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     block = (params - args.vocab_size * args.dim) / max(1, layers) / dims.tp
     # With FSDP's CPU offload the sharded parameters, their gradients and the optimizer live in host memory.
     host = HOST if cfg.parallel.cpu_offload and dims.dp_size > 1 else ""
+    extra = {k: v for c in converters for k, v in c.memory(model, micro_tokens=micro_tokens, tp=dims.tp).items()}
     return {
         host + weights_label: weights,
         host + "gradients (fp32, trainable only)": 4 * per_rank_trainable,
@@ -95,6 +100,7 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
         "gathered parameters in flight": 2 * block * gathered_bytes if dims.dp_shard > 1 else 0,
         f"activations (AC {cfg.activation_checkpoint.mode}, {in_flight} microbatch(es) in flight)": activations,
         "logits + their gradient": logits,
+        **extra,
     }
 
 

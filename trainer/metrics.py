@@ -8,6 +8,7 @@ import json
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,13 +72,28 @@ def tokens_label(tokens: int) -> str:
     return str(tokens)
 
 
+@dataclass(frozen=True)
+class FastFlops:
+    """The part of the model's FLOPs that runs in a faster number format (float8). The model's FLOPs do
+    not change with it, so MFU stays against the high-precision peak; `mixed` adds an MFU against what
+    the device could do on this mix: those FLOPs at the fast peak, the rest at the high-precision one."""
+
+    fmt: str  # "float8"
+    share: float  # of the model's FLOPs per token
+    peak_ratio: float  # the fast format's peak over the high-precision peak
+
+    def mixed(self, mfu: float) -> float:
+        return mfu * ((1 - self.share) + self.share / self.peak_ratio)
+
+
 class MetricsLogger:
     def __init__(
         self, cfg: MetricsConfig, output_dir: Path, *, is_main: bool, total_steps: int, flops_per_token: int,
         peak_tflops: float, device: torch.device, peak_source: str = "metrics.peak_tflops", start_step: int = 0,
-        rank: int = 0,
+        rank: int = 0, fast_flops: "FastFlops | None" = None,
     ):
         self.cfg, self.is_main, self.total_steps = cfg, is_main, total_steps
+        self.fast = fast_flops
         self.flops_per_token, self.peak_flops, self.device = flops_per_token, peak_tflops * 1e12, device
         self.peak_source, self.start_step = peak_source, start_step
         self.writer = None
@@ -141,10 +157,11 @@ class MetricsLogger:
             return
         if self.progress:
             print("\r" + " " * 80 + "\r", end="")
+        mixed = f" | mfu_mixed {self.fast.mixed(mfu):5.2f}%" if self.fast else ""
         print(
             f"step {step:>6} | loss {loss:8.4f} | lr {lr:.3e} | grad_norm {grad_norm:8.4f} | "
-            f"tok/s/device {tokens_per_sec:9.1f} | mfu {mfu:5.2f}% | mem {memory:6.2f} GiB | step {step_avg * 1000:7.1f} ms | "
-            f"tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}",
+            f"tok/s/device {tokens_per_sec:9.1f} | mfu {mfu:5.2f}%{mixed} | mem {memory:6.2f} GiB | "
+            f"step {step_avg * 1000:7.1f} ms | tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}",
             flush=True,
         )
         if self.writer is not None:
@@ -153,6 +170,9 @@ class MetricsLogger:
                 "throughput/mfu_percent": mfu, "memory/peak_gib": memory, "time/step_seconds": step_avg,
                 "progress/tokens_seen": tokens_seen, "time/elapsed_seconds": elapsed, "time/eta_seconds": eta,
             }
+            if self.fast:
+                scalars["throughput/mfu_mixed_percent"] = self.fast.mixed(mfu)
+                scalars[f"throughput/{self.fast.fmt}_flop_share"] = self.fast.share
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()

@@ -4,6 +4,7 @@ the layout, the batch split, the tokenizer and the model's shape. Shared by trai
 import dataclasses
 from dataclasses import dataclass
 
+from fp8.converter import Float8Converter
 from parallel.mesh import LayoutError, ParallelDims
 from trainer.config import Config, ConfigError
 from trainer.config.checks import check_batch, check_pipeline, check_seq_len, check_streams
@@ -59,8 +60,8 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
                 model_args=model_args, num_stages=dims.num_stages(stages_per_rank(cfg.parallel)), converters=converters)
 
 
-# Every converter, in the order they apply to a model (float8's linear swap will come first).
-CONVERTERS = (AdapterConverter,)
+# Every converter, in the order they apply to a model: adapters wrap the float8 layers.
+CONVERTERS = (Float8Converter, AdapterConverter)
 
 
 def build_converters(cfg: Config) -> list[ModelConverter]:

@@ -26,7 +26,7 @@ from trainer.data import PackedLoader, check_enough_tokens, load_documents
 from trainer.errors import TrainingDiverged
 from trainer.export import export_run
 from trainer.loss import TokenLoss
-from trainer.metrics import MetricsLogger, peak_tflops
+from trainer.metrics import FastFlops, MetricsLogger, peak_tflops
 from trainer.model.build import build_meta_model, flops_per_token
 from trainer.model.family import family_of
 from trainer.optimizer import Optimizers, clip_grad_norm
@@ -84,16 +84,21 @@ class Trainer:
         # the global RNG between the restore and step 1 (dropout masks would move).
         peak, peak_source = peak_tflops(cfg.metrics, runtime.device, self.precision.param_dtype)
         self.step = 0 if cfg.checkpoint.create_seed else self.checkpointer.resume()
+        for converter in self.converters:
+            converter.after_optimizer_step(self.model_parts)
         self.bad_steps = 0  # steps in a row whose loss or gradient norm was not finite
         self.preemption = PreemptionWatch(runtime.device)
+        meta = convert(build_meta_model(model_args), self.converters)
+        model_flops = flops_per_token(model_args, cfg.training.seq_len)
+        fast = next((f for c in self.converters if (f := c.fast_flops(meta)) is not None), None)
+        fast_flops = FastFlops(fast[0], min(1.0, fast[1] / model_flops), fast[2]) if fast else None
         self.metrics = MetricsLogger(
             cfg.metrics, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
-            flops_per_token=flops_per_token(model_args, cfg.training.seq_len), peak_tflops=peak, peak_source=peak_source,
-            device=runtime.device, start_step=self.step, rank=runtime.rank,
+            flops_per_token=model_flops, peak_tflops=peak, peak_source=peak_source,
+            device=runtime.device, start_step=self.step, rank=runtime.rank, fast_flops=fast_flops,
         )
         if runtime.is_main and self.step < cfg.training.steps:
             d = self.dims
-            meta = convert(build_meta_model(model_args), self.converters)
             trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
             base = "".join(c.describe() for c in self.converters)
             print(
@@ -103,6 +108,12 @@ class Trainer:
                 f"MFU against {peak:.2f} TFLOP/s ({peak_source})",
                 flush=True,
             )
+            for line in (line for c in self.converters for line in c.report()):
+                print(line, flush=True)
+            if fast_flops:
+                print(f"{fast[0]} runs {100 * fast_flops.share:.1f}% of the model's FLOPs: mfu stays against the peak above "
+                      f"(the FLOPs are the model's); mfu_mixed counts them at the {fast[0]} peak, {fast[2]:g}x ({fast[3]})",
+                      flush=True)
 
     def _build_checkpointer(self, model_args) -> CheckpointManager:
         """Everything a resume needs, as one DCP state dict (DESIGN rule 7)."""

@@ -98,6 +98,16 @@ CASES = {
     "adapter targets": (["adapters.kind=lora", "adapters.targets=[qkv]"], "adapters.targets=['qkv'] matches no linear layer"),
     "4-bit base without adapters": (["adapters.quantize_base=nf4"], "adapters.quantize_base=nf4 quantizes the frozen base under adapters"),
     "4-bit base with tp": (["adapters.kind=lora", "adapters.quantize_base=nf4", "parallel.tp=2"], "with parallel.tp > 1 is not supported"),
+    # float8
+    "float8 recipe": (["fp8.enabled=true", "fp8.emulate=true", "fp8.recipe=blockwise"],
+                      "fp8.recipe='blockwise' is not one of: tensorwise, rowwise, rowwise_with_gw_hp"),
+    "float8 all-gather with rowwise": (["fp8.enabled=true", "fp8.emulate=true", "fp8.recipe=rowwise", "fp8.fsdp_float8_all_gather=true"],
+                                       "fp8.fsdp_float8_all_gather=true needs fp8.recipe=tensorwise, not rowwise"),
+    "float8 size filter with gw_hp": (["fp8.enabled=true", "fp8.emulate=true", "fp8.recipe=rowwise_with_gw_hp", "fp8.auto_filter_small_kn=true"],
+                                      "fp8.auto_filter_small_kn=true has no size thresholds for fp8.recipe=rowwise_with_gw_hp"),
+    "float8 over a 4-bit base": (["fp8.enabled=true", "fp8.emulate=true", "adapters.kind=lora", "adapters.quantize_base=nf4"],
+                                 "fp8.enabled=true with adapters.quantize_base=nf4: a 4-bit base is dequantized for every matmul"),
+    "float8 without float8 hardware": (["fp8.enabled=true"], "fp8.enabled=true needs float8 matmuls, on an NVIDIA GPU of compute capability 8.9 or newer"),
     "adapters over a full checkpoint": (["adapters.kind=lora"], "it is from a different model (another run in this output_dir?); start fresh with checkpoint.resume_from=none"),
     # tokenizer and data
     "tokenizer missing": (["tokenizer.kind=auto", "tokenizer.path=/nope/tok.model"], "tokenizer.path: no such file or directory: /nope/tok.model"),

@@ -35,6 +35,9 @@ class LoRALinear(nn.Module):
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.quantized: PackedWeight | None = None
+        # A converter that ran before this one may have given the base layer its own way to compute
+        # x @ W.T (float8: fp8/conversion.py); the frozen product keeps it, the adapter's own stays plain.
+        self.base_product = getattr(base, "linear_product", None)
 
     def quantize_base(self, kind: str, *, shards: int, hqq_group_size: int) -> None:
         """Replaces the loaded (whole, unsharded) base weight by its 4-bit form."""
@@ -50,8 +53,12 @@ class LoRALinear(nn.Module):
         return self.quantized.dequantize() if self.quantized is not None else dequantize(self.weight)
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return DequantLinear.apply(x, self.quantized)
+        if self.base_product is not None:
+            return self.base_product(x, self.weight)
         # torchao's NF4Tensor handles F.linear itself (dequantizing again in backward).
-        return F.linear(x, self.weight) if self.quantized is None else DequantLinear.apply(x, self.quantized)
+        return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_linear(x)
@@ -72,4 +79,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "dora" if self.magnitude is not None else "lora"
         base = type(self.quantized).__name__ if self.quantized is not None else type(self.weight.data).__name__
+        if self.base_product is not None:
+            base += f" computed by {self.base_product}"
         return f"{self.in_features}, {self.out_features}, {kind}, rank={self.lora_a.shape[0]}, scale={self.scale:g}, base={base}"

@@ -46,12 +46,12 @@ class LoRARowwise(_LoRAStyle, RowwiseParallel):
     desired_input_layouts = (Shard(-1),)
 
 
-def _colwise(module: nn.Module, **kwargs) -> ColwiseParallel:
-    return LoRAColwise(**kwargs) if isinstance(module, LoRALinear) else ColwiseParallel(**kwargs)
+def _colwise(module: nn.Module, **kwargs) -> ColwiseParallel | None:
+    return LoRAColwise(**kwargs) if isinstance(module, LoRALinear) else None
 
 
-def _rowwise(module: nn.Module, **kwargs) -> RowwiseParallel:
-    return LoRARowwise(**kwargs) if isinstance(module, LoRALinear) else RowwiseParallel(**kwargs)
+def _rowwise(module: nn.Module, **kwargs) -> RowwiseParallel | None:
+    return LoRARowwise(**kwargs) if isinstance(module, LoRALinear) else None
 
 
 # What the adapter transform gives a model family's TP plan: its own styles for the layers it adapted.

@@ -19,11 +19,30 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from trainer.data.loader import PackedLoader
 from trainer.optimizer import Optimizers
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _plain(value):
+    """The high-precision tensor inside a weight wrapper (torchao's float8 all-gather weight): checkpoints
+    hold plain tensors, so that they load with float8 off and without torchao. The inner tensor shares
+    the wrapper's storage, so a load into it lands in the parameter. Other subclasses (NF4's several
+    inner tensors) are left as they are."""
+    local = value.to_local() if isinstance(value, DTensor) else value
+    if type(local) in (torch.Tensor, nn.Parameter) or not hasattr(local, "__tensor_flatten__"):
+        return value
+    names, _ = local.__tensor_flatten__()
+    inner = getattr(local, names[0]) if len(names) == 1 else None
+    if inner is None or type(inner) is not torch.Tensor or inner.shape != local.shape:
+        return value
+    if isinstance(value, DTensor):
+        return DTensor.from_local(inner, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                                  stride=value.stride())
+    return inner
 
 
 class ModelState(Stateful):
@@ -42,7 +61,7 @@ class ModelState(Stateful):
         merged = {}
         for part in self.parts:  # pipeline stages hold disjoint parameter names
             names = self._names(part)
-            merged.update({k: v for k, v in get_model_state_dict(part).items() if k in names})
+            merged.update({k: _plain(v) for k, v in get_model_state_dict(part).items() if k in names})
         return merged
 
     def load_state_dict(self, state: dict) -> None:
@@ -58,7 +77,7 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict:
         merged = {}
         for part, opt in zip(self.optimizers.parts, self.optimizers.optimizers):
-            merged.update(get_optimizer_state_dict(part, opt, options=_FLAT))
+            merged.update({k: _plain(v) for k, v in get_optimizer_state_dict(part, opt, options=_FLAT).items()})
         return merged
 
     def load_state_dict(self, state: dict) -> None:

@@ -52,6 +52,7 @@ def check_choices(cfg: Config) -> None:
         _require(_finite(peak) and peak > 0, "metrics.peak_tflops", peak,
                  "must be a positive number of TFLOP/s per device (or null to look it up / measure it)")
     _check_adapters(cfg)
+    _check_fp8(cfg)
     _check_paths(cfg)
 
 
@@ -88,6 +89,34 @@ def _check_model(cfg: Config) -> None:
         if value is not None:
             _require(_finite(value) and value > 0, f"model.{key}", value,
                      "must be a positive, finite number (or null to take the flavor's)")
+
+
+def _check_fp8(cfg: Config) -> None:
+    f = cfg.fp8
+    if not f.enabled:
+        return
+    if f.fsdp_float8_all_gather and f.recipe != "tensorwise":
+        raise ConfigError(
+            f"fp8.fsdp_float8_all_gather=true needs fp8.recipe=tensorwise, not {f.recipe}: a {f.recipe} weight has a "
+            f"scale per row, which torchao cannot gather in float8; set fp8.recipe=tensorwise or "
+            f"fp8.fsdp_float8_all_gather=false"
+        )
+    if f.auto_filter_small_kn and f.recipe == "rowwise_with_gw_hp":
+        raise ConfigError(
+            "fp8.auto_filter_small_kn=true has no size thresholds for fp8.recipe=rowwise_with_gw_hp (torchao measured "
+            "tensorwise and rowwise only): set fp8.auto_filter_small_kn=false and list layers in fp8.filter_fqns"
+        )
+    for name in f.filter_fqns:
+        _require(isinstance(name, str) and name != "", "fp8.filter_fqns", f.filter_fqns,
+                 "must be a list of non-empty name fragments (e.g. [feed_forward.w2])")
+    q = cfg.adapters.quantize_base
+    if q != "none":
+        raise ConfigError(
+            f"fp8.enabled=true with adapters.quantize_base={q}: a 4-bit base is dequantized for every matmul, and "
+            f"float8 would round that copy again to 8 bits (two losses, and no float8 weight to keep: torchao's float8 "
+            f"linears cast a high-precision weight); train a 4-bit base with fp8.enabled=false, or float8 over a "
+            f"bf16 base with adapters.quantize_base=none"
+        )
 
 
 def _check_adapters(cfg: Config) -> None:

@@ -175,6 +175,29 @@ class AdaptersConfig:
 
 
 @dataclass
+class Float8Config:
+    """torchao float8 training of the transformer blocks' linear layers (fp8/). The output head, layers
+    whose sizes are not multiples of 16 and names in filter_fqns stay in the training dtype."""
+
+    enabled: bool = False
+    # tensorwise: one scale per tensor, the fastest, and the only one with float8 all-gather and float8
+    # tensor parallel; rowwise: a scale per row (more accurate, slower); rowwise_with_gw_hp: rowwise with
+    # the weight gradient's matmul in high precision (the most accurate).
+    recipe: str = "tensorwise"
+    # FSDP2 gathers the float8 weights (1 byte each) instead of the training dtype's; their scales are
+    # computed for all layers at once after each optimizer step. tensorwise only.
+    fsdp_float8_all_gather: bool = False
+    # Linear layers whose name contains any of these strings stay in high precision.
+    filter_fqns: list[str] = field(default_factory=list)
+    # Also keep the layers that torchao's own size filter finds too small to gain from float8 (thresholds
+    # measured on H100; tensorwise and rowwise).
+    auto_filter_small_kn: bool = False
+    # Compute the float8 matmuls in high precision (float8 numerics, not its speed): for CPU runs and tests,
+    # or GPUs older than compute capability 8.9.
+    emulate: bool = False
+
+
+@dataclass
 class MetricsConfig:
     log_every: int = 10
     tensorboard: bool = True
@@ -230,6 +253,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    fp8: Float8Config = field(default_factory=Float8Config)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -252,6 +276,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapters.quantize_base": ("none", "nf4", "bnb_nf4", "hqq"),
     "activation_checkpoint.mode": ("none", "full", "selective_layer", "selective_op"),
     "adapters.kind": ("none", "lora", "dora"),
+    "fp8.recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
     "metrics.progress": ("auto", "on", "off"),
     "export.dtype": ("float32", "bfloat16"),
 }

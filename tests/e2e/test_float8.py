@@ -1,0 +1,101 @@
+"""Float8 training end to end on CPU (torchao's emulation: float8 numerics in high precision): it trains
+as well as high precision, resumes bitwise after kill -9, resumes with float8 off, exports checkpoints
+that transformers loads, and carries LoRA adapters whose PEFT export loads in peft."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from tests.helpers import kill_tree, run_train, start_train, tensorboard_scalars, wait_until
+
+pytest.importorskip("torchao")
+
+FP8 = ["fp8.enabled=true", "fp8.emulate=true"]
+
+
+def test_fifty_steps_of_float8_end_within_3_percent_of_high_precision(tmp_path):
+    common = ["--config", "configs/debug.yaml", "training.steps=50", "metrics.log_every=1", "checkpoint.enabled=false"]
+    final = {}
+    for name, extra in (("fp32", []), ("tensorwise", FP8), ("rowwise", [*FP8, "fp8.recipe=rowwise"])):
+        result = run_train([*common, *extra, f"job.output_dir={tmp_path / name}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        final[name] = tensorboard_scalars(tmp_path / name, "loss/train")[50]
+        if extra:
+            assert "28 of 29 linear layers convert" in result.stdout and "mfu_mixed" in result.stdout
+    print(f"\nFLOAT8 loss at step 50: {final}")
+    for recipe in ("tensorwise", "rowwise"):
+        assert abs(final[recipe] - final["fp32"]) / final["fp32"] < 0.03, final
+    assert final["fp32"] < 3.5  # and the runs did train
+
+
+ARGS = ["--config", "configs/debug.yaml", "training.steps=12", "metrics.log_every=1", "checkpoint.interval=4",
+        "job.deterministic=true", *FP8, "fp8.fsdp_float8_all_gather=true", "training.local_batch_size=1"]
+
+
+def test_float8_resumes_bitwise_and_without_float8(tmp_path):
+    """FSDP2 on 2 ranks gathering float8 weights, whose scales are computed after each optimizer step (and
+    at start-up, so that a resumed run scales its first step as an uninterrupted one does)."""
+    reference = run_train([*ARGS, "export.hf=true", f"job.output_dir={tmp_path / 'ref'}"], nproc=2)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "run"
+    proc = start_train([*ARGS, f"job.output_dir={out}"], out.parent / "first.log", nproc=2)
+    wait_until(lambda: (out / "checkpoints" / "step-4").is_dir(), what="the step-4 checkpoint")
+    kill_tree(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run_train([*ARGS, f"job.output_dir={out}"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    want, got = tensorboard_scalars(tmp_path / "ref", "loss/train"), tensorboard_scalars(out, "loss/train")
+    assert [got[s] for s in range(9, 13)] == [want[s] for s in range(9, 13)]  # bitwise
+
+    # The checkpoint holds high-precision weights under the plain names: it resumes with float8 off, on
+    # one process.
+    off = run_train([*ARGS[:-4], "training.local_batch_size=1", "training.steps=14", f"job.output_dir={out}"])
+    assert off.returncode == 0, off.stderr[-3000:]
+    assert "resumed from" in off.stdout and "linear layers convert" not in off.stdout
+    losses = tensorboard_scalars(out, "loss/train")
+    assert abs(losses[13] - losses[12]) < 0.5
+
+    # The export is a plain bf16 Hugging Face checkpoint that transformers loads and runs.
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "ref" / "export" / "hf").eval()
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    from safetensors import safe_open
+
+    for path in (tmp_path / "ref" / "export" / "hf").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as tensors:
+            assert {tensors.get_tensor(k).dtype for k in tensors.keys()} == {torch.bfloat16}
+    with torch.no_grad():
+        logits = model(torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(0))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_lora_over_a_float8_base_trains_and_exports_for_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    result = run_train([
+        "--config", "configs/debug.yaml", "training.steps=20", "metrics.log_every=1", "adapters.kind=lora",
+        "adapters.rank=4", "optimizer.lr=1e-2", "export.peft=true", "checkpoint.enabled=false", *FP8,
+        f"job.output_dir={tmp_path}",
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "28 of 29 linear layers convert" in result.stdout
+    losses = tensorboard_scalars(tmp_path, "loss/train")
+    print(f"\nLoRA over float8: loss {losses[1]:.4f} -> {losses[20]:.4f}")
+    assert losses[20] < losses[1] - 1.0
+
+    export = tmp_path / "export"
+    config = json.loads((export / "peft" / "adapter_config.json").read_text())
+    assert "model.layers.0.self_attn.q_proj" in config["target_modules"]
+    base = LlamaForCausalLM.from_pretrained(export / "base").eval()
+    tokens = torch.randint(0, 259, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(tokens).logits.clone()
+        with_adapter = PeftModel.from_pretrained(base, export / "peft").eval()(tokens).logits
+    assert torch.isfinite(with_adapter).all()
+    assert (with_adapter - base_logits).abs().max() > 1e-3  # the trained adapter changes the model
