@@ -1,0 +1,159 @@
+"""launch/slurm.sbatch on a REAL Slurm: slurmctld, two slurmd daemons posing as nodes n1 and n2, and
+munge, on this one machine (scripts/slurm_cluster.sh; .ci/run starts it before the suite and stops it
+after). Where Slurm cannot run (not root, no package manager) these tests skip saying why, except under
+CI=true, where a missing Slurm fails them.
+
+Every job trains the debug model on 2 nodes x 2 gloo processes (4 ranks)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, run_train, tensorboard_scalars, wait_until
+
+CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
+STEPS = 12
+RUN = ["configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "job.deterministic=true",
+       "training.local_batch_size=2", "checkpoint.interval=100"]
+ENV = {**os.environ, "TESSERA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TESSERA_NPROC_PER_NODE": "2",
+       "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode != 0:
+        why = subprocess.run(["bash", str(CLUSTER), "why-not"], capture_output=True, text=True).stdout.strip()
+        if why and os.environ.get("CI") != "true":
+            pytest.skip(f"no Slurm here: {why}")
+        started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, f"a real Slurm is required under CI=true: {started.stderr}"
+
+
+def submit(tmp_path: Path, args: list[str], env: dict | None = None) -> tuple[str, Path]:
+    log = tmp_path / "job.log"
+    result = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={log}", "launch/slurm.sbatch", *args],
+                            cwd=REPO, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0], log
+
+
+def job_fields(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_job(job: str, timeout: float = 300) -> dict[str, str]:
+    """Until the job has ended for good; a requeued job (held ~2 minutes by Slurm's BeginTime) is started at
+    once. A job that requeues itself passes through an ended state for a moment: the end must hold for 3 s."""
+    deadline, ended_since = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        fields = job_fields(job)
+        state = fields.get("JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            ended_since = ended_since or time.monotonic()
+            if time.monotonic() - ended_since > 3:
+                return fields
+        else:
+            ended_since = None
+        if state == "PENDING" and fields.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        time.sleep(0.25)
+    subprocess.run(["scancel", job])
+    raise TimeoutError(f"job {job} did not end in {timeout} s: {job_fields(job)}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same run as a plain 4-process torchrun job."""
+    out = tmp_path_factory.mktemp("torchrun")
+    result = run_train(["--config", *RUN, f"job.output_dir={out}"], nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tensorboard_scalars(out, "loss/train")
+
+
+def test_two_nodes_train_as_plain_torchrun_does(slurm, reference, tmp_path):
+    out = tmp_path / "run"
+    job, log = submit(tmp_path, [*RUN, f"job.output_dir={out}"])
+    fields = wait_job(job)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED", text[-3000:]
+    assert "2 node(s) x 2 process(es) = 4 ranks" in text and "finished" in text
+    assert tensorboard_scalars(out, "loss/train") == reference  # bitwise, with job.deterministic=true
+
+
+def test_preemption_saves_requeues_and_resumes_exactly(slurm, reference, tmp_path):
+    out = tmp_path / "run"
+    job, log = submit(tmp_path, [*RUN, f"job.output_dir={out}"])
+    wait_until(lambda: log.is_file() and re.search(r"^step +5 ", log.read_text(), re.M), timeout=120, what="step 5")
+    # What Slurm's --signal=B:USR1@N does before the time limit: the batch shell gets the warning.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    fields = wait_job(job)
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-3000:]
+    assert "got SIGUSR1: asking the ranks to save and stop" in text
+    assert re.search(r"preempted after step \d+: checkpoint saved; requeued \(restart 1 of at most 20\)", text)
+    assert "checkpoint: resumed from" in text and "job " + job + " start 2" in text
+    assert tensorboard_scalars(out, "loss/train") == reference  # bitwise across the requeue
+
+
+def _rank_pid(rank: int, cwd: Path) -> int | None:
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = environ.read_bytes().split(b"\0")
+            cmdline = (environ.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"train.py" in cmdline and f"RANK={rank}".encode() in env and str(cwd).encode() in cmdline:
+            return int(environ.parent.name)
+    return None
+
+
+def test_a_crashed_rank_ends_the_job_without_requeue(slurm, tmp_path):
+    out = tmp_path / "run"
+    job, log = submit(tmp_path, [*RUN, "training.steps=500", f"job.output_dir={out}"],
+                      env={"TESSERA_DEAD_RANK_TIMEOUT": "15"})
+    wait_until(lambda: log.is_file() and re.search(r"^step +3 ", log.read_text(), re.M), timeout=120, what="step 3")
+    wait_until(lambda: _rank_pid(3, out) is not None, timeout=10, what="rank 3's process")
+    os.kill(_rank_pid(3, out), signal.SIGKILL)
+    killed = time.monotonic()
+    fields = wait_job(job, timeout=120)
+    took = time.monotonic() - killed
+    text = log.read_text()
+    print(f"\nSLURM a crashed rank ended the job in {took:.1f} s")
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", text[-3000:]
+    assert "not requeued (a failure, not a preemption; TESSERA_FAILURE_RETRIES=0)" in text
+    assert took < 60
+
+
+BAD = {
+    "config missing": (["configs/nope.yaml"], "config file not found: configs/nope.yaml"),
+    "override that does not parse": (["configs/debug.yaml", "training.steps=many"],
+                                     "config key 'training.steps': Value 'many' of type 'str' could not be converted"),
+    "unknown key": (["configs/debug.yaml", "training.stpes=5"], "training.stpes"),
+    "layout that 4 ranks cannot make": (["configs/debug.yaml", "parallel.tp=3"],
+                                        "pp x dp_replicate x tp = 1 x 1 x 3 = 3 do not divide the world size 4"),
+    "a layout for fewer processes": (["configs/debug.yaml", "parallel.dp_shard=2"],
+                                     "= 2 do not multiply to the world size 4; set parallel.dp_shard=-1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_submission_fails_in_seconds_with_the_trainers_message(slurm, tmp_path, case):
+    args, expected = BAD[case]
+    start = time.monotonic()
+    job, log = submit(tmp_path, [*args, f"job.output_dir={tmp_path / 'run'}"])
+    fields = wait_job(job, timeout=120)
+    took = time.monotonic() - start
+    text = log.read_text()
+    print(f"\nSLURM bad submission ({case}): ended in {took:.1f} s")
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], text
+    assert "stopped before launching: train.py --check failed" in text and "torch.distributed.run" not in text
+    assert took < 30
