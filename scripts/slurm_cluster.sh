@@ -83,7 +83,7 @@ start() {
 stop() {
     pkill -x slurmd || true
     pkill -x slurmctld || true
-    for _ in $(seq 1 20); do pgrep -x 'slurmd|slurmctld' >/dev/null || break; sleep 0.25; done
+    for _ in $(seq 1 20); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 0.25; done
     echo "slurm_cluster: stopped"
 }
 

@@ -1,5 +1,5 @@
 """Real float8 matmuls on a GPU of compute capability 8.9+ (skipped elsewhere: CPU runs test float8's
-numerics with torchao's emulation, tests/e2e/test_float8.py). Run on such a machine with
+numerics with torchao's emulation, tests/e2e/test_float8_training.py). Run on such a machine with
 `pytest -s tests/gpu`; the step times it prints are a smoke check, the benchmark tables live in docs."""
 
 import pytest
