@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import run_train, tensorboard_scalars  # noqa: E402
+from tests.helpers import run_train, tensorboard_scalars, tensorboard_tags  # noqa: E402
 
 
 def header(command: str) -> str:
@@ -25,13 +25,20 @@ def measure(overrides: list[str], nproc: int, skip_steps: int, env: dict | None 
             return result.stderr.strip().splitlines()[-1][:120]
 
         def later(tag):
-            values = [v for s, v in tensorboard_scalars(Path(out), tag).items() if s > skip_steps]
-            return values
+            if tag not in tensorboard_tags(Path(out)):
+                return []
+            return [v for s, v in tensorboard_scalars(Path(out), tag).items() if s > skip_steps]
 
-        mean = lambda tag: sum(later(tag)) / len(later(tag))  # noqa: E731
+        def mean(tag):
+            values = later(tag)
+            return sum(values) / len(values) if values else None
+
         return {
             "step_ms": 1000 * mean("time/step_seconds"),
             "tokens_per_sec": mean("throughput/tokens_per_sec_per_device"),
             "mfu": mean("throughput/mfu_percent"),
             "peak_gib": max(later("memory/peak_gib")),
+            # Only runs with a fast matmul format (float8) log these.
+            "mfu_mixed": mean("throughput/mfu_mixed_percent"),
+            "float8_share": mean("throughput/float8_flop_share"),
         }

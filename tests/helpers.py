@@ -76,6 +76,13 @@ def wait_until(condition, timeout: float = 300, what: str = "condition") -> None
         time.sleep(0.02)
 
 
+def tensorboard_tags(output_dir: Path) -> list[str]:
+    """The scalar tags a run wrote."""
+    accumulator = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator.Tags()["scalars"]
+
+
 def tensorboard_scalars(output_dir: Path, tag: str) -> dict[int, float]:
     """step -> value of one scalar, read back with TensorBoard's own event reader."""
     accumulator = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"scalars": 0})
