@@ -13,7 +13,8 @@ Fine-tuning it is the same trainer (it was trained on stories each starting with
 import argparse
 from pathlib import Path
 
-from trainer.evaluate import generate, per_token_loss
+from trainer.evaluate import per_token_loss
+from trainer.generate import Sampling, generate
 from trainer.tokenizer.spm import SentencePieceTokenizer
 from trainer.weights.load import load_model
 
@@ -33,7 +34,7 @@ def main() -> None:
     print(f"stories260K: {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"per-token loss on tinystories_sample.txt ({len(sequences)} stories, BOS-prefixed): {loss:.4f} nats "
           f"(karpathy reports 1.297 on the TinyStories validation split)")
-    sample = generate(model, [tokenizer.bos_id], max_new_tokens=200, stop_ids=(tokenizer.bos_id,))
+    sample = generate(model, [tokenizer.bos_id], Sampling(max_new_tokens=200), stop_ids=(tokenizer.bos_id,))
     print("greedy sample:\n" + tokenizer.decode(sample))
 
 

@@ -9,6 +9,7 @@ from trainer.checkpoint.paths import checkpoint_root
 from trainer.config import Config
 from trainer.converters import convert
 from trainer.data import check_enough_tokens, load_documents
+from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
 from trainer.model.build import build_meta_model
 from trainer.plan import make_plan
 
@@ -16,8 +17,10 @@ from trainer.plan import make_plan
 def check_run(cfg: Config, world_size: int) -> str:
     """Raises the first UserError a start of this config on `world_size` ranks would; else a summary."""
     plan = make_plan(cfg, world_size)
-    docs = load_documents(cfg.data)
+    docs, held_out = training_and_eval_documents(cfg, load_documents)
     check_enough_tokens(docs, plan.tokenizer, cfg.data, cfg.training.seq_len)
+    if held_out is not None:
+        check_eval_tokens(held_out, plan.tokenizer, cfg)
     start = "a fresh start at step 0"
     root = checkpoint_root(Path(cfg.job.output_dir))
     path = None if cfg.checkpoint.create_seed else resume_path(cfg.checkpoint, root)
@@ -39,5 +42,7 @@ def check_run(cfg: Config, world_size: int) -> str:
     d = plan.dims
     return (
         f"check: ok: {cfg.job.output_dir} on {world_size} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
-        f"dp_shard {d.dp_shard} x tp {d.tp}), {len(docs):,} documents from {docs.name}, {start}"
+        f"dp_shard {d.dp_shard} x tp {d.tp}), {len(docs):,} documents from {docs.name}, "
+        + (f"validating on {len(held_out):,} documents from {held_out.name}, " if held_out is not None else "")
+        + start
     )

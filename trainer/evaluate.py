@@ -1,4 +1,4 @@
-"""Held-out loss and text generation for a model on one device (examples and checks, not the loop)."""
+"""Held-out loss of a model on one device (examples and checks, not the loop); text: trainer/generate.py."""
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +17,3 @@ def per_token_loss(model: Transformer, sequences: list[list[int]]) -> float:
             total += F.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum").item()
             count += chunk.shape[1] - 1
     return total / count
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
-    """Greedy decoding (no KV cache: the models this serves are small)."""
-    tokens = list(prompt)
-    for _ in range(max_new_tokens):
-        window = torch.tensor(tokens[-model.args.max_seq_len :]).unsqueeze(0)
-        next_id = int(model(window)[0, -1].argmax())
-        if next_id in stop_ids:
-            break
-        tokens.append(next_id)
-    return tokens[len(prompt) :]

@@ -23,12 +23,20 @@ class TokenLoss:
         self.scale = scale
         self.summed = torch.zeros((), device=device)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The scaled loss of one microbatch, to call backward on."""
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The scaled loss of one microbatch, to call backward on (`inputs` serve losses that read them)."""
         loss_sum = F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
         )
         return loss_sum * self.scale
+
+    def plain(self) -> "TokenLoss":
+        """The loss validation measures: this one."""
+        return self
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """Named terms of the step's summed loss, logged beside it: none."""
+        return {}
 
     def record(self, scaled: torch.Tensor) -> None:
         """Adds a microbatch's loss to the step's running sum. Kept apart from __call__ because a pipeline

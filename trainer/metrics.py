@@ -5,6 +5,7 @@ first step (allocator warm-up) shows once and does not skew later lines.
 """
 
 import json
+import math
 import resource
 import sys
 import time
@@ -133,8 +134,10 @@ class MetricsLogger:
 
     def maybe_log(
         self, step: int, *, loss: float, lr: float, grad_norm: float, local_tokens: int, step_time: float,
-        tokens_seen: int = 0, window_ids: list[tuple[int, int]] = (),
+        tokens_seen: int = 0, window_ids: list[tuple[int, int]] = (), loss_parts: dict[str, float] | None = None,
     ) -> None:
+        """`loss_parts`: named terms of a loss made of several (distillation's ce and kl), per label token."""
+        loss_parts = loss_parts or {}
         if self.samples is not None:
             self.samples.write(json.dumps({"step": step, "windows": [list(w) for w in window_ids]}) + "\n")
             self.samples.flush()
@@ -157,9 +160,10 @@ class MetricsLogger:
             return
         if self.progress:
             print("\r" + " " * 80 + "\r", end="")
+        parts = f" ({', '.join(f'{k} {v:.4f}' for k, v in loss_parts.items())})" if loss_parts else ""
         mixed = f" | mfu_mixed {self.fast.mixed(mfu):5.2f}%" if self.fast else ""
         print(
-            f"step {step:>6} | loss {loss:8.4f} | lr {lr:.3e} | grad_norm {grad_norm:8.4f} | "
+            f"step {step:>6} | loss {loss:8.4f}{parts} | lr {lr:.3e} | grad_norm {grad_norm:8.4f} | "
             f"tok/s/device {tokens_per_sec:9.1f} | mfu {mfu:5.2f}%{mixed} | mem {memory:6.2f} GiB | "
             f"step {step_avg * 1000:7.1f} ms | tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}",
             flush=True,
@@ -170,11 +174,30 @@ class MetricsLogger:
                 "throughput/mfu_percent": mfu, "memory/peak_gib": memory, "time/step_seconds": step_avg,
                 "progress/tokens_seen": tokens_seen, "time/elapsed_seconds": elapsed, "time/eta_seconds": eta,
             }
+            scalars.update({f"loss/{name}": value for name, value in loss_parts.items()})
             if self.fast:
                 scalars["throughput/mfu_mixed_percent"] = self.fast.mixed(mfu)
                 scalars[f"throughput/{self.fast.fmt}_flop_share"] = self.fast.share
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
+    def log_eval(self, step: int, *, loss: float, tokens: int, seconds: float, samples: list[tuple[str, str]]) -> None:
+        """A validation's line, its TensorBoard scalars, and its samples (console and TensorBoard text)."""
+        if not self.is_main:
+            return
+        ppl = math.exp(loss) if loss < 80 else float("inf")
+        if self.progress:
+            print("\r" + " " * 80 + "\r", end="")
+        print(f"eval {step:>6} | loss {loss:8.4f} | perplexity {ppl:10.3f} | tokens {tokens_label(tokens)} | "
+              f"{seconds:.1f} s", flush=True)
+        for prompt, text in samples:
+            print(f"sample {step:>6} | {prompt!r} -> {text!r}", flush=True)
+        if self.writer is not None:
+            self.writer.add_scalar("eval/loss", loss, step)
+            self.writer.add_scalar("eval/perplexity", ppl, step)
+            for i, (prompt, text) in enumerate(samples):
+                self.writer.add_text(f"eval/sample_{i}", f"**{prompt}**{text}", step)
             self.writer.flush()
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from trainer.config.checks import check_batch, check_pipeline, check_seq_len, ch
 from trainer.config.schema import ModelConfig, ParallelConfig
 from trainer.adapters.converter import AdapterConverter
 from trainer.converters import ModelConverter
+from trainer.distill.teacher import check_teacher
 from trainer.model.args import ModelArgs
 from trainer.model.build import build_meta_model
 from trainer.model.family import FAMILIES
@@ -29,6 +30,7 @@ class Plan:
     model_args: ModelArgs
     num_stages: int  # pipeline stages over all pipeline ranks (1 without pipelining)
     converters: list[ModelConverter]  # the model transforms, in the order they apply
+    teacher_args: ModelArgs | None = None  # the distillation teacher's shape (None: no distillation)
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
@@ -50,6 +52,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         for converter in converters:
             converter.check(meta, dims)  # each sees the model as the converters before it left it
             converter.convert(meta)
+    teacher_args = check_teacher(cfg, dims, model_args)
     if (cfg.export.hf or cfg.export.peft) and dims.pp > 1 and not cfg.checkpoint.enabled:
         raise ConfigError(
             "exports with parallel.pp > 1 are assembled from the final checkpoint: set checkpoint.enabled=true"
@@ -57,7 +60,8 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and _has_cuda()):
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
     return Plan(dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches, tokenizer=tokenizer,
-                model_args=model_args, num_stages=dims.num_stages(stages_per_rank(cfg.parallel)), converters=converters)
+                model_args=model_args, num_stages=dims.num_stages(stages_per_rank(cfg.parallel)), converters=converters,
+                teacher_args=teacher_args)
 
 
 # Every converter, in the order they apply to a model: adapters wrap the float8 layers.

@@ -23,6 +23,8 @@ from trainer.checkpoint.state import (
 from trainer.config import Config, to_yaml
 from trainer.converters import convert, linear_styles
 from trainer.data import PackedLoader, check_enough_tokens, load_documents
+from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
+from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
 from trainer.export import export_run
 from trainer.loss import TokenLoss
@@ -33,6 +35,7 @@ from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
+from trainer.validation import Validation
 from trainer.weights.load import open_weights
 from trainer.weights.materialize import materialize_unit
 
@@ -55,8 +58,10 @@ class Trainer:
         self.num_stages, self.family = plan.num_stages, family_of(plan.model_args)
         self.converters = plan.converters
         self.tokenizer, model_args = plan.tokenizer, plan.model_args
-        docs = load_documents(cfg.data)
+        docs, held_out = training_and_eval_documents(cfg, load_documents)
         check_enough_tokens(docs, self.tokenizer, cfg.data, cfg.training.seq_len)
+        if held_out is not None:
+            check_eval_tokens(held_out, self.tokenizer, cfg)
 
         self.meshes = build_meshes(self.dims, device_type())
         # FSDP casts parameters itself (MixedPrecisionPolicy); without it, autocast does.
@@ -67,13 +72,18 @@ class Trainer:
             dp_rank=self.meshes.dp.local_rank, dp_size=self.dims.dp_size, seed=cfg.job.seed,
         )
 
+        self.validation = None
+        if held_out is not None:
+            self.validation = Validation(cfg, held_out, self.tokenizer, dp_rank=self.meshes.dp.local_rank,
+                                         dp_size=self.dims.dp_size)
+
         self.precision = Precision.from_config(
             cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, runtime.device
         )
         tp_loss = self.dims.tp > 1 and cfg.parallel.loss_parallel
         # Vocabulary-sharded logits need the loss, and its backward, inside this context.
         self.loss_context = loss_parallel if tp_loss else contextlib.nullcontext
-        self.loss_fn = TokenLoss()
+        self.loss_fn = self._build_loss(plan.teacher_args)
         self.model_parts, self.schedule = self._build_model(model_args)
         self.params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
 
@@ -87,6 +97,7 @@ class Trainer:
         for converter in self.converters:
             converter.after_optimizer_step(self.model_parts)
         self.bad_steps = 0  # steps in a row whose loss or gradient norm was not finite
+        self.loss_parts: dict[str, float] = {}  # named terms of the last step's loss (distillation: ce, kl)
         self.preemption = PreemptionWatch(runtime.device)
         meta = convert(build_meta_model(model_args), self.converters)
         model_flops = flops_per_token(model_args, cfg.training.seq_len)
@@ -110,10 +121,24 @@ class Trainer:
             )
             for line in (line for c in self.converters for line in c.report()):
                 print(line, flush=True)
+            if plan.teacher_args is not None:
+                teacher = sum(p.numel() for p in build_meta_model(plan.teacher_args).parameters())
+                print(f"distilling from {cfg.distill.teacher} ({teacher:,} frozen parameters, forward only, sharded like "
+                      f"the model): loss = {1 - cfg.distill.kd_ratio:g} x cross-entropy + {cfg.distill.kd_ratio:g} x "
+                      f"{cfg.distill.loss} KL at temperature {cfg.distill.temperature:g}; mfu counts the model's "
+                      f"FLOPs only", flush=True)
             if fast_flops:
                 print(f"{fast[0]} runs {100 * fast_flops.share:.1f}% of the model's FLOPs: mfu stays against the peak above "
                       f"(the FLOPs are the model's); mfu_mixed counts them at the {fast[0]} peak, {fast[2]:g}x ({fast[3]})",
                       flush=True)
+
+    def _build_loss(self, teacher_args) -> TokenLoss:
+        """Cross-entropy; with a teacher, the distillation loss (all that a distillation run changes)."""
+        if teacher_args is None:
+            return TokenLoss()
+        teacher = build_teacher(self.cfg, teacher_args, fsdp_mesh=self.meshes.fsdp.mesh, precision=self.precision,
+                                device=self.runtime.device)
+        return DistillLoss(self.cfg.distill, teacher)
 
     def _build_checkpointer(self, model_args) -> CheckpointManager:
         """Everything a resume needs, as one DCP state dict (DESIGN rule 7)."""
@@ -221,7 +246,10 @@ class Trainer:
             self.metrics.maybe_log(
                 self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
                 step_time=time.perf_counter() - start, tokens_seen=self.counters.tokens, window_ids=window_ids,
+                loss_parts=self.loss_parts,
             )
+            if self.validation is not None and self.validation.due(self.step):
+                self._validate()
             healthy = self._note_health(loss, grad_norm)
             signum = self.preemption.agreed_signal()
             saved = self.checkpointer.maybe_save(self.step, healthy=healthy, force=signum != 0)
@@ -278,6 +306,8 @@ class Trainer:
         grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=self.meshes.pp.group)
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
         loss = self._sum(self.loss_fn.summed, over_pp=True).item() / global_tokens
+        self.loss_parts = {name: self._sum(value, over_pp=True).item() / global_tokens
+                           for name, value in self.loss_fn.parts().items()}
         grad_norm = grad_norm.item()
         # Both figures are reduced over every rank (the loss over dp and pp, the norm over the whole mesh),
         # so every rank takes the same decision. A non-finite step leaves the weights, the optimizer's
@@ -288,27 +318,53 @@ class Trainer:
                 converter.after_optimizer_step(self.model_parts)
         return loss, grad_norm
 
-    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLoss | None = None,
+                         backward: bool = True) -> None:
+        """One microbatch into `loss_fn` (the training loss unless given; a pipeline's is its own)."""
+        loss_fn = loss_fn or self.loss_fn
         # autocast covers the pipeline's backward too: the schedule runs both in one call.
         with self.loss_context(), self.precision.autocast(self.runtime.device, fsdp=self.uses_fsdp):
             if self.schedule is not None:
-                self._pipeline_forward_backward(inputs, labels)
+                self._pipeline_forward_backward(inputs, labels, backward)
                 return
             logits = self.model_parts[0](inputs)
-            loss = self.loss_fn(logits, labels)
-            loss.backward()
-            self.loss_fn.record(loss)
+            loss = loss_fn(logits, labels, inputs=inputs)
+            if backward:
+                loss.backward()
+            loss_fn.record(loss)
 
-    def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool) -> None:
         """The schedule splits the batch into pp microbatches and runs the loss (and its backward) itself."""
         # Stage 0 is on pipeline rank 0 and the last stage on the last rank, for every schedule.
         pp_rank = self.meshes.pp.local_rank
         args = (inputs,) if pp_rank == 0 else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": labels, "losses": losses} if pp_rank == self.dims.pp - 1 else {}
-        self.schedule.step(*args, **kwargs)
+        (self.schedule.step if backward else self.schedule.eval)(*args, **kwargs)
         for loss in losses:
             self.loss_fn.record(loss)
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        """The held-out loss per label token over every rank's validation batches, through the same
+        forward as training (no gradients, no dropout), then the samples."""
+        start = time.perf_counter()
+        for part in self.model_parts:
+            part.eval()
+        loss_fn = self.loss_fn.plain()
+        loss_fn.start(scale=1.0, device=self.runtime.device)
+        tokens = 0
+        for inputs, labels in self.validation.batches:
+            tokens += int(TokenLoss.count(labels))
+            self.forward_backward(inputs.to(self.runtime.device), labels.to(self.runtime.device), loss_fn, backward=False)
+        count = self._sum(torch.tensor(float(tokens)), over_pp=False).item()
+        loss = self._sum(loss_fn.summed, over_pp=True).item() / count
+        samples = []
+        if self.validation.cfg.sample_prompts and self.schedule is None and self.dims.tp == 1 and not self.cfg.compile.enabled:
+            samples = self.validation.samples(self.model_parts[0])
+        for part in self.model_parts:
+            part.train()
+        self.metrics.log_eval(self.step, loss=loss, tokens=int(count), seconds=time.perf_counter() - start, samples=samples)
 
     def _sum(self, value: torch.Tensor, over_pp: bool) -> torch.Tensor:
         value = value.to(self.runtime.device)

@@ -1,15 +1,24 @@
 """Every parallel layout against a single fp32 process (the oracle): same losses within 1e-5.
 
 Each layout is a real torchrun job of gloo ranks on CPU training the debug model for 4 steps. The
-largest difference per layout is printed (pytest -s) for the record.
+largest difference per layout is printed (pytest -s) for the record. Each run also validates after its
+last step, and its validation loss is checked against a plain forward of its own final checkpoint over
+the same held-out windows, in this process.
 """
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from tests.helpers import run_train, tensorboard_scalars
+from trainer.config import load_config
+from trainer.data import PackedLoader, load_documents
+from trainer.data.held_out import training_and_eval_documents
+from trainer.generate import load_for_generation
 
 STEPS = 4
-COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1"]
+EVAL = ["eval.every=4", "eval.split_fraction=0.1", "eval.steps=2"]
+COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", *EVAL]
 
 # name -> (ranks, overrides). The global batch stays 8 sequences: local batch x dp x accumulation.
 LAYOUTS = {
@@ -31,7 +40,29 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     result = run_train([*COMMON, f"job.output_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    _check_eval_loss(out, dp=1)
     return {tag: tensorboard_scalars(out, tag) for tag in ("loss/train", "grad_norm")}
+
+
+def _check_eval_loss(out, dp: int) -> None:
+    """eval/loss equals the mean cross-entropy of the final weights over the held-out windows the run
+    validated on: the first eval.steps x dp x local_batch_size windows of the held-out stream."""
+    cfg = load_config(out / "config.yaml")
+    model, tokenizer = load_for_generation(out)  # the last checkpoint: step 4, the weights validated
+    _, held_out = training_and_eval_documents(cfg, load_documents)
+    loader = PackedLoader(held_out, tokenizer, cfg.data, cfg.training.seq_len, dp * cfg.training.local_batch_size,
+                          dp_rank=0, dp_size=1, seed=cfg.job.seed)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _ in range(cfg.eval.steps):
+            inputs, labels = loader.next_batch()
+            logits = model(inputs).float()
+            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += int((labels >= 0).sum())
+    logged = tensorboard_scalars(out, "eval/loss")
+    assert list(logged) == [STEPS]
+    print(f"EVAL dp={dp}: logged {logged[STEPS]:.7f}, separate forward {total / count:.7f}")
+    assert abs(logged[STEPS] - total / count) < 1e-6
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -44,6 +75,8 @@ def test_layout_matches_single_process(reference, tmp_path, layout):
     assert sorted(loss) == list(range(1, STEPS + 1))
     worst = max(abs(loss[s] - reference["loss/train"][s]) for s in loss)
     worst_norm = max(abs(norms[s] - reference["grad_norm"][s]) / reference["grad_norm"][s] for s in norms)
+    parallel = load_config(tmp_path / "config.yaml").parallel
+    _check_eval_loss(tmp_path, dp=nproc // (parallel.tp * parallel.pp))
     print(f"\nPARITY {layout}: max |loss - single| = {worst:.2e}, max relative grad-norm diff = {worst_norm:.2e}")
     assert worst < 1e-5, (loss, reference["loss/train"])
     assert worst_norm < 1e-4

@@ -108,6 +108,13 @@ CASES = {
     "float8 over a 4-bit base": (["fp8.enabled=true", "fp8.emulate=true", "adapters.kind=lora", "adapters.quantize_base=nf4"],
                                  "fp8.enabled=true with adapters.quantize_base=nf4: a 4-bit base is dequantized for every matmul"),
     "float8 without float8 hardware": (["fp8.enabled=true"], "fp8.enabled=true needs float8 matmuls, on an NVIDIA GPU of compute capability 8.9 or newer"),
+    # validation
+    "eval without held-out data": (["eval.every=5"], "eval.every=5 needs held-out data: set eval.source"),
+    "eval source and fraction": (["eval.source={txt}", "eval.split_fraction=0.1"], "are two ways to get held-out data: give one of them"),
+    "eval fraction of one": (["eval.split_fraction=1.0"], "eval.split_fraction=1.0 must lie in [0, 1)"),
+    "eval steps zero": (["eval.steps=0"], "eval.steps=0 must be at least 1"),
+    "eval source empty": (["eval.every=2", "eval.source={empty}"], "empty.txt: the file is empty; remove it from eval.source"),
+    "eval source missing": (["eval.every=2", "eval.source=/nope/held.txt"], "eval.source=/nope/held.txt: no such file"),
     "adapters over a full checkpoint": (["adapters.kind=lora"], "it is from a different model (another run in this output_dir?); start fresh with checkpoint.resume_from=none"),
     # tokenizer and data
     "tokenizer missing": (["tokenizer.kind=auto", "tokenizer.path=/nope/tok.model"], "tokenizer.path: no such file or directory: /nope/tok.model"),

@@ -8,7 +8,8 @@ import pytest
 from tests.helpers import kill_tree, run_train, start_train, tensorboard_scalars, wait_until
 
 STEPS = 20
-COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=10"]
+COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=10",
+          "eval.every=5", "eval.split_fraction=0.05", "eval.steps=1"]  # validation on: it must not disturb a resume
 
 
 def _samples(output_dir, world):
@@ -48,6 +49,8 @@ def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
     want = tensorboard_scalars(uninterrupted, "loss/train")
     got = tensorboard_scalars(tmp_path, "loss/train")
     assert [got[s] for s in range(11, STEPS + 1)] == [want[s] for s in range(11, STEPS + 1)]  # bitwise
+    want_eval, got_eval = tensorboard_scalars(uninterrupted, "eval/loss"), tensorboard_scalars(tmp_path, "eval/loss")
+    assert sorted(want_eval) == [5, 10, 15, 20] and [got_eval[s] for s in (15, 20)] == [want_eval[s] for s in (15, 20)]
     samples, reference = _samples(tmp_path, 2), _samples(uninterrupted, 2)
     assert samples == reference  # the same windows at every step
     every = [w for step in range(1, STEPS + 1) for w in samples[step]]

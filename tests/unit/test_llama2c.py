@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from trainer.evaluate import generate, per_token_loss
+from trainer.evaluate import per_token_loss
+from trainer.generate import Sampling, generate
 from trainer.model.build import build_meta_model
 from trainer.tokenizer.spm import SentencePieceTokenizer
 from trainer.weights.errors import CheckpointError
@@ -24,7 +25,7 @@ def test_stories260k_loss_and_sample(shared):
     loss = per_token_loss(model, sequences)
     assert abs(loss - 1.30) < 0.1, loss  # karpathy's reported validation loss for this model: 1.297
 
-    text = tok.decode(generate(model, [tok.bos_id], 120, stop_ids=(tok.bos_id,)))
+    text = tok.decode(generate(model, [tok.bos_id], Sampling(max_new_tokens=120), stop_ids=(tok.bos_id,)))
     words = re.findall(r"[a-z']+", text.lower())
     # Fluent English: every word is one a real TinyStories text uses, and there are enough of them.
     known = set(re.findall(r"[a-z']+", shared("text/tinystories/tinystories_train_head.txt").read_text().lower()))

@@ -53,6 +53,8 @@ def check_choices(cfg: Config) -> None:
                  "must be a positive number of TFLOP/s per device (or null to look it up / measure it)")
     _check_adapters(cfg)
     _check_fp8(cfg)
+    _check_eval(cfg)
+    _check_distill(cfg)
     _check_paths(cfg)
 
 
@@ -89,6 +91,34 @@ def _check_model(cfg: Config) -> None:
         if value is not None:
             _require(_finite(value) and value > 0, f"model.{key}", value,
                      "must be a positive, finite number (or null to take the flavor's)")
+
+
+def _check_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _require(e.every >= 0, "eval.every", e.every, "must be 0 (no validation) or a number of steps")
+    _require(e.steps >= 1, "eval.steps", e.steps, "must be at least 1")
+    _require(e.sample_tokens >= 1, "eval.sample_tokens", e.sample_tokens, "must be at least 1")
+    _require(0.0 <= e.split_fraction < 1.0, "eval.split_fraction", e.split_fraction,
+             "must lie in [0, 1) (the share of the training documents held out)")
+    if e.source is not None and e.split_fraction > 0:
+        raise ConfigError(
+            f"eval.source={e.source} and eval.split_fraction={e.split_fraction} are two ways to get held-out data: "
+            f"give one of them"
+        )
+    if e.every > 0 and e.source is None and e.split_fraction == 0:
+        raise ConfigError(
+            f"eval.every={e.every} needs held-out data: set eval.source (files, a directory or hub:NAME) or "
+            f"eval.split_fraction (e.g. 0.05 of the training documents)"
+        )
+
+
+def _check_distill(cfg: Config) -> None:
+    d = cfg.distill
+    _require(0.0 <= d.kd_ratio <= 1.0, "distill.kd_ratio", d.kd_ratio,
+             "must lie in [0, 1] (the KL's share of the loss; the cross-entropy takes the rest)")
+    _require(d.temperature > 0 and math.isfinite(d.temperature), "distill.temperature", d.temperature,
+             "must be a positive, finite number")
+    _require(d.chunk_tokens >= 1, "distill.chunk_tokens", d.chunk_tokens, "must be at least 1")
 
 
 def _check_fp8(cfg: Config) -> None:

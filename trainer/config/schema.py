@@ -198,6 +198,39 @@ class Float8Config:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during training: loss and perplexity on held-out documents, and a few samples."""
+
+    # Validate every this many steps, and after the last; 0: never.
+    every: int = 0
+    # Batches of training.local_batch_size windows per data-parallel rank, the same ones at every validation.
+    steps: int = 4
+    # Held-out documents, in the forms of data.source (read with data's other settings). Empty: take
+    # eval.split_fraction of the training documents, chosen by their index alone and never trained on.
+    source: str | None = None
+    split_fraction: float = 0.0
+    # Prompts continued greedily at each validation, to the console and TensorBoard (text).
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 48
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation: the model learns from a frozen teacher's next-token distributions as well
+    as from the labels: loss = (1 - kd_ratio) * cross-entropy + kd_ratio * temperature^2 * KL."""
+
+    # The teacher's weights, in any form model.init_from reads; it must share the model's tokenizer. Empty: off.
+    teacher: str | None = None
+    kd_ratio: float = 0.5
+    # Both distributions are softened by it (logits / temperature) before the KL.
+    temperature: float = 1.0
+    # forward: KL(teacher || student); reverse: KL(student || teacher).
+    loss: str = "forward"
+    # Label tokens per chunk: the float32 logits of both models exist for one chunk at a time.
+    chunk_tokens: int = 1024
+
+
+@dataclass
 class MetricsConfig:
     log_every: int = 10
     tensorboard: bool = True
@@ -255,6 +288,8 @@ class Config:
     compile: CompileConfig = field(default_factory=CompileConfig)
     fp8: Float8Config = field(default_factory=Float8Config)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -277,6 +312,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "activation_checkpoint.mode": ("none", "full", "selective_layer", "selective_op"),
     "adapters.kind": ("none", "lora", "dora"),
     "fp8.recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
+    "distill.loss": ("forward", "reverse"),
     "metrics.progress": ("auto", "on", "off"),
     "export.dtype": ("float32", "bfloat16"),
 }

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.args import ModelArgs
+from trainer.model.kv_cache import KVCache, LayerCache
 from trainer.model.rope import apply_rope, rope_tables
 
 
@@ -28,11 +29,13 @@ class Attention(nn.Module):
         """(batch, seq, heads, head_dim) queries and keys before RoPE: unchanged in Llama."""
         return q, k
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
+                start: int = 0) -> torch.Tensor:
         """cos/sin are the whole RoPE tables: sliced here, where the full sequence length is known even
-        when the residual stream around this module is split over sequence-parallel ranks."""
+        when the residual stream around this module is split over sequence-parallel ranks. With a cache
+        (generation), x holds the positions from `start` on and attends to the cached ones as well."""
         batch, seq, _ = x.shape
-        cos, sin = cos[:seq], sin[:seq]
+        cos, sin = cos[start : start + seq], sin[start : start + seq]
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
@@ -40,11 +43,16 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:
+            k, v = cache.append(k, v)
+            # Query i (position start + i) sees keys 0 .. start + i; the causal mask, shifted by start.
+            mask = torch.ones(seq, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
         repeats = q.shape[1] // k.shape[1]
         if repeats > 1:  # grouped-query attention: each kv head serves `repeats` query heads
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -69,8 +77,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
+                start: int = 0) -> torch.Tensor:
+        # Keywords: tensor parallelism's input preparation counts the positional inputs.
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, start=start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -99,12 +109,18 @@ class Transformer(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab). A pipeline stage holds a subset of the
-        modules (the others are None): it then maps hidden states to hidden states."""
+        modules (the others are None): it then maps hidden states to hidden states. With a cache
+        (generation, one process), tokens continue what the cache has seen, and extend it."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+        if cache is None:
+            for layer in self.layers.values():
+                h = layer(h, self.rope_cos, self.rope_sin)
+        else:
+            for layer_id, layer in self.layers.items():
+                h = layer(h, self.rope_cos, self.rope_sin, cache=cache.layers[layer_id], start=cache.length)
+            cache.length += tokens.shape[1]
         if self.norm is None:  # a pipeline stage before the last
             return h
         h = self.norm(h)

@@ -1,0 +1,71 @@
+"""Held-out documents for validation: a separate source, or a share of the training documents that is
+then never trained on. A document is held out by its index alone (a hash, not the seed or the number of
+ranks), so every run over the same data validates on the same documents."""
+
+import dataclasses
+import zlib
+
+from trainer.config.schema import Config
+from trainer.errors import DataError
+
+
+class DocumentSubset:
+    """Some documents of a source, under new indices 0 .. n-1."""
+
+    def __init__(self, docs, indices: list[int], name: str):
+        self.docs, self.indices, self.name = docs, indices, name
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.docs[self.indices[i]]
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.docs.column_names
+
+
+def is_held_out(index: int, fraction: float) -> bool:
+    return zlib.crc32(f"held-out/{index}".encode()) < fraction * 2**32
+
+
+def split_documents(docs, fraction: float) -> tuple[DocumentSubset, DocumentSubset]:
+    """(the documents to train on, the held-out ones)."""
+    held = [i for i in range(len(docs)) if is_held_out(i, fraction)]
+    kept = [i for i in range(len(docs)) if not is_held_out(i, fraction)]
+    if not held:
+        raise DataError(f"eval.split_fraction={fraction} holds out none of the {len(docs)} documents of {docs.name}: "
+                        f"raise it, or give eval.source")
+    if not kept:
+        raise DataError(f"eval.split_fraction={fraction} holds out every document of {docs.name}: lower it")
+    return (DocumentSubset(docs, kept, f"{docs.name} (without the held-out {len(held)})"),
+            DocumentSubset(docs, held, f"{len(held)} held-out documents of {docs.name}"))
+
+
+def training_and_eval_documents(cfg: Config, load_documents):
+    """(training documents, validation documents or None) as the config asks."""
+    docs = load_documents(cfg.data)
+    e = cfg.eval
+    if e.source is not None:
+        try:
+            return docs, load_documents(dataclasses.replace(cfg.data, source=e.source))
+        except DataError as err:  # the reader names data.source; here the files came from eval.source
+            message = str(err).replace("data.source", "eval.source")
+            raise DataError(message if "eval.source" in message else f"eval.source: {message}") from None
+    if e.split_fraction > 0:
+        return split_documents(docs, e.split_fraction)
+    return docs, None
+
+
+def check_eval_tokens(docs, tokenizer, cfg: Config) -> None:
+    """The held-out documents fill the validation batches' streams (messages say which data is short)."""
+    from trainer.data.documents import check_num_streams
+    from trainer.data.loader import check_enough_tokens
+    from trainer.errors import UserError
+
+    try:
+        check_num_streams(docs, cfg.data.num_streams)
+        check_enough_tokens(docs, tokenizer, cfg.data, cfg.training.seq_len)
+    except UserError as err:
+        raise type(err)(f"eval: {err}") from None

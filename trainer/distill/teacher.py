@@ -1,0 +1,68 @@
+"""The teacher: any checkpoint model.init_from reads (ours, Hugging Face, llama2.c), of any registered
+family, built on meta and materialized unit by unit like the student, sharded with FSDP2 over the same
+ranks, frozen, in eval mode. It only runs forwards under no_grad, so it keeps no activations and each
+unit is resharded right after its forward."""
+
+import torch
+from torch import nn
+
+from parallel.mesh import ParallelDims
+from parallel.parallelize import parallelize
+from trainer.config import Config, ConfigError
+from trainer.model.args import ModelArgs
+from trainer.model.build import build_meta_model
+from trainer.precision import Precision
+from trainer.weights.errors import CheckpointError
+from trainer.weights.load import open_weights, read_checkpoint_args
+from trainer.weights.materialize import materialize_unit
+
+
+def check_teacher(cfg: Config, dims: ParallelDims, student: ModelArgs) -> ModelArgs | None:
+    """The teacher's shape, once it is known to fit the run (None without distillation). Reads only the
+    checkpoint's metadata."""
+    path = cfg.distill.teacher
+    if path is None:
+        return None
+    if dims.pp > 1 or dims.tp > 1:
+        raise ConfigError(
+            f"distill.teacher runs with data parallelism (FSDP2, HSDP) only, not with parallel.pp={dims.pp} / "
+            f"parallel.tp={dims.tp}: the teacher reads each microbatch's inputs beside the student's logits. "
+            f"Set parallel.pp=1 and parallel.tp=1 (shard the student and the teacher with parallel.dp_shard)"
+        )
+    try:
+        args = read_checkpoint_args(path)
+    except CheckpointError as err:
+        raise CheckpointError(str(err).replace("model.init_from", "distill.teacher")) from None
+    if args.vocab_size != student.vocab_size:
+        raise ConfigError(
+            f"distill.teacher={path} has a vocabulary of {args.vocab_size} tokens and the student "
+            f"{student.vocab_size}: teacher and student must share the tokenizer (the KL compares their "
+            f"distributions token by token). Pick a teacher of this tokenizer, or set model.vocab_size to match "
+            f"if the student's is only padded differently"
+        )
+    if args.max_seq_len < cfg.training.seq_len:
+        raise ConfigError(
+            f"training.seq_len={cfg.training.seq_len} is over distill.teacher's maximum sequence length "
+            f"{args.max_seq_len}: lower training.seq_len"
+        )
+    return args
+
+
+def build_teacher(cfg: Config, args: ModelArgs, *, fsdp_mesh, precision: Precision, device: torch.device) -> nn.Module:
+    model = build_meta_model(args)
+    weights = open_weights(cfg.distill.teacher, args, cfg.job.seed)
+
+    def materialize(unit: nn.Module, unit_name: str) -> None:
+        # Stored in the compute dtype: a frozen model needs no float32 master copy (before FSDP shards
+        # the unit, since FSDP2 cannot change a parameter's dtype afterwards).
+        for _, piece in materialize_unit(unit, unit_name, device=device, weights=weights):
+            for module in piece.modules():
+                for name, param in list(module.named_parameters(recurse=False)):
+                    setattr(module, name, nn.Parameter(param.detach().to(precision.param_dtype), requires_grad=False))
+
+    parallelize(
+        model, tp_mesh=None, tp_plan=None, async_tp=False, ac_mode="none", ac_every=1, compile=cfg.compile.enabled,
+        fsdp_mesh=fsdp_mesh, param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype,
+        reshard_after_forward="always", cpu_offload=cfg.parallel.cpu_offload, materialize=materialize,
+    )
+    return model.requires_grad_(False).eval()

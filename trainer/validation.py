@@ -1,0 +1,37 @@
+"""Validation during training: the loss and perplexity of held-out documents every eval.every steps, and
+after the last, under the run's own layout (the trainer runs the forward: FSDP, TP with loss parallel,
+pipeline stages, adapters, float8), and greedy samples of eval.sample_prompts.
+
+The batches are drawn once, from a loader of their own, so every validation sees the same ones and the
+training data's order and random state are never touched (a resume stays exact with validation on).
+Each data-parallel rank takes eval.steps batches; together they are the first windows of the held-out
+stream, whatever the layout."""
+
+from trainer.config import Config
+from trainer.data import PackedLoader
+from trainer.generate import Sampling, generate
+
+
+class Validation:
+    def __init__(self, cfg: Config, docs, tokenizer, *, dp_rank: int, dp_size: int):
+        self.cfg, self.tokenizer = cfg.eval, tokenizer
+        self.total_steps = cfg.training.steps
+        loader = PackedLoader(docs, tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
+                              dp_rank=dp_rank, dp_size=dp_size, seed=cfg.job.seed)
+        self.batches = [loader.next_batch() for _ in range(self.cfg.steps)]
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.every
+        return every > 0 and (step % every == 0 or step == self.total_steps)
+
+    def samples(self, model) -> list[tuple[str, str]]:
+        """(prompt, greedy continuation) for each eval.sample_prompts entry; every rank runs the same
+        forwards (FSDP gathers for all), and greedy decoding makes the same choices on each."""
+        out = []
+        stop = tuple(i for i in (self.tokenizer.eos_id,) if i is not None)
+        for prompt in self.cfg.sample_prompts:
+            bos = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+            ids = bos + self.tokenizer.encode(prompt)
+            new = generate(model, ids, Sampling(max_new_tokens=self.cfg.sample_tokens), stop_ids=stop)
+            out.append((prompt, self.tokenizer.decode(new)))
+        return out
