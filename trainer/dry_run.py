@@ -5,6 +5,7 @@ import torch
 
 from trainer.config import Config, to_yaml
 from trainer.converters import convert
+from trainer.distill.teacher import teacher_memory
 from trainer.model.build import build_meta_model, count_params, flops_per_token
 from trainer.model.family import family_of
 from trainer.plan import Plan, build_converters, make_plan
@@ -92,6 +93,9 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     # With FSDP's CPU offload the sharded parameters, their gradients and the optimizer live in host memory.
     host = HOST if cfg.parallel.cpu_offload and dims.dp_size > 1 else ""
     extra = {k: v for c in converters for k, v in c.memory(model, micro_tokens=micro_tokens, tp=dims.tp).items()}
+    if plan.teacher_args is not None:
+        extra.update(teacher_memory(plan.teacher_args, cfg, dp_shard=dims.dp_shard, micro_tokens=micro_tokens,
+                                    compute_bytes=compute_bytes))
     return {
         host + weights_label: weights,
         host + "gradients (fp32, trainable only)": 4 * per_rank_trainable,

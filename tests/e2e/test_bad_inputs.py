@@ -115,6 +115,16 @@ CASES = {
     "eval steps zero": (["eval.steps=0"], "eval.steps=0 must be at least 1"),
     "eval source empty": (["eval.every=2", "eval.source={empty}"], "empty.txt: the file is empty; remove it from eval.source"),
     "eval source missing": (["eval.every=2", "eval.source=/nope/held.txt"], "eval.source=/nope/held.txt: no such file"),
+    # distillation
+    "distill teacher missing": (["distill.teacher=/nope/teacher"], "distill.teacher: no such file or directory: /nope/teacher"),
+    "distill vocabulary mismatch": (["distill.teacher={run}/checkpoints/step-2", "model.vocab_size=512"],
+                                    "has a vocabulary of 320 tokens and the student 512: teacher and student must share the tokenizer"),
+    "kd_ratio above 1": (["distill.kd_ratio=1.5"], "distill.kd_ratio=1.5 must lie in [0, 1]"),
+    "kd_ratio negative": (["distill.kd_ratio=-0.1"], "distill.kd_ratio=-0.1 must lie in [0, 1]"),
+    "distill temperature zero": (["distill.temperature=0"], "distill.temperature=0.0 must be a positive, finite number"),
+    "distill loss": (["distill.loss=jsd"], "distill.loss='jsd' is not one of: forward, reverse"),
+    "distill with pipeline stages": (["parallel.pp=2", "distill.teacher={run}/checkpoints/step-2", "--check", "--world-size", "2"],
+                                     "distill.teacher runs with data parallelism (FSDP2, HSDP) only, not with parallel.pp=2"),
     "adapters over a full checkpoint": (["adapters.kind=lora"], "it is from a different model (another run in this output_dir?); start fresh with checkpoint.resume_from=none"),
     # tokenizer and data
     "tokenizer missing": (["tokenizer.kind=auto", "tokenizer.path=/nope/tok.model"], "tokenizer.path: no such file or directory: /nope/tok.model"),

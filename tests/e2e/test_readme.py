@@ -142,3 +142,9 @@ def test_exports_are_named_and_usable_alone(walkthrough):
         assert tokenizer("Once upon a time", add_special_tokens=False).input_ids == reference.encode("Once upon a time")
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
     PeftModel.from_pretrained(base, export / "peft")  # the base named in the adapter's config takes it
+
+
+def test_sampling_continues_the_prompt(walkthrough):
+    _, results = walkthrough
+    text = _find(results, "python -m trainer.generate").stdout
+    assert text.startswith("Once upon a time") and len(text.split()) > 8, text

@@ -36,7 +36,7 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
         f"data.source={shared('instruct/alpaca/alpaca_data_first2000.json')}", "data.task=sft",
         "data.skip_bad_records=true", "adapters.kind=lora", "adapters.quantize_base=nf4", "adapters.rank=8",
         "optimizer.lr=3e-3", "training.steps=20", "metrics.log_every=1", "export.peft=true", "export.hf=true", "export.dtype=float32",
-        f"job.output_dir={tmp_path}",
+        "eval.split_fraction=0.05", "eval.every=20", "eval.steps=2", f"job.output_dir={tmp_path}",
     ])
     assert result.returncode == 0, result.stderr[-3000:]
     loss = tensorboard_scalars(tmp_path, "loss/train")
@@ -59,3 +59,34 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
           f"max |merged - ours| = {(merged_logits - our_logits).abs().max():.2e}; loss {first:.4f} -> {last:.4f}")
     assert (peft_logits - our_logits).abs().max() < 1e-4
     assert (merged_logits - our_logits).abs().max() < 1e-4
+    _check_sft_validation(tmp_path, ours)
+
+
+def _check_sft_validation(run, model):
+    """The validation loss of the final step is the cross-entropy of the assistant tokens alone of the
+    held-out records, through the 4-bit base and its adapters."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.config import load_config
+    from trainer.data import PackedLoader, load_documents
+    from trainer.data.held_out import training_and_eval_documents
+    from trainer.loss import IGNORE_INDEX
+    from trainer.tokenizer import build_tokenizer
+
+    cfg = load_config(run / "config.yaml")
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    _, held_out = training_and_eval_documents(cfg, load_documents)
+    loader = PackedLoader(held_out, tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
+                          dp_rank=0, dp_size=1, seed=cfg.job.seed)
+    total, count, masked = 0.0, 0, 0
+    with torch.no_grad():
+        for _ in range(cfg.eval.steps):
+            inputs, labels = loader.next_batch()
+            total += F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += int((labels != IGNORE_INDEX).sum())
+            masked += int((labels == IGNORE_INDEX).sum())
+    logged = tensorboard_scalars(run, "eval/loss")[20]
+    print(f"EVAL SFT QLoRA: logged {logged:.6f}, separate forward {total / count:.6f} over {count} assistant tokens "
+          f"({masked} prompt tokens masked)")
+    assert masked > 0 and abs(logged - total / count) < 1e-5

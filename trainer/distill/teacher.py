@@ -66,3 +66,20 @@ def build_teacher(cfg: Config, args: ModelArgs, *, fsdp_mesh, precision: Precisi
         reshard_after_forward="always", cpu_offload=cfg.parallel.cpu_offload, materialize=materialize,
     )
     return model.requires_grad_(False).eval()
+
+
+def teacher_memory(args: ModelArgs, cfg: Config, *, dp_shard: int, micro_tokens: int, compute_bytes: int) -> dict[str, float]:
+    """Bytes per rank the teacher adds, for --dry-run: its frozen weights in the compute dtype, sharded by
+    FSDP; a gathered block and the prefetched next one; its logits for the microbatch; and the float32
+    working set of one chunk of the loss (both models' log-probabilities, their difference and the
+    student's gradient). Its activations live for one layer at a time under no_grad: left out."""
+    model = build_meta_model(args)
+    params = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in next(iter(model.layers.values())).parameters())
+    chunk = min(cfg.distill.chunk_tokens, micro_tokens)
+    return {
+        "teacher parameters (frozen, compute dtype)": params * compute_bytes / dp_shard,
+        "teacher gathered parameters in flight": 2 * block * compute_bytes if dp_shard > 1 else 0,
+        "teacher logits": micro_tokens * args.vocab_size * compute_bytes,
+        f"distillation loss, one chunk of {chunk} tokens (fp32)": 4 * chunk * args.vocab_size * 4,
+    }
