@@ -136,7 +136,8 @@ class Trainer:
         """Cross-entropy; with a teacher, the distillation loss (all that a distillation run changes)."""
         if teacher_args is None:
             return TokenLoss()
-        teacher = build_teacher(self.cfg, teacher_args, fsdp_mesh=self.meshes.fsdp.mesh, precision=self.precision,
+        teacher = build_teacher(self.cfg, teacher_args, fsdp_mesh=self.meshes.fsdp.mesh,
+                                shards=self.dims.dp_shard if self.uses_fsdp else 1, precision=self.precision,
                                 device=self.runtime.device)
         return DistillLoss(self.cfg.distill, teacher)
 

@@ -221,6 +221,9 @@ class DistillConfig:
 
     # The teacher's weights, in any form model.init_from reads; it must share the model's tokenizer. Empty: off.
     teacher: str | None = None
+    # Store the teacher's block linears in 4 bits, as adapters.quantize_base does a base (HQQ's group
+    # size: adapters.hqq_group_size).
+    teacher_quantize: str = "none"
     kd_ratio: float = 0.5
     # Both distributions are softened by it (logits / temperature) before the KL.
     temperature: float = 1.0
@@ -313,6 +316,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapters.kind": ("none", "lora", "dora"),
     "fp8.recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
     "distill.loss": ("forward", "reverse"),
+    "distill.teacher_quantize": ("none", "nf4", "bnb_nf4", "hqq"),
     "metrics.progress": ("auto", "on", "off"),
     "export.dtype": ("float32", "bfloat16"),
 }

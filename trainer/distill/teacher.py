@@ -8,6 +8,8 @@ from torch import nn
 
 from parallel.mesh import ParallelDims
 from parallel.parallelize import parallelize
+from trainer.adapters.frozen import FrozenLinear
+from trainer.adapters.quantize import bytes_per_weight, check_quantizable, missing_library
 from trainer.config import Config, ConfigError
 from trainer.model.args import ModelArgs
 from trainer.model.build import build_meta_model
@@ -40,6 +42,7 @@ def check_teacher(cfg: Config, dims: ParallelDims, student: ModelArgs) -> ModelA
             f"distributions token by token). Pick a teacher of this tokenizer, or set model.vocab_size to match "
             f"if the student's is only padded differently"
         )
+    check_teacher_quantize(cfg, dims, args)
     if args.max_seq_len < cfg.training.seq_len:
         raise ConfigError(
             f"training.seq_len={cfg.training.seq_len} is over distill.teacher's maximum sequence length "
@@ -48,17 +51,52 @@ def check_teacher(cfg: Config, dims: ParallelDims, student: ModelArgs) -> ModelA
     return args
 
 
-def build_teacher(cfg: Config, args: ModelArgs, *, fsdp_mesh, precision: Precision, device: torch.device) -> nn.Module:
+def check_teacher_quantize(cfg: Config, dims: ParallelDims, args: ModelArgs) -> None:
+    """A 4-bit teacher needs its library, and block linears that split into whole 4-bit blocks per FSDP
+    shard (the same rules as a 4-bit adapter base)."""
+    q = cfg.distill.teacher_quantize
+    if q == "none":
+        return
+    package = missing_library(q)
+    if package:
+        raise ConfigError(f"distill.teacher_quantize={q} needs the {package} package: pip install {package}")
+    meta = build_meta_model(args)
+    for name in _block_linears(meta):
+        problem = check_quantizable(name, meta.get_submodule(name).weight.shape, q, shards=dims.dp_shard,
+                                    hqq_group_size=cfg.adapters.hqq_group_size)
+        if problem:
+            raise ConfigError(f"distill.teacher_quantize={q}: the teacher's {problem}; change parallel.dp_shard, "
+                              f"or use another distill.teacher_quantize")
+    if q == "nf4" and dims.dp_replicate > 1 and dims.dp_shard == 1:
+        raise ConfigError("distill.teacher_quantize=nf4 with pure replication (dp_shard=1) is not supported by torchao's "
+                          "NF4 under FSDP2: shard it (parallel.dp_shard > 1), or use bnb_nf4 / hqq")
+
+
+def _block_linears(model: nn.Module) -> list[str]:
+    """The linear layers of the transformer blocks (embeddings and the head stay in the compute dtype)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("layers.")]
+
+
+def build_teacher(cfg: Config, args: ModelArgs, *, fsdp_mesh, shards: int, precision: Precision,
+                  device: torch.device) -> nn.Module:
+    """`shards`: the FSDP shards of each weight (dp_shard; 1 without FSDP), which 4-bit NF4 blocks follow."""
     model = build_meta_model(args)
     weights = open_weights(cfg.distill.teacher, args, cfg.job.seed)
+    quantize = cfg.distill.teacher_quantize
+    if quantize != "none":
+        for name in _block_linears(model):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FrozenLinear(model.get_submodule(name)))
 
     def materialize(unit: nn.Module, unit_name: str) -> None:
-        # Stored in the compute dtype: a frozen model needs no float32 master copy (before FSDP shards
-        # the unit, since FSDP2 cannot change a parameter's dtype afterwards).
+        # Stored in the compute dtype (a frozen model needs no float32 master copy), 4-bit if asked:
+        # before FSDP shards the unit, since FSDP2 cannot change a parameter's dtype or type afterwards.
         for _, piece in materialize_unit(unit, unit_name, device=device, weights=weights):
             for module in piece.modules():
                 for name, param in list(module.named_parameters(recurse=False)):
                     setattr(module, name, nn.Parameter(param.detach().to(precision.param_dtype), requires_grad=False))
+                if isinstance(module, FrozenLinear) and quantize != "none":
+                    module.quantize_base(quantize, shards=shards, hqq_group_size=cfg.adapters.hqq_group_size)
 
     parallelize(
         model, tp_mesh=None, tp_plan=None, async_tp=False, ac_mode="none", ac_every=1, compile=cfg.compile.enabled,
@@ -69,17 +107,28 @@ def build_teacher(cfg: Config, args: ModelArgs, *, fsdp_mesh, precision: Precisi
 
 
 def teacher_memory(args: ModelArgs, cfg: Config, *, dp_shard: int, micro_tokens: int, compute_bytes: int) -> dict[str, float]:
-    """Bytes per rank the teacher adds, for --dry-run: its frozen weights in the compute dtype, sharded by
-    FSDP; a gathered block and the prefetched next one; its logits for the microbatch; and the float32
-    working set of one chunk of the loss (both models' log-probabilities, their difference and the
-    student's gradient). Its activations live for one layer at a time under no_grad: left out."""
+    """Bytes per rank the teacher adds, for --dry-run: its frozen weights in the compute dtype (block
+    linears 4-bit with distill.teacher_quantize), sharded by FSDP; a gathered block and the prefetched
+    next one; its logits for the microbatch; and the float32 working set of one chunk of the loss (both
+    models' log-probabilities, their difference and the student's gradient). Its activations live for
+    one layer at a time under no_grad: left out."""
     model = build_meta_model(args)
     params = sum(p.numel() for p in model.parameters())
+    linears = sum(model.get_submodule(name).weight.numel() for name in _block_linears(model))
     block = sum(p.numel() for p in next(iter(model.layers.values())).parameters())
+    block_linears = linears / len(model.layers)
+    q = cfg.distill.teacher_quantize
+    if q == "none":
+        stored, gathered, label = params * compute_bytes / dp_shard, block * compute_bytes, "compute dtype"
+    else:
+        sharded, whole = bytes_per_weight(q, cfg.adapters.hqq_group_size, compute_bytes)
+        stored = (params - linears) * compute_bytes / dp_shard + linears * (sharded / dp_shard + whole)
+        gathered = (block - block_linears) * compute_bytes + block_linears * (sharded + whole)
+        label = f"block linears 4-bit {q}"
     chunk = min(cfg.distill.chunk_tokens, micro_tokens)
     return {
-        "teacher parameters (frozen, compute dtype)": params * compute_bytes / dp_shard,
-        "teacher gathered parameters in flight": 2 * block * compute_bytes if dp_shard > 1 else 0,
+        f"teacher parameters (frozen, {label})": stored,
+        "teacher gathered parameters in flight": 2 * gathered if dp_shard > 1 else 0,
         "teacher logits": micro_tokens * args.vocab_size * compute_bytes,
         f"distillation loss, one chunk of {chunk} tokens (fp32)": 4 * chunk * args.vocab_size * 4,
     }
