@@ -123,6 +123,7 @@ CASES = {
     "kd_ratio negative": (["distill.kd_ratio=-0.1"], "distill.kd_ratio=-0.1 must lie in [0, 1]"),
     "distill temperature zero": (["distill.temperature=0"], "distill.temperature=0.0 must be a positive, finite number"),
     "distill loss": (["distill.loss=jsd"], "distill.loss='jsd' is not one of: forward, reverse"),
+    "distill teacher quantize": (["distill.teacher_quantize=int4"], "distill.teacher_quantize='int4' is not one of: none, nf4, bnb_nf4, hqq"),
     "distill with pipeline stages": (["parallel.pp=2", "distill.teacher={run}/checkpoints/step-2", "--check", "--world-size", "2"],
                                      "distill.teacher runs with data parallelism (FSDP2, HSDP) only, not with parallel.pp=2"),
     "adapters over a full checkpoint": (["adapters.kind=lora"], "it is from a different model (another run in this output_dir?); start fresh with checkpoint.resume_from=none"),

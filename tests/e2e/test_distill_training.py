@@ -49,15 +49,17 @@ def test_distilled_student_beats_the_cross_entropy_student_and_shards(shared, tm
         assert sorted(two_run) == list(range(1, STEPS + 1)) and worst < 1e-5
 
 
-def test_a_lora_student_learns_from_the_teacher(shared, tmp_path):
-    """Adapters over a frozen (here seeded) base, with the reverse KL."""
+def test_a_lora_student_learns_from_a_4bit_teacher_on_two_ranks(shared, tmp_path):
+    """Adapters over a frozen (here seeded) base, with the reverse KL, from a teacher whose block linears
+    are torchao NF4, sharded by FSDP2 over 2 ranks like the student."""
     args = _args(shared, tmp_path, f"distill.teacher={shared('models/stories260K/stories260K.bin')}",
-                 "distill.kd_ratio=0.5", "distill.loss=reverse", "adapters.kind=lora", "adapters.rank=8")
+                 "distill.kd_ratio=0.5", "distill.loss=reverse", "distill.teacher_quantize=nf4",
+                 "adapters.kind=lora", "adapters.rank=8")
     args[args.index(f"training.steps={STEPS}")] = "training.steps=20"
     args[args.index(f"eval.every={STEPS}")] = "eval.every=20"
-    result = run_train(args)
+    result = run_train(args, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training 19,456 of 183,616 parameters" in result.stdout  # the adapters only
     kl = tensorboard_scalars(tmp_path, "loss/kl")
-    print(f"\nDISTILL LoRA student, reverse KL: step 1 {kl[1]:.4f}, step 20 {kl[20]:.4f}")
+    print(f"\nDISTILL LoRA student, NF4 teacher, reverse KL: step 1 {kl[1]:.4f}, step 20 {kl[20]:.4f}")
     assert kl[20] < kl[1] - 0.3, kl

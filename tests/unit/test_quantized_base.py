@@ -156,3 +156,42 @@ def test_no_more_than_one_block_is_ever_in_high_precision():
     materialize_unit(model, "", device=torch.device("cpu"), weights=weights, cfg=cfg, shards=1, seed=0)
     assert len(seen) == len(weights.names) and max(seen) <= block_bytes and max(seen) > 0
     assert all(type(m.weight.data).__name__ == "NF4Tensor" for m in model.modules() if isinstance(m, LoRALinear))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "bnb_nf4", "hqq"])
+def test_a_4bit_distillation_teacher_computes_with_the_librarys_weights(kind, shared):
+    """distill.teacher_quantize: the real stories260K with every block linear 4-bit (embeddings, norms and
+    the head as they were) gives the logits of the same model whose block weights are the library's
+    own dequantization."""
+    from trainer.adapters.frozen import FrozenLinear
+    from trainer.adapters.quantize import nf4_scaler_block
+    from trainer.config import load_config
+    from trainer.distill import build_teacher
+    from trainer.precision import Precision
+    from trainer.weights.load import load_model, read_checkpoint_args
+
+    path = shared("models/stories260K/stories260K.bin")
+    cfg = load_config("configs/debug.yaml", [f"distill.teacher={path}", f"distill.teacher_quantize={kind}",
+                                             "adapters.hqq_group_size=64"])
+    teacher = build_teacher(cfg, read_checkpoint_args(path), fsdp_mesh=None, shards=1,
+                            precision=Precision(torch.float32, torch.float32), device=torch.device("cpu"))
+    reference = load_model(path)
+    frozen = {n: m for n, m in teacher.named_modules() if isinstance(m, FrozenLinear)}
+    assert len(frozen) == 7 * len(teacher.layers) and not any(p.requires_grad for p in teacher.parameters())
+    tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = reference(tokens)
+        for name, module in frozen.items():
+            w = reference.get_submodule(name).weight
+            if kind == "nf4":  # torchao's own quantizer, at the scaler block our FSDP sharding picks
+                from torchao.quantization import to_nf4
+
+                library = to_nf4(w, 64, nf4_scaler_block(w.numel(), 1)).get_original_weight()
+            else:
+                library = _reference(kind, w)
+            reference.get_submodule(name).weight.copy_(library)
+        ours, theirs = teacher(tokens), reference(tokens)
+    print(f"\nTEACHER {kind}: max |ours - library's| = {(ours - theirs).abs().max():.2e}, "
+          f"max |ours - high precision| = {(ours - full).abs().max():.2e}")
+    assert type(teacher.tok_embeddings.weight.data).__name__ == "Tensor"
+    assert (ours - theirs).abs().max() < 1e-4 < 1e-2 < (ours - full).abs().max()

@@ -92,9 +92,11 @@ def build_teacher(cfg: Config, args: ModelArgs, *, fsdp_mesh, shards: int, preci
         # Stored in the compute dtype (a frozen model needs no float32 master copy), 4-bit if asked:
         # before FSDP shards the unit, since FSDP2 cannot change a parameter's dtype or type afterwards.
         for _, piece in materialize_unit(unit, unit_name, device=device, weights=weights):
-            for module in piece.modules():
+            modules = list(piece.modules())  # before quantizing adds the codes' modules
+            for module in modules:
                 for name, param in list(module.named_parameters(recurse=False)):
                     setattr(module, name, nn.Parameter(param.detach().to(precision.param_dtype), requires_grad=False))
+            for module in modules:
                 if isinstance(module, FrozenLinear) and quantize != "none":
                     module.quantize_base(quantize, shards=shards, hqq_group_size=cfg.adapters.hqq_group_size)
 
