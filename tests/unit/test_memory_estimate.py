@@ -64,3 +64,27 @@ def _bytes(t: torch.Tensor) -> int:
         nf4 = t.data
         return sum(_bytes(x) for x in (nf4.quantized_data, nf4.quantized_scalers, nf4.quantization_factor))
     return t.numel() * t.element_size()
+
+
+def test_teacher_estimate_is_what_the_built_teacher_holds(shared):
+    """--dry-run's teacher weights against the bytes a real distillation teacher (stories260K) holds, in
+    the compute dtype and with each 4-bit backend; the other teacher entries are there too."""
+    from trainer.distill import build_teacher
+
+    teacher = shared("models/stories260K/stories260K.bin")
+    for kind in ("none", "nf4", "bnb_nf4", "hqq"):
+        cfg = load_config("configs/debug.yaml", [
+            "tokenizer.kind=auto", f"tokenizer.path={shared('tokenizers/tok512/tok512.model')}",
+            f"distill.teacher={teacher}", f"distill.teacher_quantize={kind}", "adapters.hqq_group_size=64"])
+        plan = make_plan(cfg, 1)
+        memory = estimate_memory(plan, cfg, FP32)
+        estimate = next(v for k, v in memory.items() if k.startswith("teacher parameters"))
+        assert {"teacher logits", "distillation loss, one chunk of 1024 tokens (fp32)"} <= set(memory)
+        model = build_teacher(cfg, plan.teacher_args, fsdp_mesh=None, shards=1, precision=FP32, device=torch.device("cpu"))
+        held = sum(_bytes(t) for t in model.parameters())
+        for module in model.modules():
+            state = getattr(module, "quant_state", None)
+            if state is not None:
+                held += sum(_bytes(t) for t in (state.absmax, state.state2.absmax, state.code, state.state2.code))
+            held += sum(_bytes(t) for t in getattr(module, "meta", {}).values() if torch.is_tensor(t))
+        assert abs(estimate - held) / held < 0.03, (kind, estimate, held)

@@ -62,6 +62,12 @@ def check_quantizable(name: str, shape: torch.Size, kind: str, *, shards: int, h
     return None
 
 
+def bytes_per_layer(kind: str) -> int:
+    """Storage per quantized layer besides its weights' share: bitsandbytes keeps two float32 code books
+    (16 NF4 values, 256 for the double-quantized absmax) with every layer."""
+    return (16 + 256) * 4 if kind == "bnb_nf4" else 0
+
+
 def bytes_per_weight(kind: str, hqq_group_size: int, dtype_bytes: int = 4) -> tuple[float, float]:
     """Storage per base weight as (sharded by FSDP, kept whole on every rank): the 4-bit codes plus the
     statistics. torchao NF4: an int8 scale per 64 weights (and a float per 256 scales), all sharded.

@@ -9,7 +9,7 @@ from torch import nn
 from parallel.mesh import ParallelDims
 from parallel.parallelize import parallelize
 from trainer.adapters.frozen import FrozenLinear
-from trainer.adapters.quantize import bytes_per_weight, check_quantizable, missing_library
+from trainer.adapters.quantize import bytes_per_layer, bytes_per_weight, check_quantizable, missing_library
 from trainer.config import Config, ConfigError
 from trainer.model.args import ModelArgs
 from trainer.model.build import build_meta_model
@@ -124,7 +124,8 @@ def teacher_memory(args: ModelArgs, cfg: Config, *, dp_shard: int, micro_tokens:
         stored, gathered, label = params * compute_bytes / dp_shard, block * compute_bytes, "compute dtype"
     else:
         sharded, whole = bytes_per_weight(q, cfg.adapters.hqq_group_size, compute_bytes)
-        stored = (params - linears) * compute_bytes / dp_shard + linears * (sharded / dp_shard + whole)
+        stored = ((params - linears) * compute_bytes / dp_shard + linears * (sharded / dp_shard + whole)
+                  + len(_block_linears(model)) * bytes_per_layer(q))
         gathered = (block - block_linears) * compute_bytes + block_linears * (sharded + whole)
         label = f"block linears 4-bit {q}"
     chunk = min(cfg.distill.chunk_tokens, micro_tokens)
