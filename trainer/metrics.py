@@ -108,7 +108,7 @@ class MetricsLogger:
             (output_dir / "samples").mkdir(parents=True, exist_ok=True)
             self.samples = open(output_dir / "samples" / f"rank-{rank}.jsonl", "a")
         self.progress = is_main and (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty()))
-        self._tokens, self._time, self._steps = 0, 0.0, 0
+        self._tokens, self._time, self._steps, self._data_time = 0, 0.0, 0, 0.0
         self._started = time.perf_counter()
 
     def start_clock(self) -> None:
@@ -135,14 +135,17 @@ class MetricsLogger:
     def maybe_log(
         self, step: int, *, loss: float, lr: float, grad_norm: float, local_tokens: int, step_time: float,
         tokens_seen: int = 0, window_ids: list[tuple[int, int]] = (), loss_parts: dict[str, float] | None = None,
+        data_time: float = 0.0,
     ) -> None:
-        """`loss_parts`: named terms of a loss made of several (distillation's ce and kl), per label token."""
+        """`loss_parts`: named terms of a loss made of several (distillation's ce and kl), per label token.
+        `data_time`: the part of step_time spent waiting for the step's batches."""
         loss_parts = loss_parts or {}
         if self.samples is not None:
             self.samples.write(json.dumps({"step": step, "windows": [list(w) for w in window_ids]}) + "\n")
             self.samples.flush()
         self._tokens += local_tokens
         self._time += step_time
+        self._data_time += data_time
         self._steps += 1
         if self.progress:
             done = int(30 * step / self.total_steps)
@@ -153,7 +156,8 @@ class MetricsLogger:
         mfu = self._mfu(tokens_per_sec)
         memory = peak_memory_gib(self.device)
         step_avg = self._time / self._steps
-        self._tokens, self._time, self._steps = 0, 0.0, 0
+        data_percent = 100 * self._data_time / self._time
+        self._tokens, self._time, self._steps, self._data_time = 0, 0.0, 0, 0.0
         elapsed = time.perf_counter() - self._started
         eta = elapsed / max(1, step - self.start_step) * (self.total_steps - step)
         if not self.is_main:
@@ -165,13 +169,14 @@ class MetricsLogger:
         print(
             f"step {step:>6} | loss {loss:8.4f}{parts} | lr {lr:.3e} | grad_norm {grad_norm:8.4f} | "
             f"tok/s/device {tokens_per_sec:9.1f} | mfu {mfu:5.2f}%{mixed} | mem {memory:6.2f} GiB | "
-            f"step {step_avg * 1000:7.1f} ms | tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}",
+            f"step {step_avg * 1000:7.1f} ms (data {data_percent:4.1f}%) | tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}",
             flush=True,
         )
         if self.writer is not None:
             scalars = {
                 "loss/train": loss, "lr": lr, "grad_norm": grad_norm, "throughput/tokens_per_sec_per_device": tokens_per_sec,
                 "throughput/mfu_percent": mfu, "memory/peak_gib": memory, "time/step_seconds": step_avg,
+                "time/data_wait_percent": data_percent,
                 "progress/tokens_seen": tokens_seen, "time/elapsed_seconds": elapsed, "time/eta_seconds": eta,
             }
             scalars.update({f"loss/{name}": value for name, value in loss_parts.items()})

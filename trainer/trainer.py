@@ -23,6 +23,7 @@ from trainer.checkpoint.state import (
 from trainer.config import Config, to_yaml
 from trainer.converters import convert, linear_styles
 from trainer.data import PackedLoader, check_enough_tokens, load_documents
+from trainer.data.prefetch import PrefetchingLoader
 from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
 from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
@@ -71,6 +72,8 @@ class Trainer:
             docs, self.tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
             dp_rank=self.meshes.dp.local_rank, dp_size=self.dims.dp_size, seed=cfg.job.seed,
         )
+        if cfg.data.prefetch > 0:
+            self.loader = PrefetchingLoader(self.loader, cfg.data.prefetch)
 
         self.validation = None
         if held_out is not None:
@@ -238,6 +241,7 @@ class Trainer:
             for _ in range(self.accum_steps):
                 microbatches.append(self.loader.next_batch())
                 window_ids += self.loader.last_ids
+            data_time = time.perf_counter() - start
             lr = self.optimizers.lr
             loss, grad_norm = self.train_step(microbatches)
             self.step += 1
@@ -247,7 +251,7 @@ class Trainer:
             self.metrics.maybe_log(
                 self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
                 step_time=time.perf_counter() - start, tokens_seen=self.counters.tokens, window_ids=window_ids,
-                loss_parts=self.loss_parts,
+                loss_parts=self.loss_parts, data_time=data_time,
             )
             if self.validation is not None and self.validation.due(self.step):
                 self._validate()
@@ -260,6 +264,7 @@ class Trainer:
                 why = "checkpoint.enabled=false" if not self.cfg.checkpoint.enabled else "the step's loss was not finite"
                 raise Preempted(self.step, signum, saved, why)
         self.checkpointer.wait()
+        self.loader.close()
         self.metrics.close()
         if self.cfg.export.hf or self.cfg.export.peft:
             export_run(

@@ -140,6 +140,7 @@ CASES = {
     "jsonl without the field": (["data.source={nofield}"], "nofield.jsonl: no field 'text' (its fields: body); set data.text_field"),
     "documents too short": (["data.source={short}"], "every document is too short"),
     "mixed formats": (["data.source={mixed}"], "data.source: cannot pick one format"),
+    "prefetch negative": (["data.prefetch=-1"], "data.prefetch=-1 must be 0 (no background thread) or more"),
     "sft over plain text": (["data.task=sft"], "data.task=sft needs records"),
     "hub offline": (["data.source=hub:nobody/nothing"], "data.source=hub:nobody/nothing: could not load it from the Hugging Face Hub (HF_HUB_OFFLINE is set)"),
     # Without HF_HUB_OFFLINE, the Hub's endpoint pointed at a closed local port (tests send nothing off

@@ -1,6 +1,7 @@
 """Packing, rank sharding, state and bad-data errors of the data pipeline, on real files."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -82,6 +83,48 @@ def test_missing_field(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"content": "hello"}\n' * 10)
     with pytest.raises(DataError, match=r"d.jsonl: no field 'text' \(its fields: content\); set data.text_field"):
         load_documents(DataConfig(source=str(tmp_path / "d.jsonl")))
+
+
+def test_prefetching_gives_the_same_batches_and_positions(shared):
+    """Batches made ahead on a thread: the same batches and window ids, a saved position that is the
+    one of the batches taken (not of those made ahead), and a restore that continues exactly."""
+    from trainer.data.prefetch import PrefetchingLoader
+
+    docs = load_documents(DataConfig(source=str(shared("text/c4/c4_demo.jsonl"))))
+    plain, ahead = _loader(docs, seq_len=500), PrefetchingLoader(_loader(docs, seq_len=500), depth=3)
+    try:
+        for _ in range(5):
+            xa, _ = plain.next_batch()
+            xb, _ = ahead.next_batch()
+            assert torch.equal(xa, xb) and plain.last_ids == ahead.last_ids
+        time.sleep(0.2)  # let the thread run ahead
+        assert ahead.state_dict() == plain.state_dict()
+        state = json.loads(json.dumps(plain.state_dict()))
+        for _ in range(3):
+            plain.next_batch()
+            ahead.next_batch()
+        ahead.load_state_dict(state)  # back to batch 5, with batches made ahead of batch 8 in the queue
+        restored = _loader(docs, seq_len=500)
+        restored.load_state_dict(state)
+        for _ in range(20):
+            xa, _ = restored.next_batch()
+            xb, _ = ahead.next_batch()
+            assert torch.equal(xa, xb) and restored.last_ids == ahead.last_ids
+    finally:
+        ahead.close()
+
+
+def test_prefetching_raises_the_data_error_on_the_training_thread(tmp_path):
+    from trainer.data.prefetch import PrefetchingLoader
+
+    # 4 streams, in order: stream 3 holds documents 3 and 7, both empty.
+    (tmp_path / "d.jsonl").write_text('{"text": "some words"}\n' * 3 + '{"text": "  "}\n' * 5)
+    docs = load_documents(DataConfig(source=str(tmp_path / "d.jsonl")))
+    ahead = PrefetchingLoader(_loader(docs, seq_len=8, shuffle=False), depth=2)
+    with pytest.raises(DataError, match="every document of stream 3 is empty"):
+        for _ in range(10):
+            ahead.next_batch()
+    ahead.close()
 
 
 def test_every_document_too_short(tmp_path):

@@ -69,6 +69,8 @@ class DataConfig:
     sft_format: str = "auto"
     # sft: skip (and report) records that are malformed instead of stopping at the first one.
     skip_bad_records: bool = False
+    # Batches made ahead on a background thread while the step computes; 0: on the training thread.
+    prefetch: int = 2
 
 
 @dataclass

@@ -68,6 +68,9 @@ class PackedLoader:
         labels = torch.where(packed[:, 1:] >= 0, tokens[:, 1:], IGNORE_INDEX)
         return tokens[:, :-1], labels
 
+    def close(self) -> None:
+        """Nothing to stop: it runs on the caller's thread (PrefetchingLoader has one to stop)."""
+
     def state_dict(self) -> dict:
         """This rank's streams, and the windows consumed by all ranks together (the same on every rank
         at a step boundary). Nothing here depends on the number of ranks: merged over the ranks, it

@@ -27,6 +27,8 @@ class PackedStream:
         self.tokenize, self.window, self.seed, self.shuffle = tokenize, window, seed, shuffle
         self.state = StreamState()
         self._order_epoch, self._order = -1, None
+        # The document being cut into windows, tokenized once: a long one spans many windows.
+        self._tokens_of: tuple[int, list[int]] = (-1, [])
 
     def _documents_of(self, epoch: int) -> list[int]:
         """This stream's document indices for an epoch: every num_streams-th of a (seeded) permutation."""
@@ -40,6 +42,11 @@ class PackedStream:
             self._order, self._order_epoch = order[self.stream_id :: self.num_streams], epoch
         return self._order
 
+    def _tokens(self, index: int) -> list[int]:
+        if self._tokens_of[0] != index:
+            self._tokens_of = (index, self.tokenize(index))
+        return self._tokens_of[1]
+
     def next_window(self) -> tuple[list[int], tuple[int, int]]:
         """The next window of seq_len + 1 tokens and its id (stream, index within the stream)."""
         s = self.state
@@ -52,7 +59,7 @@ class PackedStream:
                 if empty_epochs > 1:  # a whole pass over this stream's documents gave no tokens
                     raise DataError(f"{self.docs.name}: every document of stream {self.stream_id} is empty")
                 continue
-            tokens = self.tokenize(order[s.cursor])
+            tokens = self._tokens(order[s.cursor])
             take = tokens[s.token_pos : s.token_pos + self.window - len(s.partial)]
             s.partial.extend(take)
             s.token_pos += len(take)
