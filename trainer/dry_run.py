@@ -88,7 +88,9 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
     saved = _saved_per_token_layer(args, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.every)
     activations = micro_tokens * layers * saved * compute_bytes / dims.tp * in_flight
     vocab = args.vocab_size / dims.tp if dims.tp > 1 and cfg.parallel.loss_parallel else args.vocab_size
-    logits = micro_tokens * vocab * (compute_bytes + 8)
+    # Chunked: one chunk's fp32 logits and their gradient at a time, recomputed in backward.
+    logit_tokens = min(micro_tokens, cfg.training.loss_chunk_tokens) if plan.chunked_loss else micro_tokens
+    logits = logit_tokens * vocab * (compute_bytes + 8)
     block = (params - args.vocab_size * args.dim) / max(1, layers) / dims.tp
     # With FSDP's CPU offload the sharded parameters, their gradients and the optimizer live in host memory.
     host = HOST if cfg.parallel.cpu_offload and dims.dp_size > 1 else ""
@@ -103,7 +105,8 @@ def estimate_memory(plan: Plan, cfg: Config, precision: Precision) -> dict[str, 
         # FSDP gathers the current block and prefetches the next one.
         "gathered parameters in flight": 2 * block * gathered_bytes if dims.dp_shard > 1 else 0,
         f"activations (AC {cfg.activation_checkpoint.mode}, {in_flight} microbatch(es) in flight)": activations,
-        "logits + their gradient": logits,
+        ("logits + their gradient, one chunk of " f"{logit_tokens} tokens" if plan.chunked_loss
+         else "logits + their gradient"): logits,
         **extra,
     }
 

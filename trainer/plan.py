@@ -4,13 +4,15 @@ the layout, the batch split, the tokenizer and the model's shape. Shared by trai
 import dataclasses
 from dataclasses import dataclass
 
+from torch import nn
+
 from fp8.converter import Float8Converter
 from parallel.mesh import LayoutError, ParallelDims
 from trainer.config import Config, ConfigError
 from trainer.config.checks import check_batch, check_pipeline, check_seq_len, check_streams
 from trainer.config.schema import ModelConfig, ParallelConfig
 from trainer.adapters.converter import AdapterConverter
-from trainer.converters import ModelConverter
+from trainer.converters import ModelConverter, convert
 from trainer.distill.teacher import check_teacher
 from trainer.model.args import ModelArgs
 from trainer.model.build import build_meta_model
@@ -31,6 +33,7 @@ class Plan:
     num_stages: int  # pipeline stages over all pipeline ranks (1 without pipelining)
     converters: list[ModelConverter]  # the model transforms, in the order they apply
     teacher_args: ModelArgs | None = None  # the distillation teacher's shape (None: no distillation)
+    chunked_loss: bool = False  # the loss projects the final hidden states itself, chunk by chunk
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
@@ -53,6 +56,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
             converter.check(meta, dims)  # each sees the model as the converters before it left it
             converter.convert(meta)
     teacher_args = check_teacher(cfg, dims, model_args)
+    chunked_loss = decide_chunked_loss(cfg, dims, model_args, converters)
     if (cfg.export.hf or cfg.export.peft) and dims.pp > 1 and not cfg.checkpoint.enabled:
         raise ConfigError(
             "exports with parallel.pp > 1 are assembled from the final checkpoint: set checkpoint.enabled=true"
@@ -61,7 +65,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
     return Plan(dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches, tokenizer=tokenizer,
                 model_args=model_args, num_stages=dims.num_stages(stages_per_rank(cfg.parallel)), converters=converters,
-                teacher_args=teacher_args)
+                teacher_args=teacher_args, chunked_loss=chunked_loss)
 
 
 # Every converter, in the order they apply to a model: adapters wrap the float8 layers.
@@ -71,6 +75,21 @@ CONVERTERS = (Float8Converter, AdapterConverter)
 def build_converters(cfg: Config) -> list[ModelConverter]:
     """The converters the config asks for, in the order they apply."""
     return [c for c in (kind.from_config(cfg) for kind in CONVERTERS) if c is not None]
+
+
+def decide_chunked_loss(cfg: Config, dims: ParallelDims, args: ModelArgs, converters: list[ModelConverter]) -> bool:
+    """Whether the loss projects onto the vocabulary itself (training.chunked_loss); `always` where it
+    cannot apply is an error saying why."""
+    why_not = None
+    if dims.tp > 1:
+        why_not = "tensor parallelism computes the loss over vocabulary-sharded logits (parallel.loss_parallel) or replicated ones"
+    elif cfg.distill.teacher is not None:
+        why_not = "distillation compares the student's logits with the teacher's in chunks of its own (distill.chunk_tokens)"
+    elif not isinstance(convert(build_meta_model(args), converters).output, (nn.Linear, type(None))):
+        why_not = "the output layer carries an adapter (adapters.targets includes output)"
+    if why_not and cfg.training.chunked_loss == "always":
+        raise ConfigError(f"training.chunked_loss=always cannot apply here: {why_not}; use auto or never")
+    return why_not is None and cfg.training.chunked_loss != "never"
 
 
 def stages_per_rank(cfg: ParallelConfig) -> int:

@@ -86,6 +86,7 @@ class Trainer:
         tp_loss = self.dims.tp > 1 and cfg.parallel.loss_parallel
         # Vocabulary-sharded logits need the loss, and its backward, inside this context.
         self.loss_context = loss_parallel if tp_loss else contextlib.nullcontext
+        self.chunked_loss = plan.chunked_loss
         self.loss_fn = self._build_loss(plan.teacher_args)
         self.model_parts, self.schedule = self._build_model(model_args)
         self.params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
@@ -138,7 +139,7 @@ class Trainer:
     def _build_loss(self, teacher_args) -> TokenLoss:
         """Cross-entropy; with a teacher, the distillation loss (all that a distillation run changes)."""
         if teacher_args is None:
-            return TokenLoss()
+            return TokenLoss(chunk_tokens=self.cfg.training.loss_chunk_tokens)
         teacher = build_teacher(self.cfg, teacher_args, fsdp_mesh=self.meshes.fsdp.mesh,
                                 shards=self.dims.dp_shard if self.uses_fsdp else 1, precision=self.precision,
                                 device=self.runtime.device)
@@ -174,6 +175,11 @@ class Trainer:
         for _, part in parts:
             self._parallelize(part, partial(self._materialize_unit, weights=weights))
             part.train()
+        for _, part in parts:
+            if self.chunked_loss and part.norm is not None:  # the last stage (on the last pipeline rank)
+                # It stops at the final norm; the loss projects, chunk by chunk (trainer/loss.py).
+                part.project = False
+                self.loss_fn.head = part.head_weight
         schedule = None
         if pp.active:
             schedule = build_schedule(

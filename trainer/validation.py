@@ -29,9 +29,12 @@ class Validation:
         forwards (FSDP gathers for all), and greedy decoding makes the same choices on each."""
         out = []
         stop = tuple(i for i in (self.tokenizer.eos_id,) if i is not None)
+        # A model trained with the chunked loss stops at its final norm: generation needs the logits.
+        projected, model.project = model.project, True
         for prompt in self.cfg.sample_prompts:
             bos = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
             ids = bos + self.tokenizer.encode(prompt)
             new = generate(model, ids, Sampling(max_new_tokens=self.cfg.sample_tokens), stop_ids=stop)
             out.append((prompt, self.tokenizer.decode(new)))
+        model.project = projected
         return out

@@ -25,8 +25,9 @@ LAYOUTS = {
     "dp_shard=2": (2, []),
     "tp=2 (SP, loss parallel)": (2, ["parallel.tp=2"]),
     "tp=2 (no loss parallel)": (2, ["parallel.tp=2", "parallel.loss_parallel=false"]),
-    "pp=2 gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
-    "pp=2 1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    # Whole logits on the last stage: the 1f1b run below (chunked, the default) is checked against it.
+    "pp=2 gpipe, whole logits": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe", "training.chunked_loss=never"]),
+    "pp=2 1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "training.loss_chunk_tokens=100"]),
     "pp=2 interleaved_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
     "dp2 x tp2": (4, ["parallel.tp=2"]),
     "hsdp 2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "training.local_batch_size=2"]),
@@ -65,19 +66,48 @@ def _check_eval_loss(out, dp: int) -> None:
     assert abs(logged[STEPS] - total / count) < 1e-6
 
 
+@pytest.fixture(scope="module")
+def layout_run(tmp_path_factory):
+    """layout name -> its run's output directory, each layout run once per module."""
+    runs = {}
+
+    def run(layout: str):
+        if layout not in runs:
+            nproc, overrides = LAYOUTS[layout]
+            out = tmp_path_factory.mktemp("layout")
+            result = run_train([*COMMON, f"job.output_dir={out}", *overrides], nproc=nproc)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[layout] = out
+        return runs[layout]
+
+    return run
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(reference, tmp_path, layout):
-    nproc, overrides = LAYOUTS[layout]
-    result = run_train([*COMMON, f"job.output_dir={tmp_path}", *overrides], nproc=nproc)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loss = tensorboard_scalars(tmp_path, "loss/train")
-    norms = tensorboard_scalars(tmp_path, "grad_norm")
+def test_layout_matches_single_process(reference, layout_run, layout):
+    nproc = LAYOUTS[layout][0]
+    out = layout_run(layout)
+    loss = tensorboard_scalars(out, "loss/train")
+    norms = tensorboard_scalars(out, "grad_norm")
     assert sorted(loss) == list(range(1, STEPS + 1))
     worst = max(abs(loss[s] - reference["loss/train"][s]) for s in loss)
     worst_norm = max(abs(norms[s] - reference["grad_norm"][s]) / reference["grad_norm"][s] for s in norms)
-    parallel = load_config(tmp_path / "config.yaml").parallel
-    _check_eval_loss(tmp_path, dp=nproc // (parallel.tp * parallel.pp))
+    parallel = load_config(out / "config.yaml").parallel
+    _check_eval_loss(out, dp=nproc // (parallel.tp * parallel.pp))
     print(f"\nPARITY {layout}: max |loss - single| = {worst:.2e}, max relative grad-norm diff = {worst_norm:.2e}")
     assert worst < 1e-5, (loss, reference["loss/train"])
     assert worst_norm < 1e-4
     assert reference["loss/train"][STEPS] < reference["loss/train"][1] - 1.0  # and the model does train
+
+
+def test_chunked_loss_on_pipeline_stages_equals_whole_logits(layout_run):
+    """The last pipeline stage stops at its final norm and the schedule's loss projects, 100 label tokens
+    at a time (training.chunked_loss=auto), against whole logits; the two schedules compute the same
+    microbatches, so only the loss differs."""
+    chunked, whole = layout_run("pp=2 1f1b"), layout_run("pp=2 gpipe, whole logits")
+    for tag in ("loss/train", "grad_norm", "eval/loss"):
+        a, b = tensorboard_scalars(chunked, tag), tensorboard_scalars(whole, tag)
+        # Losses absolutely, the gradient norm relative to its size.
+        worst = max(abs(a[s] - b[s]) / (abs(b[s]) if tag == "grad_norm" else 1.0) for s in b)
+        print(f"\nCHUNKED pp=2 {tag}: max difference {worst:.1e}")
+        assert sorted(a) == sorted(b) and worst < 1e-6

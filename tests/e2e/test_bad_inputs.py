@@ -51,6 +51,10 @@ CASES = {
     "precision": (["training.mixed_precision_param=fp8"], "training.mixed_precision_param='fp8' is not one of"),
     "global batch": (["training.global_batch_size=10"], "training.global_batch_size=10 is not a multiple of training.local_batch_size x data-parallel size = 4 x 1 = 4"),
     "seq_len over the model": (["training.seq_len=4096"], "training.seq_len=4096 is over the model's maximum sequence length 1024"),
+    "chunked loss mode": (["training.chunked_loss=sometimes"], "training.chunked_loss='sometimes' is not one of: auto, always, never"),
+    "loss chunk zero": (["training.loss_chunk_tokens=0"], "training.loss_chunk_tokens=0 must be at least 1"),
+    "chunked loss with tensor parallelism": (["parallel.tp=2", "training.chunked_loss=always", "--check", "--world-size", "2"],
+                                             "training.chunked_loss=always cannot apply here: tensor parallelism computes the loss"),
     # metrics and checkpoints
     "peak tflops zero": (["metrics.peak_tflops=0"], "metrics.peak_tflops=0.0 must be a positive number of TFLOP/s"),
     "peak tflops negative": (["metrics.peak_tflops=-5"], "metrics.peak_tflops=-5.0 must be a positive number"),

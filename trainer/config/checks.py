@@ -53,6 +53,8 @@ def check_choices(cfg: Config) -> None:
                  "must be a positive number of TFLOP/s per device (or null to look it up / measure it)")
     _check_adapters(cfg)
     _check_fp8(cfg)
+    _require(cfg.training.loss_chunk_tokens >= 1, "training.loss_chunk_tokens", cfg.training.loss_chunk_tokens,
+             "must be at least 1")
     _require(cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch, "must be 0 (no background thread) or more")
     _check_eval(cfg)
     _check_distill(cfg)

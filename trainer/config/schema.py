@@ -92,6 +92,11 @@ class TrainingConfig:
     # checkpoint. After this many such steps in a row the run stops (exit code 3), keeping the last
     # good checkpoint to resume from.
     max_bad_steps: int = 3
+    # The output projection and cross-entropy a chunk of label tokens at a time (the whole batch's
+    # logits never exist): auto = wherever it applies (not with tensor parallelism, distillation, or an
+    # adapter on the output layer, which keep the plain path); always (an error where it cannot); never.
+    chunked_loss: str = "auto"
+    loss_chunk_tokens: int = 1024
 
 
 @dataclass
@@ -318,6 +323,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapters.kind": ("none", "lora", "dora"),
     "fp8.recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
     "distill.loss": ("forward", "reverse"),
+    "training.chunked_loss": ("auto", "always", "never"),
     "distill.teacher_quantize": ("none", "nf4", "bnb_nf4", "hqq"),
     "metrics.progress": ("auto", "on", "off"),
     "export.dtype": ("float32", "bfloat16"),

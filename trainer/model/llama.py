@@ -98,6 +98,9 @@ class Transformer(nn.Module):
         # Tied: no module of its own. A shared Parameter would be split in two by to_empty() and by
         # sharding, so the projection reads the embedding's weight directly instead.
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # False: forward stops at the final norm and the loss projects onto the vocabulary itself, a
+        # chunk of tokens at a time (trainer/loss.py), so the whole batch's logits never exist.
+        self.project = True
         # Derived from args, never saved: rebuilt by init_buffers() after the model leaves the meta device.
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
@@ -124,9 +127,16 @@ class Transformer(nn.Module):
         if self.norm is None:  # a pipeline stage before the last
             return h
         h = self.norm(h)
+        if not self.project:
+            return h
         if self.args.tie_embeddings:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
+
+    def head_weight(self) -> torch.Tensor:
+        """The output projection's weight (the embedding's when tied). Read right after forward, under
+        FSDP it is the gathered weight: the root unit, which holds it, keeps it until backward."""
+        return self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
 
 
 # ---- what the Llama family's registry entry (trainer/model/family.py) takes from here ----------------
