@@ -110,3 +110,23 @@ def test_command_line_on_a_run_and_on_an_hf_directory(shared, tmp_path, hf_llama
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --top-p 0.0 must lie in (0, 1]"
     no_tokenizer = _generate_cli(str(shared("models/stories260K/stories260K.bin")), "--prompt", "x")
     assert no_tokenizer.returncode == 2 and "holds no tokenizer: give --tokenizer PATH" in no_tokenizer.stderr
+
+
+def test_chat_prompts_use_the_tokenizers_template(shared):
+    """--chat: the prompt as the instruct model's own template renders it (transformers' apply_chat_template
+    is the oracle), ready for the assistant's turn; a tokenizer without a template is a clear error."""
+    from transformers import AutoTokenizer
+
+    from trainer.config.schema import TokenizerConfig
+    from trainer.errors import UserError
+    from trainer.generate import prompt_ids
+    from trainer.tokenizer import build_tokenizer
+
+    path = shared("tokenizers/phi3-mini")
+    ours = prompt_ids(build_tokenizer(TokenizerConfig(kind="auto", path=str(path))), "Name a colour.", chat=True)
+    theirs = AutoTokenizer.from_pretrained(path).apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}], add_generation_prompt=True, tokenize=True)
+    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    assert ours == list(theirs)
+    with pytest.raises(UserError, match="--chat needs a tokenizer with a chat template"):
+        prompt_ids(build_tokenizer(TokenizerConfig(kind="byte")), "hi", chat=True)
