@@ -1,6 +1,7 @@
 """Running train.py as a user would (python or torchrun subprocesses) and reading what it wrote."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,3 +89,14 @@ def tensorboard_scalars(output_dir: Path, tag: str) -> dict[int, float]:
     accumulator = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {event.step: event.value for event in accumulator.Scalars(tag)}
+
+
+def kill_9_and_resume(args: list[str], out: Path, *, nproc: int, checkpoint_step: int) -> subprocess.CompletedProcess:
+    """train.py in `out`, every rank killed with SIGKILL once checkpoints/step-N exists, then started again
+    to the end (it resumes): the resumed run's result."""
+    proc = start_train([*args, f"job.output_dir={out}"], out.parent / f"{out.name}-first.log", nproc=nproc)
+    wait_until(lambda: (out / "checkpoints" / f"step-{checkpoint_step}").is_dir(),
+               what=f"the step-{checkpoint_step} checkpoint")
+    kill_tree(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return run_train([*args, f"job.output_dir={out}"], nproc=nproc)

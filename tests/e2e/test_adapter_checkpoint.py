@@ -2,9 +2,8 @@
 base sharded by FSDP2, where the base is rebuilt (loaded and quantized) at every start, with adapter
 dropout drawing random masks every step and checkpoints written in the background (async)."""
 
-import signal
 
-from tests.helpers import kill_tree, run_train, start_train, tensorboard_scalars, wait_until
+from tests.helpers import kill_9_and_resume, run_train, tensorboard_scalars
 from trainer.checkpoint.safe_reader import SafeFileSystemReader
 
 ARGS = ["--config", "configs/debug.yaml", "training.steps=12", "metrics.log_every=1", "checkpoint.interval=4",
@@ -29,11 +28,7 @@ def test_adapter_only_checkpoint_resumes_exactly(tmp_path):
     assert size(tmp_path / "ref" / "checkpoints" / "step-4") < size(tmp_path / "full" / "checkpoints" / "step-4") / 3
 
     out = tmp_path / "run"
-    proc = start_train([*ARGS, f"job.output_dir={out}"], out.parent / "first.log", nproc=2)
-    wait_until(lambda: (out / "checkpoints" / "step-4").is_dir(), what="the step-4 checkpoint")
-    kill_tree(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed = run_train([*ARGS, f"job.output_dir={out}"], nproc=2)
+    resumed = kill_9_and_resume(ARGS, out, nproc=2, checkpoint_step=4)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     want, got = tensorboard_scalars(tmp_path / "ref", "loss/train"), tensorboard_scalars(out, "loss/train")

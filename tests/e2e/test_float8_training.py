@@ -3,12 +3,11 @@ as well as high precision, resumes bitwise after kill -9, resumes with float8 of
 that transformers loads, and carries LoRA adapters whose PEFT export loads in peft."""
 
 import json
-import signal
 
 import pytest
 import torch
 
-from tests.helpers import kill_tree, run_train, start_train, tensorboard_scalars, wait_until
+from tests.helpers import kill_9_and_resume, run_train, tensorboard_scalars
 
 pytest.importorskip("torchao")
 
@@ -41,11 +40,7 @@ def test_float8_resumes_bitwise_and_without_float8(tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "run"
-    proc = start_train([*ARGS, f"job.output_dir={out}"], out.parent / "first.log", nproc=2)
-    wait_until(lambda: (out / "checkpoints" / "step-4").is_dir(), what="the step-4 checkpoint")
-    kill_tree(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed = run_train([*ARGS, f"job.output_dir={out}"], nproc=2)
+    resumed = kill_9_and_resume(ARGS, out, nproc=2, checkpoint_step=4)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     want, got = tensorboard_scalars(tmp_path / "ref", "loss/train"), tensorboard_scalars(out, "loss/train")

@@ -46,3 +46,13 @@ def test_missing_quantization_library(capsys, monkeypatch):
     code = train.main(["--config", "configs/debug.yaml", "--dry-run", "adapters.kind=lora", "adapters.quantize_base=hqq"])
     err = capsys.readouterr().err
     assert code == train.EXIT_USER_ERROR and "adapters.quantize_base=hqq needs the hqq package: pip install hqq" in err, err
+
+
+def test_a_4bit_teacher_that_does_not_shard_is_refused(capsys, shared):
+    code = train.main(["--config", "configs/debug.yaml", "--dry-run", "--world-size", "8", "training.local_batch_size=1",
+                       "tokenizer.kind=auto", f"tokenizer.path={shared('tokenizers/tok512/tok512.model')}",
+                       f"distill.teacher={shared('models/stories260K/stories260K.bin')}", "distill.teacher_quantize=nf4"])
+    err = capsys.readouterr().err
+    assert code == train.EXIT_USER_ERROR and (
+        "distill.teacher_quantize=nf4: layers.0.feed_forward.w1 (172, 64) does not split into 8 FSDP shards of whole "
+        "NF4 blocks (64 weights); change parallel.dp_shard, or use another distill.teacher_quantize") in err, err

@@ -11,9 +11,9 @@ from trainer.adapters import apply_adapters, finish_unit, target_names
 from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
 from trainer.adapters.load import load_adapters
 from trainer.adapters.lora import LoRALinear
-from trainer.adapters.quantize import bytes_per_weight, check_quantizable, missing_library
+from trainer.adapters.quantize import bytes_per_weight, check_4bit_setting
 from trainer.adapters.tp import ADAPTER_STYLES
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 from trainer.converters import ModelConverter
 from trainer.weights.hf_export import export_hf
 
@@ -37,23 +37,9 @@ class AdapterConverter(ModelConverter):
         q = self.cfg.quantize_base
         if q == "none":
             return
-        package = missing_library(q)
-        if package:
-            raise ConfigError(f"adapters.quantize_base={q} needs the {package} package: pip install {package}")
-        for name in names:
-            problem = check_quantizable(name, meta.get_submodule(name).weight.shape, q, shards=dims.dp_shard,
-                                        hqq_group_size=self.cfg.hqq_group_size)
-            if problem:
-                raise ConfigError(
-                    f"adapters.quantize_base={q}: {problem}; leave this layer out of adapters.targets, "
-                    f"change parallel.dp_shard, or use another quantize_base"
-                )
-        if q == "nf4" and dims.dp_replicate > 1 and dims.dp_shard == 1:
-            # FSDP2 hands a subclass's all-gather hooks other arguments when the shard group is one rank.
-            raise ConfigError(
-                "adapters.quantize_base=nf4 with parallel.dp_replicate > 1 and dp_shard=1 (pure replication) is not "
-                "supported by torchao's NF4 under FSDP2: shard it (parallel.dp_shard > 1, HSDP works), or use bnb_nf4 / hqq"
-            )
+        check_4bit_setting("adapters.quantize_base", q, {name: meta.get_submodule(name).weight.shape for name in names},
+                           dims=dims, hqq_group_size=self.cfg.hqq_group_size,
+                           fix="leave this layer out of adapters.targets, change parallel.dp_shard, or use another quantize_base")
 
     def convert(self, model: nn.Module) -> None:
         apply_adapters(model, self.cfg)

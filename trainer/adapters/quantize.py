@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from trainer.errors import ConfigError
+
 QUANTIZERS = ("nf4", "bnb_nf4", "hqq")
 NF4_BLOCK = 64  # weights per absmax scale, as in the QLoRA paper
 NF4_SCALER_BLOCK = 256  # scales per double-quantization block (torchao's default)
@@ -60,6 +62,25 @@ def check_quantizable(name: str, shape: torch.Size, kind: str, *, shards: int, h
         if numel % (2 * hqq_group_size):
             return f"{name} {tuple(shape)} has {numel} weights, not an even number of groups of adapters.hqq_group_size={hqq_group_size}"
     return None
+
+
+def check_4bit_setting(key: str, kind: str, shapes: dict[str, torch.Size], *, dims, hqq_group_size: int, fix: str) -> None:
+    """What a 4-bit setting (`key`=`kind`, over layers of these shapes) needs before any work: its library,
+    layers that split into whole 4-bit blocks per FSDP shard (else the error ends with `fix`), and, for
+    torchao's NF4, a shard group (FSDP2 hands a subclass's all-gather hooks other arguments when the shard
+    group is one rank)."""
+    package = missing_library(kind)
+    if package:
+        raise ConfigError(f"{key}={kind} needs the {package} package: pip install {package}")
+    for name, shape in shapes.items():
+        problem = check_quantizable(name, shape, kind, shards=dims.dp_shard, hqq_group_size=hqq_group_size)
+        if problem:
+            raise ConfigError(f"{key}={kind}: {problem}; {fix}")
+    if kind == "nf4" and dims.dp_replicate > 1 and dims.dp_shard == 1:
+        raise ConfigError(
+            f"{key}=nf4 with parallel.dp_replicate > 1 and dp_shard=1 (pure replication) is not supported by "
+            f"torchao's NF4 under FSDP2: shard it (parallel.dp_shard > 1, HSDP works), or use bnb_nf4 / hqq"
+        )
 
 
 def bytes_per_layer(kind: str) -> int:

@@ -9,7 +9,7 @@ from torch import nn
 from parallel.mesh import ParallelDims
 from parallel.parallelize import parallelize
 from trainer.adapters.frozen import FrozenLinear
-from trainer.adapters.quantize import bytes_per_layer, bytes_per_weight, check_quantizable, missing_library
+from trainer.adapters.quantize import bytes_per_layer, bytes_per_weight, check_4bit_setting
 from trainer.config import Config, ConfigError
 from trainer.model.args import ModelArgs
 from trainer.model.build import build_meta_model
@@ -57,19 +57,10 @@ def check_teacher_quantize(cfg: Config, dims: ParallelDims, args: ModelArgs) -> 
     q = cfg.distill.teacher_quantize
     if q == "none":
         return
-    package = missing_library(q)
-    if package:
-        raise ConfigError(f"distill.teacher_quantize={q} needs the {package} package: pip install {package}")
     meta = build_meta_model(args)
-    for name in _block_linears(meta):
-        problem = check_quantizable(name, meta.get_submodule(name).weight.shape, q, shards=dims.dp_shard,
-                                    hqq_group_size=cfg.adapters.hqq_group_size)
-        if problem:
-            raise ConfigError(f"distill.teacher_quantize={q}: the teacher's {problem}; change parallel.dp_shard, "
-                              f"or use another distill.teacher_quantize")
-    if q == "nf4" and dims.dp_replicate > 1 and dims.dp_shard == 1:
-        raise ConfigError("distill.teacher_quantize=nf4 with pure replication (dp_shard=1) is not supported by torchao's "
-                          "NF4 under FSDP2: shard it (parallel.dp_shard > 1), or use bnb_nf4 / hqq")
+    check_4bit_setting("distill.teacher_quantize", q, {name: meta.get_submodule(name).weight.shape for name in _block_linears(meta)},
+                       dims=dims, hqq_group_size=cfg.adapters.hqq_group_size,
+                       fix="change parallel.dp_shard, or use another distill.teacher_quantize")
 
 
 def _block_linears(model: nn.Module) -> list[str]:
