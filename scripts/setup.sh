@@ -34,7 +34,7 @@ fi
 STAMP="$VENV/.tessera-installed"
 WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  "${PIP[@]}" -e ".[dev,quant]"
+  "${PIP[@]}" -e ".[dev,quant,bench]"
   echo "$WANT" > "$STAMP"
 fi
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

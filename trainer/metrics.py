@@ -109,6 +109,7 @@ class MetricsLogger:
             self.samples = open(output_dir / "samples" / f"rank-{rank}.jsonl", "a")
         self.progress = is_main and (cfg.progress == "on" or (cfg.progress == "auto" and sys.stdout.isatty()))
         self._tokens, self._time, self._steps, self._data_time = 0, 0.0, 0, 0.0
+        self._phases: dict[str, float] = {}
         self._started = time.perf_counter()
 
     def start_clock(self) -> None:
@@ -135,10 +136,11 @@ class MetricsLogger:
     def maybe_log(
         self, step: int, *, loss: float, lr: float, grad_norm: float, local_tokens: int, step_time: float,
         tokens_seen: int = 0, window_ids: list[tuple[int, int]] = (), loss_parts: dict[str, float] | None = None,
-        data_time: float = 0.0,
+        data_time: float = 0.0, phases: dict[str, float] | None = None,
     ) -> None:
         """`loss_parts`: named terms of a loss made of several (distillation's ce and kl), per label token.
-        `data_time`: the part of step_time spent waiting for the step's batches."""
+        `data_time`: the part of step_time spent waiting for the step's batches. `phases`: seconds of the
+        step's phases (metrics.step_phases), averaged over the log window into TensorBoard."""
         loss_parts = loss_parts or {}
         if self.samples is not None:
             self.samples.write(json.dumps({"step": step, "windows": [list(w) for w in window_ids]}) + "\n")
@@ -146,6 +148,8 @@ class MetricsLogger:
         self._tokens += local_tokens
         self._time += step_time
         self._data_time += data_time
+        for name, seconds in (phases or {}).items():
+            self._phases[name] = self._phases.get(name, 0.0) + seconds
         self._steps += 1
         if self.progress:
             done = int(30 * step / self.total_steps)
@@ -157,6 +161,8 @@ class MetricsLogger:
         memory = peak_memory_gib(self.device)
         step_avg = self._time / self._steps
         data_percent = 100 * self._data_time / self._time
+        phase_ms = {name: 1000 * seconds / self._steps for name, seconds in self._phases.items()}
+        self._phases = {}
         self._tokens, self._time, self._steps, self._data_time = 0, 0.0, 0, 0.0
         elapsed = time.perf_counter() - self._started
         eta = elapsed / max(1, step - self.start_step) * (self.total_steps - step)
@@ -180,6 +186,7 @@ class MetricsLogger:
                 "progress/tokens_seen": tokens_seen, "time/elapsed_seconds": elapsed, "time/eta_seconds": eta,
             }
             scalars.update({f"loss/{name}": value for name, value in loss_parts.items()})
+            scalars.update({f"time/phase_{name}_ms": value for name, value in phase_ms.items()})
             if self.fast:
                 scalars["throughput/mfu_mixed_percent"] = self.fast.mixed(mfu)
                 scalars[f"throughput/{self.fast.fmt}_flop_share"] = self.fast.share

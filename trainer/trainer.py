@@ -36,6 +36,7 @@ from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
+from trainer.step_phases import StepPhases
 from trainer.validation import Validation
 from trainer.weights.load import open_weights
 from trainer.weights.materialize import materialize_unit
@@ -102,6 +103,7 @@ class Trainer:
             converter.after_optimizer_step(self.model_parts)
         self.bad_steps = 0  # steps in a row whose loss or gradient norm was not finite
         self.loss_parts: dict[str, float] = {}  # named terms of the last step's loss (distillation: ce, kl)
+        self.phases = StepPhases(cfg.metrics.step_phases, runtime.device)
         self.preemption = PreemptionWatch(runtime.device)
         meta = convert(build_meta_model(model_args), self.converters)
         model_flops = flops_per_token(model_args, cfg.training.seq_len)
@@ -243,21 +245,24 @@ class Trainer:
         self.metrics.start_clock()
         while self.step < steps:
             start = time.perf_counter()
+            self.phases.start_step()
             microbatches, window_ids = [], []
             for _ in range(self.accum_steps):
                 microbatches.append(self.loader.next_batch())
                 window_ids += self.loader.last_ids
             data_time = time.perf_counter() - start
+            self.phases.add("data", data_time)
             lr = self.optimizers.lr
             loss, grad_norm = self.train_step(microbatches)
             self.step += 1
             local_tokens = sum(inputs.numel() for inputs, _ in microbatches)
             self.counters.step = self.step
             self.counters.tokens += local_tokens * self.dims.dp_size
+            step_time = time.perf_counter() - start
             self.metrics.maybe_log(
                 self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
-                step_time=time.perf_counter() - start, tokens_seen=self.counters.tokens, window_ids=window_ids,
-                loss_parts=self.loss_parts, data_time=data_time,
+                step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
+                loss_parts=self.loss_parts, data_time=data_time, phases=self.phases.of_step(step_time),
             )
             if self.validation is not None and self.validation.due(self.step):
                 self._validate()
@@ -315,7 +320,8 @@ class Trainer:
         self.loss_fn.start(scale=self.dims.dp_size / global_tokens, device=self.runtime.device)
         for inputs, labels in microbatches:
             self.forward_backward(inputs.to(self.runtime.device), labels.to(self.runtime.device))
-        grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=self.meshes.pp.group)
+        with self.phases.phase("optimizer"):
+            grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=self.meshes.pp.group)
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
         loss = self._sum(self.loss_fn.summed, over_pp=True).item() / global_tokens
         self.loss_parts = {name: self._sum(value, over_pp=True).item() / global_tokens
@@ -325,9 +331,10 @@ class Trainer:
         # so every rank takes the same decision. A non-finite step leaves the weights, the optimizer's
         # moments and the schedule as they were.
         if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizers.step()
-            for converter in self.converters:
-                converter.after_optimizer_step(self.model_parts)
+            with self.phases.phase("optimizer"):
+                self.optimizers.step()
+                for converter in self.converters:
+                    converter.after_optimizer_step(self.model_parts)
         return loss, grad_norm
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLoss | None = None,
@@ -337,12 +344,15 @@ class Trainer:
         # autocast covers the pipeline's backward too: the schedule runs both in one call.
         with self.loss_context(), self.precision.autocast(self.runtime.device, fsdp=self.uses_fsdp):
             if self.schedule is not None:
-                self._pipeline_forward_backward(inputs, labels, backward)
+                with self.phases.phase("forward"):
+                    self._pipeline_forward_backward(inputs, labels, backward)
                 return
-            logits = self.model_parts[0](inputs)
-            loss = loss_fn(logits, labels, inputs=inputs)
+            with self.phases.phase("forward"):
+                logits = self.model_parts[0](inputs)
+                loss = loss_fn(logits, labels, inputs=inputs)
             if backward:
-                loss.backward()
+                with self.phases.phase("backward"):
+                    loss.backward()
             loss_fn.record(loss)
 
     def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool) -> None:

@@ -251,6 +251,9 @@ class MetricsConfig:
     progress: str = "auto"
     # Append the ids (stream, index) of every window each rank trains on to output_dir/samples/rank-R.jsonl.
     log_samples: bool = False
+    # Time each step's phases (data, forward, backward, optimizer, other) into TensorBoard (time/phase_*);
+    # on a GPU it synchronizes at each phase boundary (trainer/step_phases.py).
+    step_phases: bool = False
 
 
 @dataclass

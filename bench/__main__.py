@@ -1,0 +1,140 @@
+"""python -m bench --preset NAME [--methods full,lora] [--steps 20] [--warmup 5] [--pairs 3] [--out DIR]
+
+For each method of the preset (full finetuning, LoRA, QLoRA per backend), our trainer and the plain
+transformers (+ peft, + bitsandbytes) loop run alternately, --pairs times (ours, theirs, ours, theirs,
+...), on one random-weight Hugging Face checkpoint of the preset's shape that both load, the same batches,
+AdamW, learning rate, clipping and precision. Per run: the steps after --warmup give the step time
+(median, min, max), tokens/s, MFU, and the step's phases (data, forward, backward, optimizer, other);
+the ratio ours / theirs is printed with its min and max over the pairs. On CPU the peak memory comes
+from one more short run per side with MALLOC_MMAP_THRESHOLD_=65536 (glibc otherwise keeps freed blocks,
+counting long-dead temporaries; it slows CPU runs, hence separate runs); on a GPU it is the speed run's
+peak reserved memory. Our --dry-run estimate is printed beside our measured peak.
+
+Writes DIR/bench.md (the tables), DIR/bench.json (every per-step figure) and DIR/bench.png (loss and
+tokens/s over the steps, one line per run) when matplotlib is installed (`pip install -e ".[bench]"`).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench import ours
+from bench.presets import METHODS, PRESETS, Preset
+from bench.report import plot, tables
+
+RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def write_checkpoint(p: Preset, out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=p.dim, num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads,
+                         num_key_value_heads=p.n_kv_heads, intermediate_size=p.ffn, vocab_size=p.vocab,
+                         max_position_embeddings=p.seq, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(getattr(torch, p.dtype)).save_pretrained(out)
+
+
+def run_theirs(p: Preset, checkpoint: Path, method: str, steps: int, env: dict | None = None) -> dict | str:
+    cmd = [sys.executable, "-m", "bench.theirs", "--checkpoint", str(checkpoint), "--method", method, "--seq", str(p.seq),
+           "--batch", str(p.batch), "--dtype", p.dtype, "--steps", str(steps)]
+    if p.checkpointing:
+        cmd.append("--checkpointing")
+    result = subprocess.run(cmd, cwd=ours.REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        return (result.stderr.strip().splitlines() or ["failed"])[-1][:160]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarize(run: dict, warmup: int, tokens_per_step: int) -> dict:
+    """Figures over the timed steps (after the warm-up)."""
+    s = run["steps"]
+    timed = s["step_ms"][warmup:]
+    step = statistics.median(timed)
+    out = {"step_ms": step, "step_min_ms": min(timed), "step_max_ms": max(timed), "tokens_per_sec": tokens_per_step / step * 1000,
+           "peak_gib": run["peak_gib"], "steps_timed": len(timed)}
+    for phase in ("data", "forward", "backward", "optimizer", "other"):
+        out[f"{phase}_ms"] = statistics.median(s[f"{phase}_ms"][warmup:])
+    if "mfu" in s:
+        out["mfu"] = statistics.median(s["mfu"][warmup:])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu-small")
+    parser.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)} (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--no-memory-runs", action="store_true", help="CPU: skip the separate peak-memory runs")
+    args = parser.parse_args(argv)
+    p = PRESETS[args.preset]
+    methods = args.methods.split(",") if args.methods else list(p.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or args.warmup >= args.steps or min(args.pairs, args.steps) < 1:
+        parser.error(f"unknown methods {unknown}" if unknown else "--steps must exceed --warmup, and --pairs be 1 or more")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = not torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if not cpu else f"CPU, {os.cpu_count()} cores"
+    header = (f"{datetime.date.today()} | {platform.node()} | {device} | torch {torch.__version__} | python -m bench "
+              f"{' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(header, flush=True)
+    tokens_per_step = p.batch * p.seq
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None if p.flavor else Path(tmp) / "hf"
+        if checkpoint is not None:
+            write_checkpoint(p, checkpoint)
+        for pair in range(args.pairs):  # interleaved: ours, theirs, ours, theirs, ...
+            for method in methods:
+                sides = [("ours", lambda m=method: ours.run(p, checkpoint, m, args.steps))]
+                if METHODS[method][1] and checkpoint is not None:
+                    sides.append(("theirs", lambda m=method: run_theirs(p, checkpoint, METHODS[m][1], args.steps)))
+                for side, go in sides:
+                    run = go()
+                    entry = results.setdefault(f"{method}/{side}", {"method": method, "side": side, "runs": [], "errors": []})
+                    if isinstance(run, str):
+                        entry["errors"].append(run)
+                        print(f"pair {pair + 1} {method} {side}: failed: {run}", flush=True)
+                        continue
+                    entry["runs"].append({**run, "summary": summarize(run, args.warmup, tokens_per_step)})
+                    print(f"pair {pair + 1} {method} {side}: {entry['runs'][-1]['summary']['tokens_per_sec']:,.0f} tokens/s",
+                          flush=True)
+        for method in methods:
+            mine = results.get(f"{method}/ours")
+            if mine and mine["runs"]:
+                mine["dry_run_gib"] = ours.dry_run_gib(p, checkpoint, method)
+            if cpu and not args.no_memory_runs:
+                memory = ours.run(p, checkpoint, method, 2, env=RETURN_FREED)
+                if mine and isinstance(memory, dict):
+                    mine["peak_gib"] = memory["peak_gib"]
+                theirs_entry = results.get(f"{method}/theirs")
+                if theirs_entry:
+                    memory = run_theirs(p, checkpoint, METHODS[method][1], 2, env=RETURN_FREED)
+                    if isinstance(memory, dict):
+                        theirs_entry["peak_gib"] = memory["peak_gib"]
+    text = tables(header, p, args, results)
+    print(text)
+    (out / "bench.md").write_text(text + "\n")
+    (out / "bench.json").write_text(json.dumps({"header": header, "preset": args.preset, "results": results}, indent=1))
+    if plot(results, out / "bench.png"):
+        print(f"wrote {out / 'bench.md'}, {out / 'bench.json'} and {out / 'bench.png'}")
+    else:
+        print(f"wrote {out / 'bench.md'} and {out / 'bench.json'} (no plot: pip install -e \".[bench]\")")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Our side of a row: train.py in a fresh process (torchrun for several ranks), its figures read back
+from its TensorBoard event files, one point per step (metrics.log_every=1, metrics.step_phases=true)."""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bench.presets import METHODS, Preset
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("data", "forward", "backward", "optimizer", "other")
+
+
+def overrides(p: Preset, checkpoint: Path | None, method: str, steps: int, extra: list[str] = ()) -> list[str]:
+    model = [f"model.flavor={p.flavor}"] if checkpoint is None else ["model.flavor=null", f"model.init_from={checkpoint}"]
+    return [
+        "--config", "configs/debug.yaml", *model, "tokenizer.kind=byte",
+        "data.source=stdlib", f"training.seq_len={p.seq}", f"training.local_batch_size={p.batch}",
+        "training.global_batch_size=-1", f"training.mixed_precision_param={p.dtype}", f"training.steps={steps}",
+        f"activation_checkpoint.mode={'full' if p.checkpointing else 'none'}", f"compile.enabled={str(p.compile).lower()}",
+        "optimizer.lr=1e-4", "lr_scheduler.warmup_steps=0", "lr_scheduler.decay_type=constant", "metrics.log_every=1",
+        "metrics.step_phases=true", "checkpoint.enabled=false", *METHODS[method][0], *extra,
+    ]
+
+
+def _command(args: list[str], nproc: int) -> list[str]:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node", str(nproc)]
+    return [*launcher, "train.py", *args]
+
+
+def run(p: Preset, checkpoint: Path | None, method: str, steps: int, *, nproc: int = 1, env: dict | None = None,
+        extra: list[str] = ()) -> dict | str:
+    """{"steps": {tag: [per step]}, "peak_gib": ...}, or the error's last line."""
+    with tempfile.TemporaryDirectory() as out:
+        args = [*overrides(p, checkpoint, method, steps, extra), f"job.output_dir={out}"]
+        result = subprocess.run(_command(args, nproc), cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, **(env or {})})
+        if result.returncode != 0:
+            return (result.stderr.strip().splitlines() or ["failed"])[-1][:160]
+        events = EventAccumulator(str(Path(out) / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        series = lambda tag: [e.value for e in events.Scalars(tag)]  # noqa: E731
+        steps_of = {
+            "step_ms": [1000 * v for v in series("time/step_seconds")],
+            **{f"{name}_ms": series(f"time/phase_{name}_ms") for name in PHASES},
+            "loss": series("loss/train"), "tokens_per_sec": series("throughput/tokens_per_sec_per_device"),
+            "mfu": series("throughput/mfu_percent"),
+        }
+        return {"steps": steps_of, "peak_gib": max(series("memory/peak_gib"))}
+
+
+def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1) -> float | None:
+    """The --dry-run estimate of the device memory per rank, for the same run."""
+    args = [*overrides(p, checkpoint, method, 1), "--dry-run", "--world-size", str(nproc)]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True)
+    found = re.search(r"total on the device\s+([\d.]+) GiB", result.stdout)
+    return float(found.group(1)) if found else None

@@ -1,0 +1,89 @@
+"""The benchmark's tables (markdown) and plot (PNG)."""
+
+import statistics
+
+PHASES = ("data", "forward", "backward", "optimizer", "other")
+
+
+def _median(entry: dict, key: str) -> float:
+    return statistics.median(run["summary"][key] for run in entry["runs"])
+
+
+def _peak(entry: dict) -> float:
+    return entry.get("peak_gib") or max(run["summary"]["peak_gib"] for run in entry["runs"])
+
+
+def tables(header: str, preset, args, results: dict) -> str:
+    lines = [f"# Benchmark: {args.preset}", "", header, "",
+             f"shape dim {preset.dim}, {preset.n_layers} layers, heads {preset.n_heads}/{preset.n_kv_heads}, ffn {preset.ffn}, "
+             f"vocab {preset.vocab}; seq {preset.seq} x batch {preset.batch}, {preset.dtype}; activation checkpointing "
+             f"{'full' if preset.checkpointing else 'off'}; {args.steps} steps per run, the first {args.warmup} not timed; "
+             f"{args.pairs} interleaved pair(s)", "",
+             "| method | side | tokens/s | step ms: median [min - max] | MFU % | peak mem (GiB) | our dry-run estimate |",
+             "|---|---|---|---|---|---|---|"]
+    for key, entry in results.items():
+        if not entry["runs"]:
+            lines.append(f"| {entry['method']} | {entry['side']} | failed: {entry['errors'][0]} | | | | |")
+            continue
+        step = _median(entry, "step_ms")
+        low = min(r["summary"]["step_min_ms"] for r in entry["runs"])
+        high = max(r["summary"]["step_max_ms"] for r in entry["runs"])
+        mine = results.get(f"{entry['method']}/ours")
+        if entry["side"] == "ours":
+            mfu = _median(entry, "mfu")
+        elif mine and mine["runs"]:  # the same FLOPs per token and the same peak: scale ours by the speed ratio
+            mfu = _median(mine, "mfu") * _median(entry, "tokens_per_sec") / _median(mine, "tokens_per_sec")
+        else:
+            mfu = float("nan")
+        estimate = entry.get("dry_run_gib")
+        est = f"{estimate:.2f} GiB ({100 * (estimate - _peak(entry)) / _peak(entry):+.0f}%)" if estimate else "-"
+        lines.append(f"| {entry['method']} | {entry['side']} | {_median(entry, 'tokens_per_sec'):,.0f} | "
+                     f"{step:.1f} [{low:.1f} - {high:.1f}] | {mfu:.1f} | {_peak(entry):.2f} | {est} |")
+
+    lines += ["", "Ours against theirs (tokens/s ratio per interleaved pair; peak memory ratio):", "",
+              "| method | tokens/s ratio: median [min - max] | peak memory ratio |", "|---|---|---|"]
+    for key, entry in results.items():
+        theirs = results.get(f"{entry['method']}/theirs")
+        if entry["side"] != "ours" or not theirs or not theirs["runs"] or not entry["runs"]:
+            continue
+        ratios = [a["summary"]["tokens_per_sec"] / b["summary"]["tokens_per_sec"] for a, b in zip(entry["runs"], theirs["runs"])]
+        lines.append(f"| {entry['method']} | {statistics.median(ratios):.2f}x [{min(ratios):.2f} - {max(ratios):.2f}] | "
+                     f"{_peak(entry) / _peak(theirs):.2f}x |")
+
+    lines += ["", "Where a step's time goes (medians of the timed steps, ms; other = the step minus the phases; "
+              "tail = the slowest timed step over the median):", "",
+              "| method | side | " + " | ".join(PHASES) + " | other % | tail |", "|---|---|" + "---|" * (len(PHASES) + 2)]
+    for entry in results.values():
+        if not entry["runs"]:
+            continue
+        phases = [_median(entry, f"{phase}_ms") for phase in PHASES]
+        step = _median(entry, "step_ms")
+        tail = max(r["summary"]["step_max_ms"] / r["summary"]["step_ms"] for r in entry["runs"])
+        lines.append(f"| {entry['method']} | {entry['side']} | " + " | ".join(f"{v:.1f}" for v in phases) +
+                     f" | {100 * phases[-1] / step:.1f} | {tail:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path) -> bool:
+    """Loss and tokens/s per step, a line per run; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, (loss_axes, speed_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, entry in results.items():
+        for i, run in enumerate(entry["runs"]):
+            steps = range(1, len(run["steps"]["loss"]) + 1)
+            label = f"{key} #{i + 1}"
+            loss_axes.plot(steps, run["steps"]["loss"], label=label)
+            speed_axes.plot(steps, run["steps"]["tokens_per_sec"], label=label)
+    loss_axes.set(xlabel="step", ylabel="training loss", title="loss")
+    speed_axes.set(xlabel="step", ylabel="tokens/s per device", title="throughput")
+    speed_axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
