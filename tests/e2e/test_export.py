@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from trainer.weights.load import load_model
+
 from tests.helpers import REPO, run_train
 
 COMMON = ["--config", "configs/debug.yaml", "training.steps=4", "export.hf=true"]
@@ -22,6 +24,8 @@ def test_pipeline_export_matches_single_process_export(tmp_path):
     tokens = torch.randint(0, 259, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (a(tokens).logits - b(tokens).logits).abs().max() < 1e-4
+        # transformers computes what we do with the exported weights.
+        assert (a(tokens).logits - load_model(tmp_path / "single" / "export" / "hf")(tokens)).abs().max() < 1e-4
 
     # The command-line export of a checkpoint gives exactly the live export.
     cli = tmp_path / "cli"

@@ -90,6 +90,15 @@ def test_default_run_reports_progress_and_honest_mfu(walkthrough):
     assert "MFU against" in out and "approximate" in out
     assert re.search(r"tokens 409.60K \| elapsed \d+:\d\d:\d\d \| eta 0:00:00$", lines[-1]), lines[-1]
     run = repo / "outputs" / "debug"
+    loss = tensorboard_scalars(run, "loss/train")
+    assert set(loss) == {1, *range(10, 201, 10)}
+    # A byte-level model starts near ln(259) = 5.56 nats; it must fall well below it.
+    assert loss[1] > 5.0 and loss[200] < 0.5 * loss[1], loss
+    assert max(loss[s] for s in range(150, 201, 10)) < min(loss[s] for s in (10, 20, 30))
+    for tag in ("lr", "grad_norm", "throughput/tokens_per_sec_per_device", "throughput/mfu_percent", "memory/peak_gib"):
+        assert len(tensorboard_scalars(run, tag)) == 21, tag
+    for word in ("loss", "lr", "grad_norm", "tok/s/device", "mfu", "mem", "ms (data"):  # every metric the brief names
+        assert word in lines[-1]
     assert tensorboard_scalars(run, "progress/tokens_seen")[200] == 200 * 2048
     assert tensorboard_scalars(run, "time/eta_seconds")[200] == 0
     assert tensorboard_scalars(run, "time/elapsed_seconds")[200] > tensorboard_scalars(run, "time/elapsed_seconds")[10]
