@@ -48,10 +48,15 @@ def job_fields(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
+def _nodes_idle() -> bool:
+    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout.split()
+    return bool(states) and all(state == "idle" for state in states)
+
+
 def wait_job(job: str, timeout: float = 300) -> dict[str, str]:
     """Until the job has ended for good; a requeued job (held ~2 minutes by Slurm's BeginTime) is started at
     once. A job that requeues itself passes through an ended state for a moment: the end must hold for 3 s."""
-    deadline, ended_since = time.monotonic() + timeout, None
+    deadline, ended_since, held_since = time.monotonic() + timeout, None, None
     while time.monotonic() < deadline:
         fields = job_fields(job)
         state = fields.get("JobState")
@@ -61,7 +66,11 @@ def wait_job(job: str, timeout: float = 300) -> dict[str, str]:
                 return fields
         else:
             ended_since = None
-        if state == "PENDING" and fields.get("Reason") == "BeginTime":
+        held = state == "PENDING" and fields.get("Reason") == "BeginTime"
+        held_since = (held_since or time.monotonic()) if held else None
+        if held and time.monotonic() - held_since > 2 and _nodes_idle():
+            # Not at once: slurmd refuses a credential issued in the same second as the requeue revoked the
+            # last one ("Job credential revoked", the job then fails), which Slurm's own delay avoids.
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         time.sleep(0.25)
     subprocess.run(["scancel", job])
