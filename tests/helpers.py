@@ -91,12 +91,19 @@ def tensorboard_scalars(output_dir: Path, tag: str) -> dict[int, float]:
     return {event.step: event.value for event in accumulator.Scalars(tag)}
 
 
-def kill_9_and_resume(args: list[str], out: Path, *, nproc: int, checkpoint_step: int) -> subprocess.CompletedProcess:
+def kill_9_and_resume(args: list[str], out: Path, reference: Path, *, nproc: int, checkpoint_step: int,
+                      compare: range) -> subprocess.CompletedProcess:
     """train.py in `out`, every rank killed with SIGKILL once checkpoints/step-N exists, then started again
-    to the end (it resumes): the resumed run's result."""
+    to the end: it must resume, and its losses over `compare` equal the uninterrupted `reference` run's
+    bit for bit. Returns the resumed run's result."""
     proc = start_train([*args, f"job.output_dir={out}"], out.parent / f"{out.name}-first.log", nproc=nproc)
     wait_until(lambda: (out / "checkpoints" / f"step-{checkpoint_step}").is_dir(),
                what=f"the step-{checkpoint_step} checkpoint")
     kill_tree(proc.pid, signal.SIGKILL)
     proc.wait()
-    return run_train([*args, f"job.output_dir={out}"], nproc=nproc)
+    resumed = run_train([*args, f"job.output_dir={out}"], nproc=nproc)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    want, got = tensorboard_scalars(reference, "loss/train"), tensorboard_scalars(out, "loss/train")
+    assert [got[s] for s in compare] == [want[s] for s in compare]  # bitwise
+    return resumed
