@@ -62,6 +62,12 @@ def test_chunked_loss_equals_the_direct_computation(direction):
 
 
 def test_validation_measures_cross_entropy_only():
-    loss_fn = DistillLoss(DistillConfig(teacher="unused"), nn.Identity())
+    """plain(): the student's own summed cross-entropy (the teacher is not run: it would fail here)."""
+    loss_fn = DistillLoss(DistillConfig(teacher="unused", kd_ratio=0.9), teacher=None)
     plain = loss_fn.plain()
-    assert type(plain).__name__ == "TokenLoss" and plain.plain() is plain
+    torch.manual_seed(2)
+    logits, labels = torch.randn(2, 5, VOCAB), torch.randint(0, VOCAB, (2, 5))
+    labels[0, :2] = IGNORE_INDEX
+    plain.start(scale=1.0, device=torch.device("cpu"))
+    expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+    assert abs(plain(logits, labels).item() - expected.item()) < 1e-6 and plain.plain() is plain

@@ -6,7 +6,9 @@ import dataclasses
 import zlib
 
 from trainer.config.schema import Config
-from trainer.errors import DataError
+from trainer.data.documents import check_num_streams
+from trainer.data.loader import check_enough_tokens
+from trainer.errors import DataError, UserError
 
 
 class DocumentSubset:
@@ -60,10 +62,6 @@ def training_and_eval_documents(cfg: Config, load_documents):
 
 def check_eval_tokens(docs, tokenizer, cfg: Config) -> None:
     """The held-out documents fill the validation batches' streams (messages say which data is short)."""
-    from trainer.data.documents import check_num_streams
-    from trainer.data.loader import check_enough_tokens
-    from trainer.errors import UserError
-
     try:
         check_num_streams(docs, cfg.data.num_streams)
         check_enough_tokens(docs, tokenizer, cfg.data, cfg.training.seq_len)
