@@ -43,7 +43,7 @@ def check_run(cfg: Config, world_size: int) -> str:
     return (
         f"check: ok: {cfg.job.output_dir} on {world_size} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
         f"dp_shard {d.dp_shard} x tp {d.tp}), {len(docs):,} documents from {docs.name}, "
-        + (f"validating on {len(held_out):,} documents from {held_out.name}, " if held_out is not None else "")
+        + (f"validating on {len(held_out):,} documents ({held_out.name}), " if held_out is not None else "")
         + (f"distilling from {cfg.distill.teacher}, " if plan.teacher_args is not None else "")
         + start
     )
