@@ -1,14 +1,19 @@
-"""python -m bench --preset NAME [--methods full,lora] [--steps 20] [--warmup 5] [--pairs 3] [--out DIR]
+"""python -m bench --preset NAME [--methods full,lora] [--steps 20] [--warmup 5] [--pairs 3] [--out DIR] [--profile]
 
 For each method of the preset (full finetuning, LoRA, QLoRA per backend), our trainer and the plain
 transformers (+ peft, + bitsandbytes) loop run alternately, --pairs times (ours, theirs, ours, theirs,
 ...), on one random-weight Hugging Face checkpoint of the preset's shape that both load, the same batches,
 AdamW, learning rate, clipping and precision. Per run: the steps after --warmup give the step time
 (median, min, max), tokens/s, MFU, and the step's phases (data, forward, backward, optimizer, other);
-the ratio ours / theirs is printed with its min and max over the pairs. On CPU the peak memory comes
-from one more short run per side with MALLOC_MMAP_THRESHOLD_=65536 (glibc otherwise keeps freed blocks,
-counting long-dead temporaries; it slows CPU runs, hence separate runs); on a GPU it is the speed run's
-peak reserved memory. Our --dry-run estimate is printed beside our measured peak.
+the ratio ours / theirs is printed with its min and max over the pairs. Peak memory: on a GPU the speed
+runs' peak reserved memory; on CPU two figures, the process's peak RSS in the speed runs (what the
+machine must hold, freed memory that malloc keeps included: ours keeps it on purpose, see
+trainer/host_memory.py) and the live peak, from one more short run per side with freed memory returned
+at once (MALLOC_MMAP_THRESHOLD_=65536, training.cpu_malloc=system: slow, hence separate runs). Our
+--dry-run estimate is printed beside our live peak.
+
+--profile adds a run per side that profiles one step after the warm-up (torch.profiler): the top ops by
+self time, ours beside theirs.
 
 Writes DIR/bench.md (the tables), DIR/bench.json (every per-step figure) and DIR/bench.png (loss and
 tokens/s over the steps, one line per run) when matplotlib is installed (`pip install -e ".[bench]"`).
@@ -27,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from bench import ours
+from bench import ours, variants
 from bench.presets import METHODS, PRESETS, Preset
-from bench.report import plot, tables
+from bench.report import describe, plot, tables
 
 RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
@@ -44,9 +49,11 @@ def write_checkpoint(p: Preset, out: Path) -> None:
     LlamaForCausalLM(config).to(getattr(torch, p.dtype)).save_pretrained(out)
 
 
-def run_theirs(p: Preset, checkpoint: Path, method: str, steps: int, env: dict | None = None) -> dict | str:
+def run_theirs(p: Preset, checkpoint: Path, method: str, steps: int, adamw: str, env: dict | None = None,
+               profile_step: int = 0) -> dict | str:
     cmd = [sys.executable, "-m", "bench.theirs", "--checkpoint", str(checkpoint), "--method", method, "--seq", str(p.seq),
-           "--batch", str(p.batch), "--dtype", p.dtype, "--steps", str(steps)]
+           "--batch", str(p.batch), "--dtype", p.dtype, "--steps", str(steps), "--adamw", adamw,
+           "--profile-step", str(profile_step)]
     if p.checkpointing:
         cmd.append("--checkpointing")
     result = subprocess.run(cmd, cwd=ours.REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -55,18 +62,84 @@ def run_theirs(p: Preset, checkpoint: Path, method: str, steps: int, env: dict |
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summarize(run: dict, warmup: int, tokens_per_step: int) -> dict:
-    """Figures over the timed steps (after the warm-up)."""
+def summarize(run: dict, warmup: int, tokens_per_step: int | None) -> dict:
+    """Figures over the timed steps (after the warm-up). Without tokens_per_step, tokens/s is the run's
+    own per-device figure (layouts where ranks share a batch)."""
     s = run["steps"]
     timed = s["step_ms"][warmup:]
     step = statistics.median(timed)
-    out = {"step_ms": step, "step_min_ms": min(timed), "step_max_ms": max(timed), "tokens_per_sec": tokens_per_step / step * 1000,
+    speed = tokens_per_step / step * 1000 if tokens_per_step else statistics.median(s["tokens_per_sec"][warmup:])
+    out = {"step_ms": step, "step_min_ms": min(timed), "step_max_ms": max(timed), "tokens_per_sec": speed,
            "peak_gib": run["peak_gib"], "steps_timed": len(timed)}
     for phase in ("data", "forward", "backward", "optimizer", "other"):
         out[f"{phase}_ms"] = statistics.median(s[f"{phase}_ms"][warmup:])
-    if "mfu" in s:
-        out["mfu"] = statistics.median(s["mfu"][warmup:])
+    for key in ("mfu", "mfu_mixed", "float8_share"):
+        if key in s:
+            out[key] = statistics.median(s[key][warmup:])
     return out
+
+
+def run_variants(args, p: Preset, checkpoint: Path | None, method: str) -> dict:
+    """Each variant row of the chosen groups, round-robin --pairs times."""
+    results: dict[str, dict] = {}
+    chosen = variants.rows(args.variants.split(","), nproc=args.nproc, no_compile=args.no_compile)
+    for round_ in range(args.pairs):
+        for group, label, ranks, extra in chosen:
+            run = ours.run(p, checkpoint, method, args.steps, nproc=ranks, extra=extra)
+            entry = results.setdefault(f"{group}/{label}", {"group": group, "label": label, "ranks": ranks, "overrides": extra,
+                                                            "runs": [], "errors": []})
+            if isinstance(run, str):
+                entry["errors"].append(run)
+                print(f"round {round_ + 1} {group} / {label}: failed: {run}", flush=True)
+                continue
+            entry["runs"].append({**run, "summary": summarize(run, args.warmup, None)})
+            print(f"round {round_ + 1} {group} / {label}: {entry['runs'][-1]['summary']['tokens_per_sec']:,.0f} tokens/s "
+                  f"per device", flush=True)
+    return results
+
+
+def compare(args, p: Preset, checkpoint: Path | None, methods: list[str]) -> dict:
+    """Ours and theirs per method, interleaved --pairs times; then the memory and profile runs."""
+    cpu = not torch.cuda.is_available()
+    tokens_per_step = p.batch * p.seq
+    results: dict[str, dict] = {}
+    for pair in range(args.pairs):  # interleaved: ours, theirs, ours, theirs, ...
+        for method in methods:
+            sides = [("ours", lambda m=method: ours.run(p, checkpoint, m, args.steps))]
+            if METHODS[method][1] and checkpoint is not None:
+                sides.append(("theirs", lambda m=method: run_theirs(p, checkpoint, METHODS[m][1], args.steps,
+                                                                    args.theirs_adamw)))
+            for side, go in sides:
+                run = go()
+                entry = results.setdefault(f"{method}/{side}", {"method": method, "side": side, "runs": [], "errors": []})
+                if isinstance(run, str):
+                    entry["errors"].append(run)
+                    print(f"pair {pair + 1} {method} {side}: failed: {run}", flush=True)
+                    continue
+                entry["runs"].append({**run, "summary": summarize(run, args.warmup, tokens_per_step)})
+                print(f"pair {pair + 1} {method} {side}: {entry['runs'][-1]['summary']['tokens_per_sec']:,.0f} tokens/s",
+                      flush=True)
+    for method in methods:
+        mine = results.get(f"{method}/ours")
+        if mine and mine["runs"]:
+            mine["dry_run_gib"] = ours.dry_run_gib(p, checkpoint, method)
+        if cpu and not args.no_memory_runs:  # the live peak: freed memory returned (ours: our retain off)
+            memory = ours.run(p, checkpoint, method, 2, env=RETURN_FREED, extra=["training.cpu_malloc=system"])
+            if mine and isinstance(memory, dict):
+                mine["live_peak_gib"] = memory["peak_gib"]
+            theirs_entry = results.get(f"{method}/theirs")
+            if theirs_entry:
+                memory = run_theirs(p, checkpoint, METHODS[method][1], 2, args.theirs_adamw, env=RETURN_FREED)
+                if isinstance(memory, dict):
+                    theirs_entry["live_peak_gib"] = memory["peak_gib"]
+        if args.profile:  # separate runs: the profiler slows the step it watches
+            step = args.warmup + 1
+            for side, entry in (("ours", mine), ("theirs", results.get(f"{method}/theirs"))):
+                if entry and entry["runs"]:
+                    run = (ours.run(p, checkpoint, method, step, profile_step=step) if side == "ours" else
+                           run_theirs(p, checkpoint, METHODS[method][1], step, args.theirs_adamw, profile_step=step))
+                    entry["ops"] = run["ops"] if isinstance(run, dict) else []
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,54 +151,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--no-memory-runs", action="store_true", help="CPU: skip the separate peak-memory runs")
+    parser.add_argument("--theirs-adamw", choices=("default", "foreach", "fused"), default="default",
+                        help="their AdamW: torch's default for the device (what a plain loop gets; the for-loop on CPU), "
+                             "or foreach / fused (transformers' Trainer's default)")
+    parser.add_argument("--variants", help=f"instead of the comparison, our rows of: {', '.join(variants.GROUPS)} "
+                                           "(comma-separated), one setting changed per row")
+    parser.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()),
+                        help="ranks of the variant rows (layouts set their own)")
+    parser.add_argument("--no-compile", action="store_true", help="variant rows: run the compiled ones eagerly")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more run per side that profiles the step after the warm-up: top ops side by side")
     args = parser.parse_args(argv)
     p = PRESETS[args.preset]
     methods = args.methods.split(",") if args.methods else list(p.methods)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS] + [
+        g for g in (args.variants.split(",") if args.variants else []) if g not in variants.GROUPS]
     if unknown or args.warmup >= args.steps or min(args.pairs, args.steps) < 1:
-        parser.error(f"unknown methods {unknown}" if unknown else "--steps must exceed --warmup, and --pairs be 1 or more")
+        parser.error(f"unknown methods or variant groups {unknown}" if unknown else "--steps must exceed --warmup, and --pairs be 1 or more")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = not torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if not cpu else f"CPU, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     header = (f"{datetime.date.today()} | {platform.node()} | {device} | torch {torch.__version__} | python -m bench "
               f"{' '.join(argv if argv is not None else sys.argv[1:])}")
     print(header, flush=True)
-    tokens_per_step = p.batch * p.seq
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None if p.flavor else Path(tmp) / "hf"
         if checkpoint is not None:
             write_checkpoint(p, checkpoint)
-        for pair in range(args.pairs):  # interleaved: ours, theirs, ours, theirs, ...
-            for method in methods:
-                sides = [("ours", lambda m=method: ours.run(p, checkpoint, m, args.steps))]
-                if METHODS[method][1] and checkpoint is not None:
-                    sides.append(("theirs", lambda m=method: run_theirs(p, checkpoint, METHODS[m][1], args.steps)))
-                for side, go in sides:
-                    run = go()
-                    entry = results.setdefault(f"{method}/{side}", {"method": method, "side": side, "runs": [], "errors": []})
-                    if isinstance(run, str):
-                        entry["errors"].append(run)
-                        print(f"pair {pair + 1} {method} {side}: failed: {run}", flush=True)
-                        continue
-                    entry["runs"].append({**run, "summary": summarize(run, args.warmup, tokens_per_step)})
-                    print(f"pair {pair + 1} {method} {side}: {entry['runs'][-1]['summary']['tokens_per_sec']:,.0f} tokens/s",
-                          flush=True)
-        for method in methods:
-            mine = results.get(f"{method}/ours")
-            if mine and mine["runs"]:
-                mine["dry_run_gib"] = ours.dry_run_gib(p, checkpoint, method)
-            if cpu and not args.no_memory_runs:
-                memory = ours.run(p, checkpoint, method, 2, env=RETURN_FREED)
-                if mine and isinstance(memory, dict):
-                    mine["peak_gib"] = memory["peak_gib"]
-                theirs_entry = results.get(f"{method}/theirs")
-                if theirs_entry:
-                    memory = run_theirs(p, checkpoint, METHODS[method][1], 2, env=RETURN_FREED)
-                    if isinstance(memory, dict):
-                        theirs_entry["peak_gib"] = memory["peak_gib"]
-    text = tables(header, p, args, results)
+        if args.variants:
+            results = run_variants(args, p, checkpoint, methods[0])
+            text = "\n".join([f"# Benchmark: {args.preset}, variants", "", header, "", describe(p, args), variants.table(results)])
+            return finish(out, header, args, results, text)
+        results = compare(args, p, checkpoint, methods)
+    return finish(out, header, args, results, tables(header, p, args, results))
+
+
+def finish(out: Path, header: str, args, results: dict, text: str) -> int:
+    """Prints the tables and writes them, the per-step figures and the plot under --out."""
     print(text)
     (out / "bench.md").write_text(text + "\n")
     (out / "bench.json").write_text(json.dumps({"header": header, "preset": args.preset, "results": results}, indent=1))

@@ -1,6 +1,7 @@
 """Our side of a row: train.py in a fresh process (torchrun for several ranks), its figures read back
 from its TensorBoard event files, one point per step (metrics.log_every=1, metrics.step_phases=true)."""
 
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,8 @@ from bench.presets import METHODS, Preset
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("data", "forward", "backward", "optimizer", "other")
+# The line each completed checkpoint prints (trainer/checkpoint/manager.py).
+SAVE_REPORT = re.compile(r"complete: ([\d.]+) MiB, training blocked ([\d.]+) s, written in ([\d.]+) s")
 
 
 def overrides(p: Preset, checkpoint: Path | None, method: str, steps: int, extra: list[str] = ()) -> list[str]:
@@ -35,10 +38,12 @@ def _command(args: list[str], nproc: int) -> list[str]:
 
 
 def run(p: Preset, checkpoint: Path | None, method: str, steps: int, *, nproc: int = 1, env: dict | None = None,
-        extra: list[str] = ()) -> dict | str:
-    """{"steps": {tag: [per step]}, "peak_gib": ...}, or the error's last line."""
+        extra: list[str] = (), profile_step: int = 0) -> dict | str:
+    """{"steps": {tag: [per step]}, "peak_gib": ..., "ops": [top ops of profile_step, rank 0], "saves": [each
+    checkpoint's size and times]}, or the error's last line."""
     with tempfile.TemporaryDirectory() as out:
-        args = [*overrides(p, checkpoint, method, steps, extra), f"job.output_dir={out}"]
+        profiling = [f"metrics.profile_steps=[{profile_step}]"] if profile_step else []
+        args = [*overrides(p, checkpoint, method, steps, [*extra, *profiling]), f"job.output_dir={out}"]
         result = subprocess.run(_command(args, nproc), cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, **(env or {})})
         if result.returncode != 0:
@@ -50,9 +55,17 @@ def run(p: Preset, checkpoint: Path | None, method: str, steps: int, *, nproc: i
             "step_ms": [1000 * v for v in series("time/step_seconds")],
             **{f"{name}_ms": series(f"time/phase_{name}_ms") for name in PHASES},
             "loss": series("loss/train"), "tokens_per_sec": series("throughput/tokens_per_sec_per_device"),
-            "mfu": series("throughput/mfu_percent"),
+            "mfu": series("throughput/mfu_percent"), "peak_gib": series("memory/peak_gib"),
         }
-        return {"steps": steps_of, "peak_gib": max(series("memory/peak_gib"))}
+        tags = events.Tags()["scalars"]
+        for name, tag in (("mfu_mixed", "throughput/mfu_mixed_percent"), ("float8_share", "throughput/float8_flop_share")):
+            if tag in tags:  # runs with a fast matmul format (float8) only
+                steps_of[name] = series(tag)
+        ops = Path(out) / "profile" / f"ops-step-{profile_step}-rank-0.json"
+        saves = [tuple(map(float, found)) for found in SAVE_REPORT.findall(result.stdout)]
+        return {"steps": steps_of, "peak_gib": max(series("memory/peak_gib")),
+                "ops": json.loads(ops.read_text()) if profile_step else [],
+                "saves": [{"mib": mib, "blocked_s": blocked, "written_s": written} for mib, blocked, written in saves]}
 
 
 def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1) -> float | None:

@@ -1,10 +1,12 @@
 """The other side of a row: a plain training loop over transformers' LlamaForCausalLM (+ peft LoRA,
 + bitsandbytes NF4 for QLoRA), the way their users write one, in a fresh process. The same checkpoint,
 the same batches (our data pipeline, which is not what is measured: its time is the data phase), the
-same AdamW (foreach on CPU, fused on CUDA), learning rate, clipping and precision. Prints its figures
+same AdamW (torch's default implementation unless --adamw says otherwise), learning rate, clipping and
+precision. Prints its figures
 as one JSON line.
 
     python -m bench.theirs --checkpoint DIR --method full|lora|qlora --seq S --batch B --dtype D --steps N
+        [--checkpointing] [--adamw default|foreach|fused] [--profile-step K]
 """
 
 import argparse
@@ -21,6 +23,9 @@ def main() -> None:
                        ("--steps", int)):
         parser.add_argument(name, type=kind, required=True)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
+                        help="torch's default implementation for the device (the for-loop on CPU), or foreach / fused")
+    parser.add_argument("--profile-step", type=int, default=0, help="profile this step (torch.profiler): its top ops")
     args = parser.parse_args()
 
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
@@ -28,6 +33,7 @@ def main() -> None:
     from trainer.config import load_config
     from trainer.data import PackedLoader, load_documents
     from trainer.metrics import peak_memory_gib
+    from trainer.profiling import profiled, top_ops
     from trainer.tokenizer import build_tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,7 +52,8 @@ def main() -> None:
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=cuda, foreach=not cuda)
+    implementation = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.adamw]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **implementation)
 
     cfg = load_config("configs/debug.yaml", ["data.source=stdlib", "tokenizer.kind=byte"])
     loader = PackedLoader(load_documents(cfg.data), build_tokenizer(cfg.tokenizer), cfg.data, args.seq, args.batch,
@@ -58,7 +65,8 @@ def main() -> None:
         return time.perf_counter()
 
     record = {k: [] for k in ("step_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms", "loss")}
-    for _ in range(args.steps):
+
+    def one_step() -> None:
         t0 = now()
         inputs, labels = (t.to(device) for t in loader.next_batch())
         t1 = now()
@@ -77,8 +85,16 @@ def main() -> None:
                            (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             record[key].append(1000 * ms)
         record["step_ms"].append(1000 * (t5 - t0))
+
+    ops = []
+    for step in range(1, args.steps + 1):
+        if step == args.profile_step:
+            with profiled(device, lambda prof: ops.extend(top_ops(prof, device))):
+                one_step()
+        else:
+            one_step()
     record["tokens_per_sec"] = [args.batch * args.seq / (ms / 1000) for ms in record["step_ms"]]
-    print(json.dumps({"steps": record, "peak_gib": peak_memory_gib(device)}))
+    print(json.dumps({"steps": record, "peak_gib": peak_memory_gib(device), "ops": ops}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from trainer.config.schema import LRSchedulerConfig, OptimizerConfig
 
@@ -26,7 +27,10 @@ def _adamw(module: nn.Module, cfg: OptimizerConfig, device: torch.device) -> tor
     groups = [g for g in groups if g["params"]]
     impl = cfg.implementation
     if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
+        # Fused on CPU as well: one pass over each tensor, no temporaries. foreach allocated a whole
+        # model's worth of them every step: 1.66 s vs 0.20 s per step, and 0.7 GiB more peak memory, for
+        # 207M parameters on the 2-core benchmark machine (docs/performance.md).
+        impl = "fused" if device.type in _get_fused_kernels_supported_devices() else "foreach"
     kwargs = {"fused": impl == "fused", "foreach": impl == "foreach"}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 

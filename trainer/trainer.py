@@ -28,6 +28,7 @@ from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
 from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
 from trainer.export import export_run
+from trainer.host_memory import retain_freed_memory
 from trainer.loss import TokenLoss
 from trainer.metrics import FastFlops, MetricsLogger, peak_tflops
 from trainer.model.build import build_meta_model, flops_per_token
@@ -36,6 +37,7 @@ from trainer.optimizer import Optimizers, clip_grad_norm
 from trainer.plan import make_plan
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
+from trainer.profiling import StepProfiler
 from trainer.step_phases import StepPhases
 from trainer.validation import Validation
 from trainer.weights.load import open_weights
@@ -54,6 +56,8 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime):
         self.cfg, self.runtime = cfg, runtime
         self.output_dir = Path(cfg.job.output_dir)
+        if runtime.device.type == "cpu" and cfg.training.cpu_malloc == "retain":
+            retain_freed_memory()  # before the data and the model allocate anything
         # Everything that can be wrong with the config or the data is found before the model is built.
         plan = make_plan(cfg, runtime.world_size)
         self.dims, self.accum_steps, self.pp_microbatches = plan.dims, plan.accum_steps, plan.pp_microbatches
@@ -104,6 +108,7 @@ class Trainer:
         self.bad_steps = 0  # steps in a row whose loss or gradient norm was not finite
         self.loss_parts: dict[str, float] = {}  # named terms of the last step's loss (distillation: ce, kl)
         self.phases = StepPhases(cfg.metrics.step_phases, runtime.device)
+        self.profiler = StepProfiler(cfg.metrics.profile_steps, self.output_dir, runtime.rank, runtime.device)
         self.preemption = PreemptionWatch(runtime.device)
         meta = convert(build_meta_model(model_args), self.converters)
         model_flops = flops_per_token(model_args, cfg.training.seq_len)
@@ -244,26 +249,27 @@ class Trainer:
             self._record_start()
         self.metrics.start_clock()
         while self.step < steps:
-            start = time.perf_counter()
-            self.phases.start_step()
-            microbatches, window_ids = [], []
-            for _ in range(self.accum_steps):
-                microbatches.append(self.loader.next_batch())
-                window_ids += self.loader.last_ids
-            data_time = time.perf_counter() - start
-            self.phases.add("data", data_time)
-            lr = self.optimizers.lr
-            loss, grad_norm = self.train_step(microbatches)
-            self.step += 1
-            local_tokens = sum(inputs.numel() for inputs, _ in microbatches)
-            self.counters.step = self.step
-            self.counters.tokens += local_tokens * self.dims.dp_size
-            step_time = time.perf_counter() - start
-            self.metrics.maybe_log(
-                self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
-                step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
-                loss_parts=self.loss_parts, data_time=data_time, phases=self.phases.of_step(step_time),
-            )
+            with self.profiler.around(self.step + 1):
+                start = time.perf_counter()
+                self.phases.start_step()
+                microbatches, window_ids = [], []
+                for _ in range(self.accum_steps):
+                    microbatches.append(self.loader.next_batch())
+                    window_ids += self.loader.last_ids
+                data_time = time.perf_counter() - start
+                self.phases.add("data", data_time)
+                lr = self.optimizers.lr
+                loss, grad_norm = self.train_step(microbatches)
+                self.step += 1
+                local_tokens = sum(inputs.numel() for inputs, _ in microbatches)
+                self.counters.step = self.step
+                self.counters.tokens += local_tokens * self.dims.dp_size
+                step_time = time.perf_counter() - start
+                self.metrics.maybe_log(
+                    self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
+                    step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
+                    loss_parts=self.loss_parts, data_time=data_time, phases=self.phases.of_step(step_time),
+                )
             if self.validation is not None and self.validation.due(self.step):
                 self._validate()
             healthy = self._note_health(loss, grad_norm)

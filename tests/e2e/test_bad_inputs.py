@@ -145,6 +145,9 @@ CASES = {
     "documents too short": (["data.source={short}"], "every document is too short"),
     "mixed formats": (["data.source={mixed}"], "data.source: cannot pick one format"),
     "prefetch negative": (["data.prefetch=-1"], "data.prefetch=-1 must be 0 (no background thread) or more"),
+    "profile step past the run": (["training.steps=5", "metrics.profile_steps=[2,9]"],
+                                  "metrics.profile_steps=[2, 9] must hold step numbers from 1 to training.steps=5 (not [9])"),
+    "cpu_malloc unknown": (["training.cpu_malloc=jemalloc"], "training.cpu_malloc='jemalloc' is not one of: retain, system"),
     "sft over plain text": (["data.task=sft"], "data.task=sft needs records"),
     "hub offline": (["data.source=hub:nobody/nothing"], "data.source=hub:nobody/nothing: could not load it from the Hugging Face Hub (HF_HUB_OFFLINE is set)"),
     # Without HF_HUB_OFFLINE, the Hub's endpoint pointed at a closed local port (tests send nothing off

@@ -55,6 +55,9 @@ def check_choices(cfg: Config) -> None:
     _check_fp8(cfg)
     _require(cfg.training.loss_chunk_tokens >= 1, "training.loss_chunk_tokens", cfg.training.loss_chunk_tokens,
              "must be at least 1")
+    bad_steps = [s for s in cfg.metrics.profile_steps if not 1 <= s <= cfg.training.steps]
+    _require(not bad_steps, "metrics.profile_steps", cfg.metrics.profile_steps,
+             f"must hold step numbers from 1 to training.steps={cfg.training.steps} (not {bad_steps})")
     _require(cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch, "must be 0 (no background thread) or more")
     _check_eval(cfg)
     _check_distill(cfg)

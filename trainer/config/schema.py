@@ -97,6 +97,9 @@ class TrainingConfig:
     # adapter on the output layer, which keep the plain path); always (an error where it cannot); never.
     chunked_loss: str = "auto"
     loss_chunk_tokens: int = 1024
+    # Training on CPU: retain = glibc's malloc keeps freed memory for the next step instead of returning
+    # it to the kernel and faulting it in again (trainer/host_memory.py); system = glibc's own thresholds.
+    cpu_malloc: str = "retain"
 
 
 @dataclass
@@ -107,7 +110,7 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    # auto: fused on CUDA, foreach elsewhere.
+    # auto: fused (CUDA and CPU alike) where torch has the fused kernel, foreach elsewhere.
     implementation: str = "auto"
 
 
@@ -254,6 +257,9 @@ class MetricsConfig:
     # Time each step's phases (data, forward, backward, optimizer, other) into TensorBoard (time/phase_*);
     # on a GPU it synchronizes at each phase boundary (trainer/step_phases.py).
     step_phases: bool = False
+    # Profile these steps with torch.profiler: a Chrome trace and the top ops by self time, per rank, under
+    # output_dir/profile/ (trainer/profiling.py). The profiled step itself runs slower.
+    profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -318,6 +324,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.mixed_precision_reduce": ("float32", "bfloat16"),
     "optimizer.name": ("adamw",),
     "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
+    "training.cpu_malloc": ("retain", "system"),
     "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
     "parallel.fsdp_reshard_after_forward": ("default", "always", "never"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
