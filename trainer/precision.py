@@ -12,6 +12,12 @@ import torch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls in hardware. There bf16 autocast ran 1.58x fp32 on the benchmark
+    machine (docs/performance.md); without them bf16 is emulated and no faster than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 @dataclass(frozen=True)
 class Precision:
     param_dtype: torch.dtype
@@ -20,8 +26,7 @@ class Precision:
     @classmethod
     def from_config(cls, param: str, reduce: str, device: torch.device) -> "Precision":
         if param == "auto":
-            # On CPU bf16 is not consistently faster than fp32 (docs/performance.md); fp32 keeps checks exact.
-            param = "bfloat16" if device.type == "cuda" else "float32"
+            param = "bfloat16" if device.type == "cuda" or cpu_has_native_bf16() else "float32"
         return cls(param_dtype=_DTYPES[param], reduce_dtype=_DTYPES[reduce])
 
     def autocast(self, device: torch.device, fsdp: bool):

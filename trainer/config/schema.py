@@ -84,7 +84,8 @@ class TrainingConfig:
     seq_len: int = 256
     # Gradient clipping by global L2 norm; 0 turns it off.
     max_norm: float = 1.0
-    # Parameter dtype for compute. auto: bfloat16 on CUDA, float32 on CPU (faster there, see docs).
+    # Parameter dtype for compute. auto: bfloat16 on CUDA and on CPUs with bf16 matmuls in hardware (AMX,
+    # AVX512-BF16), float32 on other CPUs (measured: docs/performance.md).
     mixed_precision_param: str = "auto"
     # Gradient reduction dtype across data-parallel ranks.
     mixed_precision_reduce: str = "float32"
