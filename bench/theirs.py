@@ -2,8 +2,7 @@
 + bitsandbytes NF4 for QLoRA), the way their users write one, in a fresh process. The same checkpoint,
 the same batches (our data pipeline, which is not what is measured: its time is the data phase), the
 same AdamW (torch's default implementation unless --adamw says otherwise), learning rate, clipping and
-precision. Prints its figures
-as one JSON line.
+precision. Prints its figures as one JSON line.
 
     python -m bench.theirs --checkpoint DIR --method full|lora|qlora --seq S --batch B --dtype D --steps N
         [--checkpointing] [--adamw default|foreach|fused] [--profile-step K]

@@ -250,26 +250,7 @@ class Trainer:
         self.metrics.start_clock()
         while self.step < steps:
             with self.profiler.around(self.step + 1):
-                start = time.perf_counter()
-                self.phases.start_step()
-                microbatches, window_ids = [], []
-                for _ in range(self.accum_steps):
-                    microbatches.append(self.loader.next_batch())
-                    window_ids += self.loader.last_ids
-                data_time = time.perf_counter() - start
-                self.phases.add("data", data_time)
-                lr = self.optimizers.lr
-                loss, grad_norm = self.train_step(microbatches)
-                self.step += 1
-                local_tokens = sum(inputs.numel() for inputs, _ in microbatches)
-                self.counters.step = self.step
-                self.counters.tokens += local_tokens * self.dims.dp_size
-                step_time = time.perf_counter() - start
-                self.metrics.maybe_log(
-                    self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
-                    step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
-                    loss_parts=self.loss_parts, data_time=data_time, phases=self.phases.of_step(step_time),
-                )
+                loss, grad_norm = self._step_and_log()
             if self.validation is not None and self.validation.due(self.step):
                 self._validate()
             healthy = self._note_health(loss, grad_norm)
@@ -288,6 +269,30 @@ class Trainer:
                 self.cfg, self.model_parts, pipelined=self.schedule is not None, converters=self.converters,
                 tokenizer=self.tokenizer, step=self.step, is_main=self.runtime.is_main,
             )
+
+    def _step_and_log(self) -> tuple[float, float]:
+        """The next batches, one optimizer step over them, the counters and the step's log line."""
+        start = time.perf_counter()
+        self.phases.start_step()
+        microbatches, window_ids = [], []
+        for _ in range(self.accum_steps):
+            microbatches.append(self.loader.next_batch())
+            window_ids += self.loader.last_ids
+        data_time = time.perf_counter() - start
+        self.phases.add("data", data_time)
+        lr = self.optimizers.lr
+        loss, grad_norm = self.train_step(microbatches)
+        self.step += 1
+        local_tokens = sum(inputs.numel() for inputs, _ in microbatches)
+        self.counters.step = self.step
+        self.counters.tokens += local_tokens * self.dims.dp_size
+        step_time = time.perf_counter() - start
+        self.metrics.maybe_log(
+            self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
+            step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
+            loss_parts=self.loss_parts, data_time=data_time, phases=self.phases.of_step(step_time),
+        )
+        return loss, grad_norm
 
     def _note_health(self, loss: float, grad_norm: float) -> bool:
         """Counts non-finite steps in a row (train_step skipped their update); True for a finite step."""
