@@ -36,6 +36,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true",
                         help="validate the config, data and checkpoints for --world-size ranks, train nothing, exit 0 if all is well")
     parser.add_argument("--world-size", type=int, default=None, help="with --dry-run or --check: the number of ranks to plan for")
+    parser.add_argument("--print-output-dir", action="store_true",
+                        help="print the run's resolved job.output_dir and exit (for launchers)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. training.steps=50")
     args = parser.parse_args(argv)
     if args.world_size is not None:
@@ -53,31 +55,39 @@ def _run(cfg, runtime) -> None:
     # The trainer lives only inside this call: its meshes, DTensors and FSDP state are freed before the
     # process groups are destroyed. Gloo threads still holding them at interpreter exit can abort the
     # process after a successful run.
+    from trainer.plan import make_plan
     from trainer.trainer import Trainer
 
-    trainer = Trainer(cfg, runtime)
-    if cfg.checkpoint.create_seed:
-        trainer.create_seed_checkpoint()
-    else:
-        trainer.train()
+    trainer = Trainer(make_plan(cfg, runtime.world_size), runtime)
+    try:
+        if cfg.checkpoint.create_seed:
+            trainer.create_seed_checkpoint()
+        else:
+            trainer.train()
+    finally:
+        trainer.close()
 
 
 def main(argv: list[str]) -> int:
     try:
         args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)
+        if args.print_output_dir:
+            print(cfg.job.output_dir)
+            return 0
         if args.dry_run or args.check:
             from parallel.distributed import launched_world_size
+            from trainer.plan import make_plan
 
-            world_size = args.world_size or launched_world_size()
+            plan = make_plan(cfg, args.world_size or launched_world_size())
             if args.dry_run:
                 from trainer.dry_run import dry_run
 
-                print(dry_run(cfg, world_size))
+                print(dry_run(plan))
             else:
                 from trainer.check import check_run
 
-                print(check_run(cfg, world_size))
+                print(check_run(plan))
             return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

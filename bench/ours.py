@@ -1,22 +1,18 @@
 """Our side of a row: train.py in a fresh process (torchrun for several ranks), its figures read back
-from its TensorBoard event files, one point per step (metrics.log_every=1, metrics.step_phases=true)."""
+from the record it writes (output_dir/metrics.jsonl: trainer/run_record.py), one point per step
+(metrics.log_every=1, metrics.step_phases=true)."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from bench.presets import METHODS, Preset
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("data", "forward", "backward", "optimizer", "other")
-# The line each completed checkpoint prints (trainer/checkpoint/manager.py).
-SAVE_REPORT = re.compile(r"complete: ([\d.]+) MiB, training blocked ([\d.]+) s, written in ([\d.]+) s")
 
 
 def overrides(p: Preset, checkpoint: Path | None, method: str, steps: int, extra: list[str] = ()) -> list[str]:
@@ -48,29 +44,39 @@ def run(p: Preset, checkpoint: Path | None, method: str, steps: int, *, nproc: i
                                 env={**os.environ, **(env or {})})
         if result.returncode != 0:
             return (result.stderr.strip().splitlines() or ["failed"])[-1][:160]
-        events = EventAccumulator(str(Path(out) / "tensorboard"), size_guidance={"scalars": 0})
-        events.Reload()
-        series = lambda tag: [e.value for e in events.Scalars(tag)]  # noqa: E731
+        from trainer.run_record import read_records
+
+        record = Path(out) / "metrics.jsonl"
+        steps = [r for _, r in sorted(read_records(record, "step").items())]
+        series = lambda tag: [r[tag] for r in steps]  # noqa: E731
         steps_of = {
             "step_ms": [1000 * v for v in series("time/step_seconds")],
             **{f"{name}_ms": series(f"time/phase_{name}_ms") for name in PHASES},
             "loss": series("loss/train"), "tokens_per_sec": series("throughput/tokens_per_sec_per_device"),
             "mfu": series("throughput/mfu_percent"), "peak_gib": series("memory/peak_gib"),
         }
-        tags = events.Tags()["scalars"]
         for name, tag in (("mfu_mixed", "throughput/mfu_mixed_percent"), ("float8_share", "throughput/float8_flop_share")):
-            if tag in tags:  # runs with a fast matmul format (float8) only
+            if tag in steps[0]:  # runs with a fast matmul format (float8) only
                 steps_of[name] = series(tag)
         ops = Path(out) / "profile" / f"ops-step-{profile_step}-rank-0.json"
-        saves = [tuple(map(float, found)) for found in SAVE_REPORT.findall(result.stdout)]
+        saves = [{"mib": r["mib"], "blocked_s": r["blocked_s"], "written_s": r["written_s"]}
+                 for _, r in sorted(read_records(record, "checkpoint").items())]
         return {"steps": steps_of, "peak_gib": max(series("memory/peak_gib")),
-                "ops": json.loads(ops.read_text()) if profile_step else [],
-                "saves": [{"mib": mib, "blocked_s": blocked, "written_s": written} for mib, blocked, written in saves]}
+                "ops": json.loads(ops.read_text()) if profile_step else [], "saves": saves}
 
 
 def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1) -> float | None:
-    """The --dry-run estimate of the device memory per rank, for the same run."""
-    args = [*overrides(p, checkpoint, method, 1), "--dry-run", "--world-size", str(nproc)]
-    result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True)
-    found = re.search(r"total on the device\s+([\d.]+) GiB", result.stdout)
-    return float(found.group(1)) if found else None
+    """The --dry-run estimate of the device memory per rank, for the same run (computed here, on meta)."""
+    import torch
+
+    from trainer.config import load_config
+    from trainer.dry_run import HOST, estimate_memory
+    from trainer.plan import make_plan
+    from trainer.precision import Precision
+
+    args = overrides(p, checkpoint, method, 1)
+    cfg = load_config(REPO / args[1], args[2:])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, device)
+    memory = estimate_memory(make_plan(cfg, nproc), precision)
+    return sum(v for k, v in memory.items() if not k.startswith(HOST)) / 2**30

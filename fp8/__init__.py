@@ -1,3 +1,3 @@
-"""Float8 training (torchao): which linear layers convert and how (conversion.py), float8 tensor
-parallel styles (tp.py), the hardware it needs (hardware.py), and the converter that the trainer, the
-plan and the dry run ask (converter.py)."""
+"""Float8 training (torchao), as mechanics the trainer's float8 converter (trainer/converters/float8.py)
+uses: which linear layers convert and how (conversion.py), float8 tensor parallel styles (tp.py), the
+hardware it needs (hardware.py), its settings (config.py). Nothing here imports the trainer."""

@@ -7,12 +7,12 @@ kernels at all. Every layer that stays is listed with its reason, for the start-
 """
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from trainer.config.schema import Float8Config
+from fp8.config import Float8Config
+from models.common.linear import product_of, set_product
 
 # The float8 formats of each recipe, for the start-up line.
 _RECIPE_WORDS = {
@@ -48,26 +48,23 @@ def keep_reason(name: str, module: nn.Module, cfg: Float8Config) -> str | None:
     return None
 
 
-@dataclass
-class Conversion:
-    """What one conversion did: the converted layers' names and, for the others, why they stayed."""
-
-    converted: list[str] = field(default_factory=list)
-    kept: dict[str, str] = field(default_factory=dict)
-
-    def lines(self, cfg: Float8Config) -> list[str]:
-        total = len(self.converted) + len(self.kept)
-        how = "emulated in high precision: float8 numerics, not its speed" if cfg.emulate else "float8 matmuls"
-        gather = ", FSDP gathers them in float8" if cfg.fsdp_float8_all_gather else ""
-        lines = [f"float8 ({cfg.recipe}: {_RECIPE_WORDS[cfg.recipe]}; {how}): {len(self.converted)} of {total} "
-                 f"linear layers convert{gather}"]
-        by_reason: dict[str, list[str]] = {}
-        for name, reason in self.kept.items():
-            by_reason.setdefault(reason, []).append(name)
-        for reason, names in by_reason.items():
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            lines.append(f"  kept in high precision: {shown}: {reason}")
-        return lines
+def conversion_lines(model: nn.Module, cfg: Float8Config) -> list[str]:
+    """For the start of a run, read from a model convert_linears just converted: how many linear layers
+    convert, and for the others, why they stay."""
+    converted = float8_layers(model)
+    kept = {name: keep_reason(name, m, cfg) for name, m in model.named_modules() if type(m) is nn.Linear}
+    total = len(converted) + len(kept)
+    how = "emulated in high precision: float8 numerics, not its speed" if cfg.emulate else "float8 matmuls"
+    gather = ", FSDP gathers them in float8" if cfg.fsdp_float8_all_gather else ""
+    lines = [f"float8 ({cfg.recipe}: {_RECIPE_WORDS[cfg.recipe]}; {how}): {len(converted)} of {total} "
+             f"linear layers convert{gather}"]
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in kept.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"  kept in high precision: {shown}: {reason}")
+    return lines
 
 
 class Float8Product:
@@ -87,33 +84,23 @@ class Float8Product:
         return "float8"
 
 
-def convert_linears(model: nn.Module, cfg: Float8Config) -> Conversion:
+def convert_linears(model: nn.Module, cfg: Float8Config) -> None:
     """Swaps the chosen nn.Linear layers of `model` (on meta) for torchao's Float8Linear, in place and
     under the same names."""
     from torchao.float8 import convert_to_float8_training
 
-    done = Conversion()
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear:
-            reason = keep_reason(name, module, cfg)
-            if reason is None:
-                done.converted.append(name)
-            else:
-                done.kept[name] = reason
-    chosen = set(done.converted)
+    chosen = {name for name, m in model.named_modules() if type(m) is nn.Linear and keep_reason(name, m, cfg) is None}
     convert_to_float8_training(model, module_filter_fn=lambda module, name: name in chosen, config=torchao_config(cfg))
-    for name in done.converted:
+    for name in chosen:
         layer = model.get_submodule(name)
-        layer.linear_product = Float8Product(layer)
-    return done
+        set_product(layer, Float8Product(layer))
 
 
 def float8_layers(model: nn.Module) -> list[nn.Module]:
     """The layers whose weight meets its input in float8: torchao's, or adapter layers over one."""
     from torchao.float8.float8_linear import Float8Linear
 
-    return [m for m in model.modules()
-            if isinstance(m, Float8Linear) or isinstance(getattr(m, "base_product", None), Float8Product)]
+    return [m for m in model.modules() if isinstance(m, Float8Linear) or isinstance(product_of(m), Float8Product)]
 
 
 def float8_matmul_params(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from trainer.model.llama_parallel import LinearStyles
+from parallel.tp import LinearStyles
 
 
 def _is_float8(module: nn.Module) -> bool:
@@ -41,30 +41,3 @@ def _prepare_input(module: nn.Module, consumers: list[str], **kwargs) -> Paralle
 
 
 FLOAT8_STYLES = LinearStyles(colwise=_colwise, rowwise=_rowwise, prepare_input=_prepare_input)
-
-
-def gather_float8_as_bytes() -> None:
-    """gloo has no float8 types ("Invalid scalar type"): where the process group is gloo (CPU runs and
-    tests), torchao's float8 all-gather moves the same bytes as uint8, which is bitwise the same. NCCL
-    needs nothing."""
-    from torchao.float8 import float8_ops
-    from torchao.float8.float8_training_tensor import Float8TrainingTensor
-
-    table = float8_ops.FLOAT8_OPS_TABLE
-    for op in (torch.ops._c10d_functional.all_gather_into_tensor.default,
-               torch.ops.c10d_functional.all_gather_into_tensor.default):
-        original = table[op]
-        if getattr(original, "gathers_bytes", False):
-            continue
-
-        def gather(aten_op, args, kwargs=None, original=original):
-            t = args[0]
-            data = t._data.contiguous()
-            if data.device.type != "cpu":
-                return original(aten_op, args, kwargs)
-            gathered = aten_op(data.view(torch.uint8), *args[1:], **(kwargs or {}))
-            return Float8TrainingTensor(gathered.view(data.dtype), t._scale, t._orig_dtype, t._linear_mm_config,
-                                        t._gemm_input_role)
-
-        gather.gathers_bytes = True
-        table[op] = gather

@@ -14,10 +14,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def output_dir(config: str, overrides: list[str]) -> Path:
-    from trainer.config import load_config
-
-    return Path(load_config(config, overrides).job.output_dir)
+def output_dir(config: str, overrides: list[str]) -> Path | None:
+    """The run's resolved job.output_dir, asked of train.py (launch/ talks to the trainer through its
+    command line only); None after train.py reported a bad config on stderr."""
+    found = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", config, "--print-output-dir", *overrides],
+                           stdout=subprocess.PIPE, text=True)
+    return Path(found.stdout.strip()) if found.returncode == 0 else None
 
 
 def default_nproc() -> int:
@@ -54,12 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from trainer.errors import UserError
-
-    try:
-        out = output_dir(args.config, args.overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    out = output_dir(args.config, args.overrides)
+    if out is None:
         return 2
     if args.command == "output-dir":
         print(out)

@@ -18,7 +18,7 @@ from parallel.tp import TPPlan, apply_tp
 
 
 def parallelize(
-    model: nn.Module, *, tp_mesh: DeviceMesh | None, tp_plan: TPPlan | None, async_tp: bool, ac_mode: str, ac_every: int,
+    model: nn.Module, *, tp_mesh: DeviceMesh | None, tp_plan: TPPlan | None, ac_mode: str, ac_every: int,
     compile: bool, fsdp_mesh: DeviceMesh | None, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
     reshard_after_forward: str, cpu_offload: bool, materialize: Callable[[nn.Module, str], None] | None = None,
 ) -> None:
@@ -26,7 +26,7 @@ def parallelize(
     tp_mesh. `materialize(unit, unit_name)`, if given, brings each block and then the root's own modules
     off the meta device, each just before FSDP shards it (a model without it is materialized afterwards)."""
     if tp_mesh is not None:
-        apply_tp(model, tp_mesh=tp_mesh, plan=tp_plan, async_tp=async_tp)
+        apply_tp(model, tp_mesh=tp_mesh, plan=tp_plan)
     apply_ac(model, mode=ac_mode, every=ac_every)
     if compile:
         apply_compile(model)
@@ -36,6 +36,11 @@ def parallelize(
             reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload, before_shard=materialize,
         )
     elif materialize is not None:
-        for layer_id, block in model.layers.items():
-            materialize(block, f"layers.{layer_id}")
-        materialize(model, "")
+        materialize_units(model, materialize)
+
+
+def materialize_units(model: nn.Module, materialize: Callable[[nn.Module, str], None]) -> None:
+    """Without FSDP: each block, then the root's own modules, in the order FSDP would shard them."""
+    for layer_id, block in model.layers.items():
+        materialize(block, f"layers.{layer_id}")
+    materialize(model, "")

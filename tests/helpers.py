@@ -107,3 +107,22 @@ def kill_9_and_resume(args: list[str], out: Path, reference: Path, *, nproc: int
     want, got = tensorboard_scalars(reference, "loss/train"), tensorboard_scalars(out, "loss/train")
     assert [got[s] for s in compare] == [want[s] for s in compare]  # bitwise
     return resumed
+
+
+def flavor_args(name: str, **overrides):
+    """The shape of a named flavor (its family's args dataclass), with single fields changed."""
+    from models import find_flavor
+
+    family, fields = find_flavor(name)
+    return family.args(**{**fields, **overrides})
+
+
+def build_adapted(args, cfg, init_from, seed: int, device: str = "cpu"):
+    """A whole model with fresh adapters (`cfg`: an AdaptersConfig) over its base from `init_from` (or the
+    seeded init), built in one process the way every run's model is."""
+    from trainer.build import build_whole_model
+    from trainer.config.schema import ExportConfig
+    from trainer.converters.adapters import AdapterConverter
+
+    converter = AdapterConverter(cfg, ExportConfig(), init_from=init_from, seed=seed)
+    return build_whole_model(args, [converter], init_from=init_from, seed=seed, device=device)

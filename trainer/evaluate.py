@@ -3,11 +3,11 @@
 import torch
 import torch.nn.functional as F
 
-from trainer.model.llama import Transformer
+from models import Decoder
 
 
 @torch.no_grad()
-def per_token_loss(model: Transformer, sequences: list[list[int]]) -> float:
+def per_token_loss(model: Decoder, sequences: list[list[int]]) -> float:
     """Mean next-token cross-entropy (nats) over every predicted token of every sequence."""
     total, count = 0.0, 0
     for seq in sequences:

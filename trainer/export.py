@@ -8,32 +8,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.build import load_run_model
 from trainer.checkpoint.paths import checkpoint_root, step_dir
-from trainer.config import Config
 from trainer.converters import ModelConverter
-from trainer.tokenizer.base import Tokenizer
+from trainer.plan import Plan
 from trainer.tokenizer.export import export_tokenizer
 from trainer.weights.checkpoint_export import export_checkpoint_hf
 from trainer.weights.hf_export import export_hf
 
 
-def export_run(cfg: Config, parts: list[nn.Module], *, pipelined: bool, converters: list[ModelConverter],
-               tokenizer: Tokenizer, step: int, is_main: bool) -> None:
+def export_run(plan: Plan, parts: list[nn.Module], *, pipelined: bool, step: int, is_main: bool) -> None:
     """Every rank calls it: the gathers of sharded weights are collectives."""
+    cfg, converters = plan.cfg, plan.converters
     dtype = torch.bfloat16 if cfg.export.dtype == "bfloat16" else torch.float32
     output_dir = Path(cfg.job.output_dir)
-    ids = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    ids = {"bos_id": plan.tokenizer.bos_id, "eos_id": plan.tokenizer.eos_id}
     if not pipelined:
         written = export_model(parts[0], output_dir / "export", converters, dtype=dtype, token_ids=ids)
     else:
-        # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint
-        # (a converter that checkpoints only what trains rebuilds the rest, as at the start).
+        # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint,
+        # rebuilding what a converter's checkpoints leave out as at the start (adapters), or else reading
+        # one tensor at a time.
         written = {}
         if is_main:
             path = step_dir(checkpoint_root(output_dir), step)
-            rebuilt = next((m for c in converters if (m := c.load_run(path)) is not None), None)
-            if rebuilt is not None:
-                written = export_model(rebuilt, output_dir / "export", converters, dtype=dtype, token_ids=ids)
+            if any(c.checkpoints_trainable_only for c in converters):
+                written = export_model(load_run_model(path), output_dir / "export", converters, dtype=dtype, token_ids=ids)
             else:
                 out = output_dir / "export" / "hf"
                 export_checkpoint_hf(path, out, dtype, **ids)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from trainer.errors import UserError
-from trainer.model.kv_cache import KVCache
+from models.common.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -88,32 +88,19 @@ def generate(model, prompt: list[int], sampling: Sampling = Sampling(), stop_ids
 
 def load_for_generation(path: str | Path, tokenizer_path: str | None = None, device: str = "cpu"):
     """(model in eval mode, tokenizer) from any checkpoint this project reads."""
-    from trainer.checkpoint.paths import checkpoint_root, complete_steps, step_dir
+    from trainer.build import load_run, load_run_model
     from trainer.config import load_config
     from trainer.config.schema import TokenizerConfig
     from trainer.tokenizer import build_tokenizer
-    from trainer.weights.errors import CheckpointError
     from trainer.weights.load import load_model
 
     path = Path(path)
     run_dir = path if (path / "config.yaml").is_file() else path.parent.parent if (path.parent.parent / "config.yaml").is_file() else None
     tokenizer_cfg = TokenizerConfig(kind="auto", path=tokenizer_path)
     if run_dir is not None:
-        cfg = load_config(run_dir / "config.yaml")
         if tokenizer_path is None:
-            tokenizer_cfg = cfg.tokenizer
-        if cfg.adapters.kind != "none":
-            from trainer.adapters.load import load_adapter_run
-
-            step = None if path == run_dir else int(path.name.removeprefix("step-"))
-            model = load_adapter_run(run_dir, step, device)
-        else:
-            if path == run_dir:
-                steps = complete_steps(checkpoint_root(run_dir))
-                if not steps:
-                    raise CheckpointError(f"{run_dir}: no complete checkpoint to generate from")
-                path = step_dir(checkpoint_root(run_dir), steps[-1])
-            model = load_model(path, device)
+            tokenizer_cfg = load_config(run_dir / "config.yaml").tokenizer
+        model = load_run(run_dir, device=device) if path == run_dir else load_run_model(path, device)
     else:
         if tokenizer_path is None:
             if not path.is_dir():

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from trainer.config.schema import MetricsConfig
+from trainer.run_record import RunRecord
 
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets, SXM parts).
 _GPU_PEAK_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -91,10 +92,10 @@ class MetricsLogger:
     def __init__(
         self, cfg: MetricsConfig, output_dir: Path, *, is_main: bool, total_steps: int, flops_per_token: int,
         peak_tflops: float, device: torch.device, peak_source: str = "metrics.peak_tflops", start_step: int = 0,
-        rank: int = 0, fast_flops: "FastFlops | None" = None,
+        rank: int = 0, fast_flops: "FastFlops | None" = None, record: RunRecord | None = None,
     ):
         self.cfg, self.is_main, self.total_steps = cfg, is_main, total_steps
-        self.fast = fast_flops
+        self.fast, self.record = fast_flops, record or RunRecord(None)
         self.flops_per_token, self.peak_flops, self.device = flops_per_token, peak_tflops * 1e12, device
         self.peak_source, self.start_step = peak_source, start_step
         self.writer = None
@@ -178,18 +179,19 @@ class MetricsLogger:
             f"step {step_avg * 1000:7.1f} ms (data {data_percent:4.1f}%) | tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}",
             flush=True,
         )
+        scalars = {
+            "loss/train": loss, "lr": lr, "grad_norm": grad_norm, "throughput/tokens_per_sec_per_device": tokens_per_sec,
+            "throughput/mfu_percent": mfu, "memory/peak_gib": memory, "time/step_seconds": step_avg,
+            "time/data_wait_percent": data_percent,
+            "progress/tokens_seen": tokens_seen, "time/elapsed_seconds": elapsed, "time/eta_seconds": eta,
+        }
+        scalars.update({f"loss/{name}": value for name, value in loss_parts.items()})
+        scalars.update({f"time/phase_{name}_ms": value for name, value in phase_ms.items()})
+        if self.fast:
+            scalars["throughput/mfu_mixed_percent"] = self.fast.mixed(mfu)
+            scalars[f"throughput/{self.fast.fmt}_flop_share"] = self.fast.share
+        self.record.write("step", step, **scalars)
         if self.writer is not None:
-            scalars = {
-                "loss/train": loss, "lr": lr, "grad_norm": grad_norm, "throughput/tokens_per_sec_per_device": tokens_per_sec,
-                "throughput/mfu_percent": mfu, "memory/peak_gib": memory, "time/step_seconds": step_avg,
-                "time/data_wait_percent": data_percent,
-                "progress/tokens_seen": tokens_seen, "time/elapsed_seconds": elapsed, "time/eta_seconds": eta,
-            }
-            scalars.update({f"loss/{name}": value for name, value in loss_parts.items()})
-            scalars.update({f"time/phase_{name}_ms": value for name, value in phase_ms.items()})
-            if self.fast:
-                scalars["throughput/mfu_mixed_percent"] = self.fast.mixed(mfu)
-                scalars[f"throughput/{self.fast.fmt}_flop_share"] = self.fast.share
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
@@ -205,6 +207,8 @@ class MetricsLogger:
               f"{seconds:.1f} s", flush=True)
         for prompt, text in samples:
             print(f"sample {step:>6} | {prompt!r} -> {text!r}", flush=True)
+        self.record.write("eval", step, loss=loss, perplexity=ppl, tokens=tokens, seconds=seconds,
+                          samples=[list(s) for s in samples])
         if self.writer is not None:
             self.writer.add_scalar("eval/loss", loss, step)
             self.writer.add_scalar("eval/perplexity", ppl, step)
@@ -213,6 +217,7 @@ class MetricsLogger:
             self.writer.flush()
 
     def close(self) -> None:
+        self.record.close()
         if self.samples is not None:
             self.samples.close()
         if self.progress:

@@ -35,6 +35,10 @@ def _adamw(module: nn.Module, cfg: OptimizerConfig, device: torch.device) -> tor
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
+# optimizer.name -> the optimizer of one model part's trainable parameters (the config's choices come from here).
+OPTIMIZERS = {"adamw": _adamw}
+
+
 def lr_lambda(cfg: LRSchedulerConfig, total_steps: int):
     """Multiplier of the base lr at a step: linear warmup, then cosine / linear / no decay to min_lr_ratio."""
     warmup = min(cfg.warmup_steps, total_steps)
@@ -61,7 +65,7 @@ class Optimizers:
 
     def __init__(self, parts: list[nn.Module], cfg: OptimizerConfig, sched: LRSchedulerConfig, total_steps: int, device):
         self.parts = parts
-        self.optimizers = [_adamw(part, cfg, device) for part in parts]
+        self.optimizers = [OPTIMIZERS[cfg.name](part, cfg, device) for part in parts]
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sched, total_steps)) for opt in self.optimizers
         ]

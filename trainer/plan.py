@@ -1,23 +1,23 @@
-"""Everything decided from the config alone, with every check that can fail on it, before any work:
-the layout, the batch split, the tokenizer and the model's shape. Shared by training and --dry-run."""
+"""Everything decided from the config alone, once per start, with every check that can fail on it, before
+any work: the layout, the batch split, the tokenizer, the model's shape and family, the converters, and
+the converted model on the meta device (built once: the trainer materializes this very object).
+--check, --dry-run and training all read the same Plan."""
 
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from fp8.converter import Float8Converter
+from models import FAMILIES, Decoder, DecoderArgs, ModelFamily, build_meta_model, family_of, find_flavor
 from parallel.mesh import LayoutError, ParallelDims
 from trainer.config import Config, ConfigError
 from trainer.config.checks import check_batch, check_pipeline, check_seq_len, check_streams
 from trainer.config.schema import ModelConfig, ParallelConfig
-from trainer.adapters.converter import AdapterConverter
-from trainer.converters import ModelConverter, convert
+from trainer.converters import ConverterInfo, ModelConverter, build_converters
+from trainer.data import check_enough_tokens, load_documents
+from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
 from trainer.distill.teacher import check_teacher
-from trainer.model.args import ModelArgs
-from trainer.model.build import build_meta_model
-from trainer.model.family import FAMILIES
-from trainer.model.flavors import FLAVORS
 from trainer.tokenizer import build_tokenizer
 from trainer.tokenizer.base import Tokenizer
 from trainer.weights.load import read_checkpoint_args
@@ -25,15 +25,26 @@ from trainer.weights.load import read_checkpoint_args
 
 @dataclass(frozen=True)
 class Plan:
+    cfg: Config
     dims: ParallelDims
     accum_steps: int  # gradient-accumulation microbatches per optimizer step
     pp_microbatches: int  # pipeline microbatches per local batch
-    tokenizer: Tokenizer
-    model_args: ModelArgs
     num_stages: int  # pipeline stages over all pipeline ranks (1 without pipelining)
-    converters: list[ModelConverter]  # the model transforms, in the order they apply
-    teacher_args: ModelArgs | None = None  # the distillation teacher's shape (None: no distillation)
+    tokenizer: Tokenizer
+    family: ModelFamily
+    model_args: DecoderArgs
+    base_shapes: dict[str, torch.Size]  # the parameters of the unconverted model: what weights fill
+    meta: Decoder  # the converted model on the meta device
+    converters: list[ModelConverter]  # the model transforms, in the order they applied
+    info: ConverterInfo  # their answers about `meta`, combined
+    param_counts: dict[str, int]  # of the converted model: total, trainable, non_embedding
+    teacher_args: DecoderArgs | None = None  # the distillation teacher's shape (None: no distillation)
     chunked_loss: bool = False  # the loss projects the final hidden states itself, chunk by chunk
+
+    @property
+    def trainable_only(self) -> bool:
+        """Checkpoints hold only the trainable parameters (a converter rebuilds the rest at every start)."""
+        return any(c.checkpoints_trainable_only for c in self.converters)
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
@@ -42,71 +53,80 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         dims = ParallelDims.from_sizes(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, world_size=world_size)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
-    accum_steps = check_batch(cfg, dims.dp_size)
-    check_streams(cfg, dims.dp_size)
-    pp_microbatches = check_pipeline(cfg, dims.pp)
+    accum_steps = check_batch(cfg.training, dims.dp_size)
+    check_streams(cfg.data, dims.dp_size)
+    pp_microbatches = check_pipeline(cfg.parallel, cfg.training, dims.pp)
     tokenizer = build_tokenizer(cfg.tokenizer)
     model_args = resolve_model_args(cfg.model, tokenizer.vocab_size)
-    check_seq_len(cfg, model_args.max_seq_len)
+    check_seq_len(cfg.training, model_args.max_seq_len)
+    family = family_of(model_args)
     check_layout_fits_model(dims, model_args, cfg.parallel)
     converters = build_converters(cfg)
-    if converters:
-        meta = build_meta_model(model_args)  # on meta: costs nothing
-        for converter in converters:
-            converter.check(meta, dims)  # each sees the model as the converters before it left it
-            converter.convert(meta)
-    teacher_args = check_teacher(cfg, dims, model_args)
-    chunked_loss = decide_chunked_loss(cfg, dims, model_args, converters)
+    meta = build_meta_model(model_args)  # on meta: costs nothing
+    base_shapes = {name: p.shape for name, p in meta.named_parameters()}
+    infos = []
+    for converter in converters:  # each sees, checks and reports the model as the ones before it left it
+        converter.convert(meta, dims)
+        infos.append(converter.info(meta))
+    teacher_args = check_teacher(cfg.distill, cfg.adapters.hqq_group_size, cfg.training.seq_len, dims, model_args)
+    chunked_loss = decide_chunked_loss(cfg.training.chunked_loss, dims, meta, distilling=teacher_args is not None)
     if (cfg.export.hf or cfg.export.peft) and dims.pp > 1 and not cfg.checkpoint.enabled:
         raise ConfigError(
             "exports with parallel.pp > 1 are assembled from the final checkpoint: set checkpoint.enabled=true"
         )
-    if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and _has_cuda()):
+    if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and torch.cuda.is_available()):
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
-    return Plan(dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches, tokenizer=tokenizer,
-                model_args=model_args, num_stages=dims.num_stages(stages_per_rank(cfg.parallel)), converters=converters,
-                teacher_args=teacher_args, chunked_loss=chunked_loss)
+    return Plan(cfg=cfg, dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches,
+                num_stages=dims.num_stages(stages_per_rank(cfg.parallel)), tokenizer=tokenizer, family=family,
+                model_args=model_args, base_shapes=base_shapes, meta=meta, converters=converters,
+                info=ConverterInfo.combine(infos), param_counts=count_params(meta), teacher_args=teacher_args, chunked_loss=chunked_loss)
 
 
-# Every converter, in the order they apply to a model: adapters wrap the float8 layers.
-CONVERTERS = (Float8Converter, AdapterConverter)
+def count_params(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "non_embedding": total - model.tok_embeddings.weight.numel()}
 
 
-def build_converters(cfg: Config) -> list[ModelConverter]:
-    """The converters the config asks for, in the order they apply."""
-    return [c for c in (kind.from_config(cfg) for kind in CONVERTERS) if c is not None]
+def load_data(plan: Plan):
+    """(training documents, held-out documents or None), read and checked against the plan: the one place
+    a start reads its data (--check and training alike)."""
+    cfg = plan.cfg
+    docs, held_out = training_and_eval_documents(cfg.data, cfg.eval, load_documents)
+    check_enough_tokens(docs, plan.tokenizer, cfg.data, cfg.training.seq_len)
+    if held_out is not None:
+        check_eval_tokens(held_out, plan.tokenizer, cfg.data, cfg.training.seq_len)
+    return docs, held_out
 
 
-def decide_chunked_loss(cfg: Config, dims: ParallelDims, args: ModelArgs, converters: list[ModelConverter]) -> bool:
+def decide_chunked_loss(setting: str, dims: ParallelDims, meta: nn.Module, *, distilling: bool) -> bool:
     """Whether the loss projects onto the vocabulary itself (training.chunked_loss); `always` where it
     cannot apply is an error saying why."""
     why_not = None
     if dims.tp > 1:
         why_not = "tensor parallelism computes the loss over vocabulary-sharded logits (parallel.loss_parallel) or replicated ones"
-    elif cfg.distill.teacher is not None:
+    elif distilling:
         why_not = "distillation compares the student's logits with the teacher's in chunks of its own (distill.chunk_tokens)"
-    elif not isinstance(convert(build_meta_model(args), converters).output, (nn.Linear, type(None))):
+    elif not isinstance(meta.output, (nn.Linear, type(None))):
         why_not = "the output layer carries an adapter (adapters.targets includes output)"
-    if why_not and cfg.training.chunked_loss == "always":
+    if why_not and setting == "always":
         raise ConfigError(f"training.chunked_loss=always cannot apply here: {why_not}; use auto or never")
-    return why_not is None and cfg.training.chunked_loss != "never"
+    return why_not is None and setting != "never"
 
 
 def stages_per_rank(cfg: ParallelConfig) -> int:
     return cfg.pp_stages_per_rank if cfg.pp_schedule == "interleaved_1f1b" else 1
 
 
-def check_layout_fits_model(dims: ParallelDims, args: ModelArgs, cfg: ParallelConfig) -> None:
+def check_layout_fits_model(dims: ParallelDims, args: DecoderArgs, cfg: ParallelConfig) -> None:
     """Layout constraints that depend on the model's shape."""
     if dims.tp > 1:
-        for name in ("n_heads", "n_kv_heads"):
-            if getattr(args, name) % dims.tp:
-                raise ConfigError(
-                    f"parallel.tp={dims.tp} does not divide the model's {name}={getattr(args, name)}; "
-                    f"pick a tp that divides both n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads}"
-                )
-        if args.hidden_dim % dims.tp:
-            raise ConfigError(f"parallel.tp={dims.tp} does not divide the model's MLP hidden size {args.hidden_dim}")
+        sizes = family_of(args).tp_sizes(args)
+        for name, size in sizes.items():
+            if size % dims.tp:
+                heads = " and ".join(f"{k}={v}" for k, v in sizes.items() if k.startswith("n_"))
+                hint = f"pick a tp that divides {heads}" if name.startswith("n_") else "pick a tp that divides it"
+                raise ConfigError(f"parallel.tp={dims.tp} does not divide the model's {name}={size}; {hint}")
         if cfg.loss_parallel and args.vocab_size % dims.tp:
             raise ConfigError(
                 f"parallel.loss_parallel shards the vocabulary ({args.vocab_size}) over tp={dims.tp}, which does "
@@ -131,7 +151,7 @@ _OVERRIDABLE = (
 )
 
 
-def resolve_model_args(cfg: ModelConfig, tokenizer_vocab_size: int) -> ModelArgs:
+def resolve_model_args(cfg: ModelConfig, tokenizer_vocab_size: int) -> DecoderArgs:
     """The model's shape: a flavor (or the checkpoint's own shape), then the single-field overrides."""
     overrides = {k: getattr(cfg, k) for k in _OVERRIDABLE if getattr(cfg, k) is not None}
     if cfg.init_from is not None and cfg.flavor is None:
@@ -142,26 +162,25 @@ def resolve_model_args(cfg: ModelConfig, tokenizer_vocab_size: int) -> ModelArgs
             )
     else:
         flavor = cfg.flavor or "debug"
-        if flavor not in FLAVORS:
+        found = find_flavor(flavor)
+        if found is None:
             by_family = "; ".join(f"{', '.join(f.flavors)} ({f.name})" for f in FAMILIES.values())
             raise ConfigError(f"model.flavor={flavor!r} is not one of: {by_family}")
-        fields = dict(FLAVORS[flavor], **overrides)
+        family, fields = found
+        unknown = [k for k in overrides if k not in {f.name for f in dataclasses.fields(family.args)}]
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]} is not a field of the {family.name} family's shape: remove it")
+        fields = dict(fields, **overrides)
         if fields.get("vocab_size", -1) == -1:
             # Padded to a multiple of 64 so that it splits evenly over any TP degree up to 64 (and
             # matmul tiles stay whole); the extra rows are never a label and quickly learn to lose.
             fields["vocab_size"] = -(-tokenizer_vocab_size // 64) * 64
         try:
-            args = ModelArgs(**fields)
+            args = family.args(**fields)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
         if cfg.init_from is not None:
-            ckpt = read_checkpoint_args(cfg.init_from)
-            if ckpt != args:
-                diff = next(f.name for f in dataclasses.fields(ModelArgs) if getattr(ckpt, f.name) != getattr(args, f.name))
-                raise ConfigError(
-                    f"model.init_from={cfg.init_from} has {diff}={getattr(ckpt, diff)}, but model.flavor={flavor} "
-                    f"gives {getattr(args, diff)}; drop model.flavor to take the checkpoint's shape"
-                )
+            _check_same_shape(read_checkpoint_args(cfg.init_from), args, cfg.init_from, flavor)
     if args.vocab_size < tokenizer_vocab_size:
         raise ConfigError(
             f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocab_size is {args.vocab_size}; "
@@ -170,7 +189,13 @@ def resolve_model_args(cfg: ModelConfig, tokenizer_vocab_size: int) -> ModelArgs
     return args
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _check_same_shape(ckpt: DecoderArgs, args: DecoderArgs, init_from: str, flavor: str) -> None:
+    if ckpt == args:
+        return
+    fix = "set model.flavor=null to take the checkpoint's shape"
+    if ckpt.family != args.family:
+        raise ConfigError(f"model.init_from={init_from} is a {ckpt.family} model, but model.flavor={flavor} is "
+                          f"{args.family}; {fix}")
+    diff = next(f.name for f in dataclasses.fields(args) if getattr(ckpt, f.name) != getattr(args, f.name))
+    raise ConfigError(f"model.init_from={init_from} has {diff}={getattr(ckpt, diff)}, but model.flavor={flavor} "
+                      f"gives {getattr(args, diff)}; {fix}")

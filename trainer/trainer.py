@@ -1,47 +1,45 @@
-"""The one trainer: every training method is this loop with a different model transform and config."""
+"""The one trainer: every training method is this loop with a different model transform and config.
+
+The Plan (trainer/plan.py) decided everything and checked it; the trainer wires what it holds (data,
+meshes, the model, optimizer, checkpoints, metrics) and runs the loop."""
 
 import contextlib
 import math
 import os
 import time
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.distributed import Runtime
+from parallel.library_patches import async_tp_compile
 from parallel.mesh import build_meshes, device_type
-from parallel.parallelize import parallelize
-from parallel.pp import build_schedule
+from trainer.build import build_model
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.paths import checkpoint_root, complete_steps, step_dir
 from trainer.checkpoint.state import (
     CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState,
 )
-from trainer.config import Config, to_yaml
-from trainer.converters import convert, linear_styles
-from trainer.data import PackedLoader, check_enough_tokens, load_documents
+from trainer.config import to_yaml
+from trainer.data import PackedLoader
 from trainer.data.prefetch import PrefetchingLoader
-from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
 from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
 from trainer.export import export_run
 from trainer.host_memory import retain_freed_memory
 from trainer.loss import TokenLoss
-from trainer.metrics import FastFlops, MetricsLogger, peak_tflops
-from trainer.model.build import build_meta_model, flops_per_token
-from trainer.model.family import family_of
+from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.optimizer import Optimizers, clip_grad_norm
-from trainer.plan import make_plan
+from trainer.plan import Plan, load_data
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
 from trainer.profiling import StepProfiler
+from trainer.run_record import RunRecord
+from trainer.start_report import fast_flops, start_lines
 from trainer.step_phases import StepPhases
 from trainer.validation import Validation
-from trainer.weights.load import open_weights
-from trainer.weights.materialize import materialize_unit
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -53,52 +51,41 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime):
-        self.cfg, self.runtime = cfg, runtime
+    def __init__(self, plan: Plan, runtime: Runtime):
+        cfg = self.cfg = plan.cfg
+        self.plan, self.runtime, self.dims, self.converters = plan, runtime, plan.dims, plan.converters
         self.output_dir = Path(cfg.job.output_dir)
         if runtime.device.type == "cpu" and cfg.training.cpu_malloc == "retain":
             retain_freed_memory()  # before the data and the model allocate anything
-        # Everything that can be wrong with the config or the data is found before the model is built.
-        plan = make_plan(cfg, runtime.world_size)
-        self.dims, self.accum_steps, self.pp_microbatches = plan.dims, plan.accum_steps, plan.pp_microbatches
-        self.num_stages, self.family = plan.num_stages, family_of(plan.model_args)
-        self.converters = plan.converters
-        self.tokenizer, model_args = plan.tokenizer, plan.model_args
-        docs, held_out = training_and_eval_documents(cfg, load_documents)
-        check_enough_tokens(docs, self.tokenizer, cfg.data, cfg.training.seq_len)
-        if held_out is not None:
-            check_eval_tokens(held_out, self.tokenizer, cfg)
-
+        docs, held_out = load_data(plan)
         self.meshes = build_meshes(self.dims, device_type())
-        # FSDP casts parameters itself (MixedPrecisionPolicy); without it, autocast does.
-        self.uses_fsdp = self.meshes.fsdp.active
+        self.uses_fsdp = self.meshes.fsdp.active  # FSDP casts parameters itself; without it, autocast does
+        # Library state the run needs while it is built and trains, undone by close().
+        self.patches = contextlib.ExitStack()
+        for patch in plan.info.run_patches:
+            self.patches.enter_context(patch())
+        if cfg.parallel.async_tp:
+            self.patches.enter_context(async_tp_compile(self.meshes.tp.group))
         set_determinism(cfg.job.seed, cfg.job.deterministic)
-        self.loader = PackedLoader(
-            docs, self.tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
-            dp_rank=self.meshes.dp.local_rank, dp_size=self.dims.dp_size, seed=cfg.job.seed,
-        )
+        self.loader = self._loader(docs)
         if cfg.data.prefetch > 0:
             self.loader = PrefetchingLoader(self.loader, cfg.data.prefetch)
-
-        self.validation = None
-        if held_out is not None:
-            self.validation = Validation(cfg, held_out, self.tokenizer, dp_rank=self.meshes.dp.local_rank,
-                                         dp_size=self.dims.dp_size)
-
-        self.precision = Precision.from_config(
-            cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, runtime.device
-        )
-        tp_loss = self.dims.tp > 1 and cfg.parallel.loss_parallel
+        self.validation = None if held_out is None else Validation(
+            cfg.eval, self._loader(held_out), plan.tokenizer, total_steps=cfg.training.steps)
+        self.precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, runtime.device)
         # Vocabulary-sharded logits need the loss, and its backward, inside this context.
-        self.loss_context = loss_parallel if tp_loss else contextlib.nullcontext
-        self.chunked_loss = plan.chunked_loss
-        self.loss_fn = self._build_loss(plan.teacher_args)
-        self.model_parts, self.schedule = self._build_model(model_args)
+        self.loss_context = loss_parallel if self.dims.tp > 1 and cfg.parallel.loss_parallel else contextlib.nullcontext
+        self.loss_fn = self._build_loss()
+        self.model_parts, self.schedule = build_model(plan, meshes=self.meshes, precision=self.precision,
+                                                      device=runtime.device, loss_fn=self.loss_fn)
         self.params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
-
         self.optimizers = Optimizers(self.model_parts, cfg.optimizer, cfg.lr_scheduler, cfg.training.steps, runtime.device)
         self.counters = CounterState()
-        self.checkpointer = self._build_checkpointer(model_args)
+        record = RunRecord(self.output_dir / "metrics.jsonl" if runtime.is_main else None)
+        self.checkpointer = CheckpointManager(
+            cfg.checkpoint, self.output_dir, self._checkpoint_state(), is_main=runtime.is_main,
+            total_steps=cfg.training.steps, fixed=plan.info.checkpoint_entries, record=record,
+        )
         # Measured before the restore, though it draws from a generator of its own: nothing may touch
         # the global RNG between the restore and step 1 (dropout masks would move).
         peak, peak_source = peak_tflops(cfg.metrics, runtime.device, self.precision.param_dtype)
@@ -110,111 +97,44 @@ class Trainer:
         self.phases = StepPhases(cfg.metrics.step_phases, runtime.device)
         self.profiler = StepProfiler(cfg.metrics.profile_steps, self.output_dir, runtime.rank, runtime.device)
         self.preemption = PreemptionWatch(runtime.device)
-        meta = convert(build_meta_model(model_args), self.converters)
-        model_flops = flops_per_token(model_args, cfg.training.seq_len)
-        fast = next((f for c in self.converters if (f := c.fast_flops(meta)) is not None), None)
-        fast_flops = FastFlops(fast[0], min(1.0, fast[1] / model_flops), fast[2]) if fast else None
+        model_flops = plan.family.flops_per_token(plan.model_args, cfg.training.seq_len)
         self.metrics = MetricsLogger(
             cfg.metrics, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
-            flops_per_token=model_flops, peak_tflops=peak, peak_source=peak_source,
-            device=runtime.device, start_step=self.step, rank=runtime.rank, fast_flops=fast_flops,
+            flops_per_token=model_flops, peak_tflops=peak, peak_source=peak_source, device=runtime.device,
+            start_step=self.step, rank=runtime.rank, fast_flops=fast_flops(plan, model_flops), record=record,
         )
         if runtime.is_main and self.step < cfg.training.steps:
-            d = self.dims
-            trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
-            base = "".join(c.describe() for c in self.converters)
-            print(
-                f"training {trainable:,} of {sum(p.numel() for p in meta.parameters()):,} parameters{base} on "
-                f"{runtime.world_size} {runtime.device.type} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
-                f"dp_shard {d.dp_shard} x tp {d.tp}), {self.accum_steps} microbatch(es) per step; "
-                f"MFU against {peak:.2f} TFLOP/s ({peak_source})",
-                flush=True,
-            )
-            for line in (line for c in self.converters for line in c.report()):
+            for line in start_lines(plan, device=runtime.device, peak=peak, peak_source=peak_source):
                 print(line, flush=True)
-            if plan.teacher_args is not None:
-                teacher = sum(p.numel() for p in build_meta_model(plan.teacher_args).parameters())
-                print(f"distilling from {cfg.distill.teacher} ({teacher:,} frozen parameters, forward only, sharded like "
-                      f"the model): loss = {1 - cfg.distill.kd_ratio:g} x cross-entropy + {cfg.distill.kd_ratio:g} x "
-                      f"{cfg.distill.loss} KL at temperature {cfg.distill.temperature:g}; mfu counts the model's "
-                      f"FLOPs only", flush=True)
-            if fast_flops:
-                print(f"{fast[0]} runs {100 * fast_flops.share:.1f}% of the model's FLOPs: mfu stays against the peak above "
-                      f"(the FLOPs are the model's); mfu_mixed counts them at the {fast[0]} peak, {fast[2]:g}x ({fast[3]})",
-                      flush=True)
 
-    def _build_loss(self, teacher_args) -> TokenLoss:
+    def close(self) -> None:
+        """Undoes the library state the run changed (every run ends here, trained or not)."""
+        self.patches.close()
+
+    def _loader(self, docs) -> PackedLoader:
+        cfg = self.cfg
+        return PackedLoader(docs, self.plan.tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
+                            dp_rank=self.meshes.dp.local_rank, dp_size=self.dims.dp_size, seed=cfg.job.seed)
+
+    def _build_loss(self) -> TokenLoss:
         """Cross-entropy; with a teacher, the distillation loss (all that a distillation run changes)."""
-        if teacher_args is None:
-            return TokenLoss(chunk_tokens=self.cfg.training.loss_chunk_tokens)
-        teacher = build_teacher(self.cfg, teacher_args, fsdp_mesh=self.meshes.fsdp.mesh,
-                                shards=self.dims.dp_shard if self.uses_fsdp else 1, precision=self.precision,
-                                device=self.runtime.device)
-        return DistillLoss(self.cfg.distill, teacher)
+        cfg = self.cfg
+        if self.plan.teacher_args is None:
+            return TokenLoss(chunk_tokens=cfg.training.loss_chunk_tokens)
+        teacher = build_teacher(cfg.distill, self.plan.teacher_args, hqq_group_size=cfg.adapters.hqq_group_size,
+                                fsdp_mesh=self.meshes.fsdp.mesh, shards=self.dims.dp_shard if self.uses_fsdp else 1,
+                                precision=self.precision, device=self.runtime.device, compile=cfg.compile.enabled,
+                                cpu_offload=cfg.parallel.cpu_offload)
+        return DistillLoss(cfg.distill, teacher)
 
-    def _build_checkpointer(self, model_args) -> CheckpointManager:
+    def _checkpoint_state(self) -> dict:
         """Everything a resume needs, as one DCP state dict (DESIGN rule 7)."""
-        # A converter that rebuilds the frozen part at every start (adapters: from model.init_from, or the
-        # seeded init) checkpoints only what trains.
-        trainable_only = any(c.checkpoints_trainable_only for c in self.converters)
-        state = {
-            "model": ModelState(self.model_parts, "trainable" if trainable_only else "all"),
-            "optimizer": OptimizerState(self.optimizers),
-            "lr_scheduler": SchedulerState(self.optimizers), "dataloader": DataState(self.loader, self.meshes.dp.group),
-            "train": self.counters, "rng": RngState(), "model_args": {"json": model_args.to_json()},
+        return {
+            "model": ModelState(self.model_parts, "trainable" if self.plan.trainable_only else "all"),
+            "optimizer": OptimizerState(self.optimizers), "lr_scheduler": SchedulerState(self.optimizers),
+            "dataloader": DataState(self.loader, self.meshes.dp.group), "train": self.counters, "rng": RngState(),
+            "model_args": {"json": self.plan.model_args.to_json()},
         }
-        for converter in self.converters:
-            state.update(converter.checkpoint_entries())
-        return CheckpointManager(
-            self.cfg.checkpoint, self.output_dir, state, is_main=self.runtime.is_main, total_steps=self.cfg.training.steps
-        )
-
-    def _build_model(self, model_args):
-        """Meta model -> pipeline stages -> parallelized -> materialized: nothing is ever whole on a rank."""
-        # Converted before the split: stages keep the converted modules of their layers.
-        model = convert(build_meta_model(model_args), self.converters)
-        pp, num_stages = self.meshes.pp, self.num_stages
-        if pp.active:
-            parts = self.family.split_stages(model, pp_rank=pp.local_rank, pp_size=self.dims.pp, num_stages=num_stages)
-        else:
-            parts = [(0, model)]
-        weights = open_weights(self.cfg.model.init_from, model_args, self.cfg.job.seed)
-        for _, part in parts:
-            self._parallelize(part, partial(self._materialize_unit, weights=weights))
-            part.train()
-        for _, part in parts:
-            if self.chunked_loss and part.norm is not None:  # the last stage (on the last pipeline rank)
-                # It stops at the final norm; the loss projects, chunk by chunk (trainer/loss.py).
-                part.project = False
-                self.loss_fn.head = part.head_weight
-        schedule = None
-        if pp.active:
-            schedule = build_schedule(
-                parts, num_stages=num_stages, pp_mesh=pp.mesh, device=self.runtime.device,
-                schedule=self.cfg.parallel.pp_schedule, n_microbatches=self.pp_microbatches, loss_fn=self.loss_fn,
-            )
-        return [part for _, part in parts], schedule
-
-    def _materialize_unit(self, unit, unit_name: str, *, weights) -> None:
-        """Each FSDP unit leaves the meta device just before it is sharded (the only way any run does):
-        its base weights from model.init_from or the seeded init, then each converter's part."""
-        pieces = materialize_unit(unit, unit_name, device=self.runtime.device, weights=weights)
-        for converter in self.converters:
-            converter.finish_unit(pieces, shards=self.dims.dp_shard if self.uses_fsdp else 1, seed=self.cfg.job.seed,
-                                  frozen_dtype=self.precision.param_dtype)
-
-    def _parallelize(self, part, materialize) -> None:
-        cfg, meshes = self.cfg, self.meshes
-        tp_mesh = meshes.tp.mesh
-        styles = linear_styles(self.converters)
-        tp_plan = self.family.tp_plan(part, loss_parallel=cfg.parallel.loss_parallel, styles=styles) if tp_mesh else None
-        parallelize(
-            part, tp_mesh=tp_mesh, tp_plan=tp_plan, async_tp=cfg.parallel.async_tp,
-            ac_mode=cfg.activation_checkpoint.mode, ac_every=cfg.activation_checkpoint.every, compile=cfg.compile.enabled,
-            fsdp_mesh=meshes.fsdp.mesh, param_dtype=self.precision.param_dtype,
-            reduce_dtype=self.precision.reduce_dtype, reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward,
-            cpu_offload=cfg.parallel.cpu_offload, materialize=materialize,
-        )
 
     def create_seed_checkpoint(self) -> None:
         """checkpoints/step-0 with the initial weights only: later runs (any layout) start from it."""
@@ -265,17 +185,15 @@ class Trainer:
         self.loader.close()
         self.metrics.close()
         if self.cfg.export.hf or self.cfg.export.peft:
-            export_run(
-                self.cfg, self.model_parts, pipelined=self.schedule is not None, converters=self.converters,
-                tokenizer=self.tokenizer, step=self.step, is_main=self.runtime.is_main,
-            )
+            export_run(self.plan, self.model_parts, pipelined=self.schedule is not None, step=self.step,
+                       is_main=self.runtime.is_main)
 
     def _step_and_log(self) -> tuple[float, float]:
         """The next batches, one optimizer step over them, the counters and the step's log line."""
         start = time.perf_counter()
         self.phases.start_step()
         microbatches, window_ids = [], []
-        for _ in range(self.accum_steps):
+        for _ in range(self.plan.accum_steps):
             microbatches.append(self.loader.next_batch())
             window_ids += self.loader.last_ids
         data_time = time.perf_counter() - start

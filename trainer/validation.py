@@ -7,17 +7,15 @@ training data's order and random state are never touched (a resume stays exact w
 Each data-parallel rank takes eval.steps batches; together they are the first windows of the held-out
 stream, whatever the layout."""
 
-from trainer.config import Config
+from trainer.config.schema import EvalConfig
 from trainer.data import PackedLoader
 from trainer.generate import Sampling, generate
 
 
 class Validation:
-    def __init__(self, cfg: Config, docs, tokenizer, *, dp_rank: int, dp_size: int):
-        self.cfg, self.tokenizer = cfg.eval, tokenizer
-        self.total_steps = cfg.training.steps
-        loader = PackedLoader(docs, tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
-                              dp_rank=dp_rank, dp_size=dp_size, seed=cfg.job.seed)
+    def __init__(self, cfg: EvalConfig, loader: PackedLoader, tokenizer, *, total_steps: int):
+        """`loader`: over the held-out documents, packed as the training data is."""
+        self.cfg, self.tokenizer, self.total_steps = cfg, tokenizer, total_steps
         self.batches = [loader.next_batch() for _ in range(self.cfg.steps)]
 
     def due(self, step: int) -> bool:

@@ -50,7 +50,7 @@ def _check_eval_loss(out, dp: int) -> None:
     validated on: the first eval.steps x dp x local_batch_size windows of the held-out stream."""
     cfg = load_config(out / "config.yaml")
     model, tokenizer = load_for_generation(out)  # the last checkpoint: step 4, the weights validated
-    _, held_out = training_and_eval_documents(cfg, load_documents)
+    _, held_out = training_and_eval_documents(cfg.data, cfg.eval, load_documents)
     loader = PackedLoader(held_out, tokenizer, cfg.data, cfg.training.seq_len, dp * cfg.training.local_batch_size,
                           dp_rank=0, dp_size=1, seed=cfg.job.seed)
     total, count = 0.0, 0

@@ -28,7 +28,7 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from trainer.adapters.load import load_adapter_run
+    from trainer.build import load_run
     from trainer.weights.errors import CheckpointError
 
     result = run_train([
@@ -44,8 +44,8 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
     assert last < first - 0.4, loss
 
     with pytest.raises(CheckpointError, match=r"no complete checkpoint of step 7 \(there are: 20\)"):
-        load_adapter_run(tmp_path, step=7)
-    ours = load_adapter_run(tmp_path)  # the 4-bit base and the adapters of the final checkpoint
+        load_run(tmp_path, step=7)
+    ours = load_run(tmp_path)  # the 4-bit base and the adapters of the final checkpoint
     assert type(ours.layers["0"].attention.wq.weight.data).__name__ == "NF4Tensor"
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     base = LlamaForCausalLM.from_pretrained(tmp_path / "export" / "base").eval()
@@ -76,7 +76,7 @@ def _check_sft_validation(run, model):
 
     cfg = load_config(run / "config.yaml")
     tokenizer = build_tokenizer(cfg.tokenizer)
-    _, held_out = training_and_eval_documents(cfg, load_documents)
+    _, held_out = training_and_eval_documents(cfg.data, cfg.eval, load_documents)
     loader = PackedLoader(held_out, tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
                           dp_rank=0, dp_size=1, seed=cfg.job.seed)
     total, count, masked = 0.0, 0, 0

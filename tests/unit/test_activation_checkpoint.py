@@ -6,23 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from parallel.ac import apply_ac
-from trainer.adapters import apply_adapters, init_adapters
+from models.llama.args import LlamaArgs
+from tests.helpers import build_adapted
 from trainer.config.schema import AdaptersConfig
-from trainer.model.args import ModelArgs
-from trainer.model.build import build_meta_model
-from trainer.model.init import init_weights
 
-ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
+ARGS = LlamaArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 
 
 def _model(mode: str, every: int = 2, adapters: str = "none"):
-    model = build_meta_model(ARGS)
-    apply_adapters(model, AdaptersConfig(kind=adapters, rank=4))
+    model = build_adapted(ARGS, AdaptersConfig(kind=adapters, rank=4), None, seed=1)
     apply_ac(model, mode=mode, every=every)
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    init_weights(model, seed=1)
-    init_adapters(model, seed=1)
     if adapters != "none":
         with torch.no_grad():  # a non-zero update, so the adapter path matters
             for name, p in model.named_parameters():

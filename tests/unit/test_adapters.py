@@ -5,13 +5,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.adapters import apply_adapters, init_adapters
-from trainer.adapters.load import build_adapted
+from models import build_meta_model
+from models.llama.hf import NAMES
+from tests.helpers import build_adapted
+from trainer.adapters import apply_adapters, init_adapter
 from trainer.adapters.lora import LoRALinear
 from trainer.config import ConfigError
 from trainer.config.schema import AdaptersConfig
-from trainer.model.build import build_meta_model
-from trainer.weights.hf_names import ours_to_hf
 from trainer.weights.load import read_checkpoint_args
 
 PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -44,7 +44,7 @@ def _pair(tmp_path, kind, rslora, targets=("q", "k", "v", "o", "gate", "up", "do
                 module.lora_b.normal_(0, 0.1)
                 if module.magnitude is not None:
                     module.magnitude.mul_(torch.empty_like(module.magnitude).uniform_(0.8, 1.2))
-                target = peft_model.base_model.model.get_submodule(ours_to_hf(f"{name}.weight").removesuffix(".weight"))
+                target = peft_model.base_model.model.get_submodule(NAMES.to_hf(f"{name}.weight").removesuffix(".weight"))
                 target.lora_A["default"].weight.copy_(module.lora_a)
                 target.lora_B["default"].weight.copy_(module.lora_b)
                 if module.magnitude is not None:
@@ -92,7 +92,7 @@ def test_forward_and_gradients_match_peft(tmp_path, kind, rslora, quantize_base)
     for name, module in ours.named_modules():
         if not isinstance(module, LoRALinear):
             continue
-        prefix = "base_model.model." + ours_to_hf(f"{name}.weight").removesuffix(".weight")
+        prefix = "base_model.model." + NAMES.to_hf(f"{name}.weight").removesuffix(".weight")
         pairs = [(module.lora_a, f"{prefix}.lora_A.default.weight"), (module.lora_b, f"{prefix}.lora_B.default.weight")]
         if module.magnitude is not None:
             pairs.append((module.magnitude, f"{prefix}.lora_magnitude_vector.default.weight"))
@@ -104,7 +104,7 @@ def test_forward_and_gradients_match_peft(tmp_path, kind, rslora, quantize_base)
 def test_zero_update_at_start_and_dora_magnitude_is_the_row_norm(tmp_path):
     ours, _ = _pair(tmp_path, "dora", False, targets=("q",))
     module = ours.layers["0"].attention.wq
-    init_adapters(ours, seed=0)
+    init_adapter(module, "layers.0.attention.wq", seed=0)
     assert torch.equal(module.lora_b, torch.zeros_like(module.lora_b))
     assert torch.allclose(module.magnitude, module.weight.norm(dim=1))
     x = torch.randn(3, 64)

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from trainer.loss import IGNORE_INDEX, TokenLoss
-from trainer.model.args import ModelArgs
-from trainer.model.llama import Transformer
+from models.llama.args import LlamaArgs
+from models.llama.model import LlamaTransformer
 
 
-def _model(tied: bool) -> Transformer:
+def _model(tied: bool) -> LlamaTransformer:
     torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64, tie_embeddings=tied)
-    model = Transformer(args)
+    args = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64, tie_embeddings=tied)
+    model = LlamaTransformer(args)
     model.init_buffers()
     with torch.no_grad():  # Llama's scale of weights (nn's default embedding init gives logits of ~60)
         for p in model.parameters():
@@ -21,7 +21,7 @@ def _model(tied: bool) -> Transformer:
     return model
 
 
-def _loss_and_grads(model: Transformer, loss_fn: TokenLoss, inputs, labels):
+def _loss_and_grads(model: LlamaTransformer, loss_fn: TokenLoss, inputs, labels):
     model.zero_grad()
     loss_fn.start(scale=1.0 / int(TokenLoss.count(labels)), device=torch.device("cpu"))
     loss = loss_fn(model(inputs), labels)

@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from types import SimpleNamespace
+
+from fp8.conversion import conversion_lines, keep_reason
 from trainer.config import load_config
-from trainer.converters import convert, linear_styles
 from trainer.dry_run import estimate_memory
 from trainer.metrics import FastFlops
-from trainer.model.build import build_meta_model, flops_per_token
 from trainer.plan import make_plan
 from trainer.precision import Precision
 
@@ -25,9 +26,12 @@ BLOCK_LINEARS = ["attention.wq", "attention.wk", "attention.wv", "attention.wo",
 def _converted(config: str, *overrides: str, world: int = 1):
     cfg = load_config(config, [*FP8, *overrides])
     plan = make_plan(cfg, world)
-    model = convert(build_meta_model(plan.model_args), plan.converters)
+    model = plan.meta  # converted once, by the plan
     kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return plan, model, kinds, plan.converters[0].conversion
+    # What the conversion did, read back from the model: the float8 layers, and why each other one stayed.
+    done = SimpleNamespace(converted=[n for n, k in kinds.items() if k is Float8Linear],
+                           kept={n: keep_reason(n, model.get_submodule(n), cfg.fp8) for n, k in kinds.items() if k is nn.Linear})
+    return plan, model, kinds, done
 
 
 def test_debug_model_converts_every_block_linear_and_keeps_the_head():
@@ -48,7 +52,8 @@ def test_sizes_not_multiples_of_16_and_filtered_names_stay():
         assert kinds[f"layers.{i}.attention.wo"] is nn.Linear
         assert done.kept[f"layers.{i}.attention.wo"] == "fp8.filter_fqns has 'attention.wo'"
         assert kinds[f"layers.{i}.attention.wq"] is Float8Linear
-    lines = done.lines(load_config("configs/debug.yaml", FP8).fp8)
+    _, model, _, _ = _converted("configs/debug.yaml", "model.ffn_hidden_dim=344", "fp8.filter_fqns=[attention.wo]")
+    lines = conversion_lines(model, load_config("configs/debug.yaml", [*FP8, "fp8.filter_fqns=[attention.wo]"]).fp8)
     assert lines[0].startswith("float8 (tensorwise") and "12 of 29 linear layers convert" in lines[0]
     assert any("feed_forward.w1" in line and "not multiples of 16" in line for line in lines[1:])
 
@@ -69,14 +74,13 @@ def test_tensorwise_tp_plan_takes_torchaos_float8_styles_and_rowwise_the_plain_o
     from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
-    from trainer.model.family import family_of
 
     for recipe, colwise, rowwise, prepare in (
         ("tensorwise", Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput),
         ("rowwise", ColwiseParallel, RowwiseParallel, PrepareModuleInput),
     ):
         plan, model, _, _ = _converted("configs/debug.yaml", f"fp8.recipe={recipe}", "parallel.tp=2", world=2)
-        tp = family_of(plan.model_args).tp_plan(model, loss_parallel=True, styles=linear_styles(plan.converters))
+        tp = plan.family.tp_plan(model, loss_parallel=True, styles=plan.info.tp_styles)
         block = tp.block(model.layers["0"])
         assert type(block["attention.wq"]) is colwise and type(block["feed_forward.w2"]) is rowwise
         assert type(block["attention"]) is prepare and type(block["feed_forward"]) is prepare
@@ -85,7 +89,7 @@ def test_tensorwise_tp_plan_takes_torchaos_float8_styles_and_rowwise_the_plain_o
     from trainer.adapters.tp import LoRAColwise
 
     plan, model, _, _ = _converted("configs/debug.yaml", "adapters.kind=lora", "adapters.targets=[q]", "parallel.tp=2", world=2)
-    block = family_of(plan.model_args).tp_plan(model, loss_parallel=True, styles=linear_styles(plan.converters)).block(
+    block = plan.family.tp_plan(model, loss_parallel=True, styles=plan.info.tp_styles).block(
         model.layers["0"])
     assert type(block["attention.wq"]) is LoRAColwise and type(block["attention.wk"]) is Float8ColwiseParallel
     assert type(block["attention"]) is PrepareModuleInput and type(block["feed_forward"]) is PrepareFloat8ModuleInput
@@ -95,6 +99,7 @@ def test_lora_over_a_float8_base_computes_its_frozen_product_in_float8():
     """Against torchao's own Float8Linear: with B = 0 the adapted layer is exactly the float8 layer, and
     its output differs from a high-precision linear by float8's rounding."""
     from fp8.conversion import Float8Product
+    from models.common.linear import set_product
     from trainer.adapters.lora import LoRALinear
 
     torch.manual_seed(0)
@@ -102,7 +107,7 @@ def test_lora_over_a_float8_base_computes_its_frozen_product_in_float8():
     x = torch.randn(4, 64)
     reference = plain[0](x)
     float8 = convert_to_float8_training(plain, config=Float8LinearConfig(emulate=True))[0]
-    float8.linear_product = Float8Product(float8)
+    set_product(float8, Float8Product(float8))
     lora = LoRALinear(float8, rank=4, alpha=8, dropout=0.0, rslora=False, dora=False)
     nn.init.normal_(lora.lora_a)
     nn.init.zeros_(lora.lora_b)
@@ -118,19 +123,20 @@ def test_mixed_peak_mfu():
     fast = FastFlops("float8", share=0.75, peak_ratio=2.0)
     assert fast.mixed(40.0) == pytest.approx(40.0 * (0.25 + 0.375))
     assert FastFlops("float8", 0.75, 1.0).mixed(40.0) == 40.0  # emulated: nothing faster
-    plan, model, _, _ = _converted("configs/debug.yaml")
-    fmt, flops, ratio, _ = plan.converters[0].fast_flops(model)
-    converted = sum(model.get_submodule(n).weight.numel() for n in plan.converters[0].conversion.converted)
+    plan, model, _, done = _converted("configs/debug.yaml")
+    fast = plan.info.fast_matmuls
+    fmt, flops, ratio = fast.format, fast.flops_per_token, fast.peak_ratio
+    converted = sum(model.get_submodule(n).weight.numel() for n in done.converted)
     assert (fmt, flops, ratio) == ("float8", 6 * converted, 1.0)
-    assert flops < flops_per_token(plan.model_args, 256)
+    assert flops < plan.family.flops_per_token(plan.model_args, 256)
     plan, model, _, _ = _converted("configs/debug.yaml", "fp8.recipe=rowwise_with_gw_hp")
-    assert plan.converters[0].fast_flops(model)[1] == 4 * converted  # weight gradients in high precision
+    assert plan.info.fast_matmuls.flops_per_token == 4 * converted  # weight gradients in high precision
 
 
 def test_dry_run_counts_float8_casts_and_the_float8_all_gather():
     def estimate(*overrides):
         cfg = load_config("configs/llama3_2_1b.yaml", [*FP8, *overrides])
-        return estimate_memory(make_plan(cfg, 8), cfg, Precision(torch.bfloat16, torch.float32))
+        return estimate_memory(make_plan(cfg, 8), Precision(torch.bfloat16, torch.float32))
 
     plain, gathered = estimate(), estimate("fp8.fsdp_float8_all_gather=true")
     casts = "float8 casts (largest layer, transient)"

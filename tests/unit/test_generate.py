@@ -8,11 +8,9 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, run_train
+from models import build_meta_model
+from tests.helpers import REPO, flavor_args, run_train
 from trainer.generate import Sampling, generate, pick
-from trainer.model.build import build_meta_model
-from trainer.model.args import ModelArgs
-from trainer.model.flavors import FLAVORS
 from trainer.tokenizer.spm import SentencePieceTokenizer
 from trainer.weights.load import load_model
 
@@ -60,7 +58,7 @@ def test_kv_cache_and_greedy_equal_transformers_generate(hf_llama):
 def test_kv_cache_with_qk_norm_and_a_long_prompt():
     """Qwen3's per-head norms, and a prompt prefilled in one forward before the cache takes over."""
     torch.manual_seed(0)
-    model = build_meta_model(ModelArgs(**dict(FLAVORS["qwen3_debug"], vocab_size=320, max_seq_len=128)))
+    model = build_meta_model(flavor_args("qwen3_debug", vocab_size=320, max_seq_len=128))
     model.to_empty(device="cpu")
     model.init_buffers()
     for p in model.parameters():

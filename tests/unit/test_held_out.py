@@ -34,7 +34,7 @@ def _ids(inputs) -> set[int]:
 
 def test_held_out_documents_never_reach_a_training_batch(tmp_path):
     cfg = _config(tmp_path, **{"eval.every": 5, "eval.split_fraction": 0.1})
-    train, held = training_and_eval_documents(cfg, load_documents)
+    train, held = training_and_eval_documents(cfg.data, cfg.eval, load_documents)
     held_ids = {int(ID.search(held[i]).group(1)) for i in range(len(held))}
     assert 15 <= len(held_ids) <= 45 and len(train) + len(held) == 300  # about a tenth
     for world in (1, 2):  # the same documents are held out on any number of ranks
@@ -47,7 +47,8 @@ def test_held_out_documents_never_reach_a_training_batch(tmp_path):
         assert not seen & held_ids
         assert seen == set(range(300)) - held_ids  # and every other document is trained on
 
-    validation = Validation(cfg, held, TOK, dp_rank=0, dp_size=1)
+    loader = PackedLoader(held, TOK, cfg.data, 64, 4, dp_rank=0, dp_size=1, seed=cfg.job.seed)
+    validation = Validation(cfg.eval, loader, TOK, total_steps=cfg.training.steps)
     assert len(validation.batches) == 3
     validated = set().union(*(_ids(inputs) for inputs, _ in validation.batches))
     assert validated and validated <= held_ids

@@ -30,6 +30,12 @@ CASES = {
                   "layers.0.attention.wq (128, 128) has 16384 weights, not an even number of groups of adapters.hqq_group_size=48"),
     "hqq group size": (1, ["adapters.kind=lora", "adapters.quantize_base=hqq", "adapters.hqq_group_size=0"], "adapters.hqq_group_size=0 must be at least 1"),
     "ac mode": (1, ["activation_checkpoint.mode=some"], "activation_checkpoint.mode='some' is not one of: none, full"),
+    "unknown converter": (1, ["model.converters=[qat]"], "model.converters: 'qat' is not a converter (one of: float8, adapters)"),
+    "converter off": (1, ["model.converters=[float8]"], "model.converters names float8, which its settings leave off: set fp8.enabled=true"),
+    "converter order": (1, ["fp8.enabled=true", "fp8.emulate=true", "adapters.kind=lora", "model.converters=[adapters,float8]"],
+                        "float8 must come before adapters (adapters wraps the layers float8 converts)"),
+    "converter left out": (1, ["fp8.enabled=true", "fp8.emulate=true", "adapters.kind=lora", "model.converters=[float8]"],
+                           "model.converters=['float8'] leaves out adapters, which its settings turn on"),
 }
 
 

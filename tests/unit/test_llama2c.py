@@ -6,7 +6,7 @@ import pytest
 
 from trainer.evaluate import per_token_loss
 from trainer.generate import Sampling, generate
-from trainer.model.build import build_meta_model
+from models import build_meta_model
 from trainer.tokenizer.spm import SentencePieceTokenizer
 from trainer.weights.errors import CheckpointError
 from trainer.weights.load import load_model, load_weights, read_checkpoint_args

@@ -5,9 +5,9 @@ import math
 import pytest
 
 from trainer.config.schema import LRSchedulerConfig, MetricsConfig
-from trainer.model.args import ModelArgs
-from trainer.model.build import build_meta_model, count_params, flops_per_token
-from trainer.model.flavors import FLAVORS
+from models import build_meta_model, family_of
+from tests.helpers import flavor_args
+from trainer.plan import count_params
 from trainer.metrics import MetricsLogger
 from trainer.optimizer import lr_lambda
 
@@ -25,11 +25,11 @@ def test_warmup_then_decay(decay):
 
 @pytest.mark.parametrize("flavor", ["llama3_1_8b", "llama3_2_1b"])
 def test_flops_per_token_is_six_n_plus_attention(flavor):
-    args = ModelArgs(**FLAVORS[flavor])
+    args = flavor_args(flavor)
     counts = count_params(build_meta_model(args))
     # The output projection is a matmul even when tied, so it counts once in N either way.
     n = counts["non_embedding"] + (args.vocab_size * args.dim if args.tie_embeddings else 0)
-    assert flops_per_token(args, 2048) == 6 * n + 12 * args.n_layers * args.dim * 2048
+    assert family_of(args).flops_per_token(args, 2048) == 6 * n + 12 * args.n_layers * args.dim * 2048
     if flavor == "llama3_1_8b":
         assert counts["total"] == 8_030_261_248  # Meta's published count for Llama 3.1 8B
 

@@ -12,7 +12,7 @@ FP32 = Precision(torch.float32, torch.float32)
 
 def _estimate(world, *overrides):
     cfg = load_config("configs/debug.yaml", ["model.n_layers=8", "training.global_batch_size=-1", *overrides])
-    memory = estimate_memory(make_plan(cfg, world), cfg, FP32)
+    memory = estimate_memory(make_plan(cfg, world), FP32)
     states = sum(v for k, v in memory.items() if k.startswith(("parameters", "gradients", "optimizer")))
     activations = next(v for k, v in memory.items() if k.startswith("activations"))
     return states, activations
@@ -40,12 +40,12 @@ def test_sharding_and_checkpointing_shrink_what_they_should():
 
 def test_4bit_base_estimate_is_what_the_quantized_model_stores():
     """The estimate's weight bytes against the bytes a real quantized model holds (codes + statistics)."""
-    from trainer.adapters.load import build_adapted
+    from tests.helpers import build_adapted
 
     for kind in ("nf4", "bnb_nf4", "hqq"):
         cfg = load_config("configs/debug.yaml", ["adapters.kind=lora", f"adapters.quantize_base={kind}"])
         plan = make_plan(cfg, 1)
-        estimate = next(v for k, v in estimate_memory(plan, cfg, FP32).items() if k.startswith("parameters"))
+        estimate = next(v for k, v in estimate_memory(plan, FP32).items() if k.startswith("parameters"))
         model = build_adapted(plan.model_args, cfg.adapters, None, seed=0)
         held = sum(_bytes(t) for t in [*model.parameters(), *model.buffers()])
         for module in model.modules():
@@ -55,7 +55,8 @@ def test_4bit_base_estimate_is_what_the_quantized_model_stores():
             held += sum(_bytes(t) for t in getattr(module, "meta", {}).values() if torch.is_tensor(t))
         held -= sum(_bytes(b) for b in model.buffers())  # RoPE tables are not parameters
         assert abs(estimate - held) / held < 0.03, (kind, estimate, held)
-        full = next(v for k, v in estimate_memory(plan, load_config("configs/debug.yaml", ["adapters.kind=lora"]), FP32).items() if k.startswith("parameters"))
+        unquantized = make_plan(load_config("configs/debug.yaml", ["adapters.kind=lora"]), 1)
+        full = next(v for k, v in estimate_memory(unquantized, FP32).items() if k.startswith("parameters"))
         assert estimate < 0.6 * full  # the blocks shrink about 7x; embeddings and norms stay fp32
 
 
@@ -77,10 +78,11 @@ def test_teacher_estimate_is_what_the_built_teacher_holds(shared):
             "tokenizer.kind=auto", f"tokenizer.path={shared('tokenizers/tok512/tok512.model')}",
             f"distill.teacher={teacher}", f"distill.teacher_quantize={kind}", "adapters.hqq_group_size=64"])
         plan = make_plan(cfg, 1)
-        memory = estimate_memory(plan, cfg, FP32)
+        memory = estimate_memory(plan, FP32)
         estimate = next(v for k, v in memory.items() if k.startswith("teacher parameters"))
         assert {"teacher logits", "distillation loss, one chunk of 1024 tokens (fp32)"} <= set(memory)
-        model = build_teacher(cfg, plan.teacher_args, fsdp_mesh=None, shards=1, precision=FP32, device=torch.device("cpu"))
+        model = build_teacher(cfg.distill, plan.teacher_args, hqq_group_size=cfg.adapters.hqq_group_size, fsdp_mesh=None,
+                              shards=1, precision=FP32, device=torch.device("cpu"))
         held = sum(_bytes(t) for t in model.parameters())
         for module in model.modules():
             state = getattr(module, "quant_state", None)

@@ -102,20 +102,14 @@ def _inner_tensors(layer: LoRALinear):
 def test_frozen_base_is_stored_in_the_compute_dtype(quantize_base):
     """Frozen weights never meet the optimizer, so an adapter run keeps them in the compute dtype
     (bf16 on a GPU); only the adapters are fp32."""
-    from trainer.adapters import apply_adapters, materialize_unit
-    from trainer.config.schema import AdaptersConfig
-    from trainer.model.args import ModelArgs
-    from trainer.model.build import build_meta_model
-    from trainer.model.init import SeededInit
+    from models.llama.args import LlamaArgs
+    from trainer.build import build_whole_model
+    from trainer.config.schema import AdaptersConfig, ExportConfig
+    from trainer.converters.adapters import AdapterConverter
 
-    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=256, max_seq_len=64)
-    cfg = AdaptersConfig(kind="dora", quantize_base=quantize_base)
-    model = build_meta_model(args)
-    apply_adapters(model, cfg)
-    weights = SeededInit(args, seed=0)
-    units = [(block, f"layers.{i}") for i, block in model.layers.items()] + [(model, "")]
-    for unit, name in units:
-        materialize_unit(unit, name, device=torch.device("cpu"), weights=weights, cfg=cfg, shards=1, seed=0, frozen_dtype=torch.bfloat16)
+    args = LlamaArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=256, max_seq_len=64)
+    converter = AdapterConverter(AdaptersConfig(kind="dora", quantize_base=quantize_base), ExportConfig(), init_from=None, seed=0)
+    model = build_whole_model(args, [converter], init_from=None, seed=0, frozen_dtype=torch.bfloat16)
     for name, p in model.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
     assert {n.rpartition(".")[2] for n, p in model.named_parameters() if p.requires_grad} == {"lora_a", "lora_b", "magnitude"}
@@ -128,16 +122,22 @@ def test_frozen_base_is_stored_in_the_compute_dtype(quantize_base):
 def test_no_more_than_one_block_is_ever_in_high_precision():
     """Loading a 4-bit base unit by unit: whenever a tensor is read, the model holds at most one block's
     adapted weights in high precision (the block being loaded); all earlier ones are 4-bit already."""
-    from trainer.adapters import apply_adapters, materialize_unit
-    from trainer.config.schema import AdaptersConfig
-    from trainer.model.args import ModelArgs
-    from trainer.model.build import build_meta_model
-    from trainer.model.init import SeededInit
+    from functools import partial
 
-    args = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=256, max_seq_len=64)
-    cfg = AdaptersConfig(kind="lora", quantize_base="nf4")
+    from models import build_meta_model
+    from models.llama.args import LlamaArgs
+    from parallel.mesh import ParallelDims
+    from parallel.parallelize import materialize_units
+    from trainer.build import materialize_converted
+    from trainer.config.schema import AdaptersConfig, ExportConfig
+    from trainer.converters.adapters import AdapterConverter
+    from trainer.weights.seeded_init import SeededInit
+
+    args = LlamaArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=256, max_seq_len=64)
+    converter = AdapterConverter(AdaptersConfig(kind="lora", quantize_base="nf4"), ExportConfig(), init_from=None, seed=0)
     model = build_meta_model(args)
-    apply_adapters(model, cfg)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    converter.convert(model, ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1, world_size=1))
     block_bytes = sum(m.weight.numel() * 4 for m in model.layers["0"].modules() if isinstance(m, LoRALinear))
     seen = []
 
@@ -150,10 +150,9 @@ def test_no_more_than_one_block_is_ever_in_high_precision():
             seen.append(held)
             return super().get(name)
 
-    weights = Watching(args, seed=0)
-    for layer_id, block in model.layers.items():
-        materialize_unit(block, f"layers.{layer_id}", device=torch.device("cpu"), weights=weights, cfg=cfg, shards=1, seed=0)
-    materialize_unit(model, "", device=torch.device("cpu"), weights=weights, cfg=cfg, shards=1, seed=0)
+    weights = Watching(args, seed=0, shapes=shapes)
+    materialize_units(model, partial(materialize_converted, weights=weights, converters=[converter], device=torch.device("cpu"),
+                                     shards=1, seed=0, frozen_dtype=torch.float32))
     assert len(seen) == len(weights.names) and max(seen) <= block_bytes and max(seen) > 0
     assert all(type(m.weight.data).__name__ == "NF4Tensor" for m in model.modules() if isinstance(m, LoRALinear))
 
@@ -173,8 +172,9 @@ def test_a_4bit_distillation_teacher_computes_with_the_librarys_weights(kind, sh
     path = shared("models/stories260K/stories260K.bin")
     cfg = load_config("configs/debug.yaml", [f"distill.teacher={path}", f"distill.teacher_quantize={kind}",
                                              "adapters.hqq_group_size=64"])
-    teacher = build_teacher(cfg, read_checkpoint_args(path), fsdp_mesh=None, shards=1,
-                            precision=Precision(torch.float32, torch.float32), device=torch.device("cpu"))
+    teacher = build_teacher(cfg.distill, read_checkpoint_args(path), hqq_group_size=cfg.adapters.hqq_group_size,
+                            fsdp_mesh=None, shards=1, precision=Precision(torch.float32, torch.float32),
+                            device=torch.device("cpu"))
     reference = load_model(path)
     frozen = {n: m for n, m in teacher.named_modules() if isinstance(m, FrozenLinear)}
     assert len(frozen) == 7 * len(teacher.layers) and not any(p.requires_grad for p in teacher.parameters())

@@ -6,11 +6,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from trainer.adapters.load import build_adapted
 from trainer.adapters.lora import LoRALinear
 from trainer.config.schema import AdaptersConfig
 from trainer.weights.hf_export import export_hf
-from trainer.weights.hf_names import ours_to_hf
+from models.qwen3.hf import NAMES
+from tests.helpers import build_adapted, flavor_args
 from trainer.weights.load import load_model, read_checkpoint_args
 
 VOCAB = 300
@@ -37,7 +37,7 @@ def test_logits_match_transformers_and_the_export_reloads(tmp_path, tied):
     hf = _hf_qwen3(tmp_path / "hf", tied)
     ours = load_model(tmp_path / "hf")
     args = ours.args
-    assert (args.family, args.head_dim, args.qk_norm, args.tie_embeddings) == ("qwen3", 32, True, tied)
+    assert (args.family, args.head_dim, args.tie_embeddings) == ("qwen3", 32, tied)
     assert type(ours).__name__ == "Qwen3Transformer" and ours.layers["0"].attention.q_norm.weight.shape == (32,)
     tokens = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_lora_over_qwen3_matches_peft(tmp_path):
         for name, module in ours.named_modules():
             if isinstance(module, LoRALinear):
                 module.lora_b.normal_(0, 0.1)
-                target = theirs.base_model.model.get_submodule(ours_to_hf(f"{name}.weight").removesuffix(".weight"))
+                target = theirs.base_model.model.get_submodule(NAMES.to_hf(f"{name}.weight").removesuffix(".weight"))
                 target.lora_A["default"].weight.copy_(module.lora_a)
                 target.lora_B["default"].weight.copy_(module.lora_b)
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -76,7 +76,7 @@ def test_lora_over_qwen3_matches_peft(tmp_path):
     worst = 0.0
     for name, module in ours.named_modules():
         if isinstance(module, LoRALinear):
-            target = theirs.base_model.model.get_submodule(ours_to_hf(f"{name}.weight").removesuffix(".weight"))
+            target = theirs.base_model.model.get_submodule(NAMES.to_hf(f"{name}.weight").removesuffix(".weight"))
             worst = max(worst, (module.lora_a.grad - target.lora_A["default"].weight.grad).abs().max().item(),
                         (module.lora_b.grad - target.lora_B["default"].weight.grad).abs().max().item())
     print(f"\nQWEN3 LoRA: max |adapter grad - peft| = {worst:.2e}")
@@ -87,17 +87,14 @@ def test_lora_over_qwen3_matches_peft(tmp_path):
 def test_flavors_have_the_published_sizes(flavor):
     """Our flavor, built on meta, against transformers' Qwen3ForCausalLM built on meta from the config
     our export would write: the same parameter count, and transformers' own names for every tensor."""
-    from trainer.model.args import ModelArgs
-    from trainer.model.build import build_meta_model
-    from trainer.model.flavors import FLAVORS
-    from trainer.weights.hf_export import hf_config
+    from models import build_meta_model, family_of
 
-    args = ModelArgs(**FLAVORS[flavor])
+    args = flavor_args(flavor)
     ours = build_meta_model(args)
     with torch.device("meta"):
-        theirs = Qwen3ForCausalLM(Qwen3Config.from_dict(hf_config(args, torch.bfloat16)))
+        theirs = Qwen3ForCausalLM(Qwen3Config.from_dict(family_of(args).hf.config(args, dtype=torch.bfloat16)))
     their_names = {n for n, _ in theirs.named_parameters()}
-    assert {ours_to_hf(n) for n, _ in ours.named_parameters()} == their_names
+    assert {NAMES.to_hf(n) for n, _ in ours.named_parameters()} == their_names
     count = sum(p.numel() for p in ours.parameters())
     print(f"\nQWEN3 {flavor}: {count:,} parameters")
     assert count == sum(p.numel() for p in theirs.parameters())

@@ -13,12 +13,11 @@ import zlib
 import torch
 from torch import nn
 
+from models import family_of
 from parallel.placement import copy_full_into, gather_full
 from trainer.adapters.lora import LoRALinear
 from trainer.config import ConfigError
 from trainer.config.schema import AdaptersConfig
-from trainer.model.family import family_of
-from trainer.weights.materialize import materialize_unit as base_materialize_unit
 
 def target_names(model: nn.Module, targets: list[str]) -> list[str]:
     short_names = family_of(model.args).adapter_targets
@@ -49,12 +48,6 @@ def apply_adapters(model: nn.Module, cfg: AdaptersConfig) -> None:
         setattr(parent, child, lora)
 
 
-def init_adapters(model: nn.Module, seed: int) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            init_adapter(module, name, seed)
-
-
 @torch.no_grad()
 def init_adapter(module: LoRALinear, name: str, seed: int) -> None:
     """A ~ kaiming-uniform (bound 1/sqrt(in), as peft), B = 0 (training starts from the base model),
@@ -66,16 +59,6 @@ def init_adapter(module: LoRALinear, name: str, seed: int) -> None:
     copy_full_into(module.lora_b, torch.zeros(module.lora_b.shape))
     if module.magnitude is not None:
         copy_full_into(module.magnitude, torch.linalg.norm(gather_full(module.base_weight()).float(), dim=1))
-
-
-def materialize_unit(
-    unit: nn.Module, unit_name: str, *, device: torch.device, weights, cfg: AdaptersConfig, shards: int, seed: int,
-    frozen_dtype: torch.dtype = torch.float32,
-) -> None:
-    """Brings one FSDP unit of an adapter model from meta to `device`, just before FSDP shards it (the
-    project's one materialization, then the adapters' part of it: see finish_unit)."""
-    finish_unit(base_materialize_unit(unit, unit_name, device=device, weights=weights), cfg=cfg, shards=shards, seed=seed,
-                frozen_dtype=frozen_dtype)
 
 
 def finish_unit(pieces: list[tuple[str, nn.Module]], *, cfg: AdaptersConfig, shards: int, seed: int,

@@ -14,14 +14,14 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from models import family_of
+from parallel.placement import gather_full
 from trainer.adapters.lora import LoRALinear
 from trainer.config.schema import AdaptersConfig
-from trainer.model.family import family_of
-from parallel.placement import gather_full
 
 
 def _hf_module(model: nn.Module, name: str) -> str:
-    return family_of(model.args).to_hf(f"{name}.weight").removesuffix(".weight")
+    return family_of(model.args).hf.to_hf(f"{name}.weight").removesuffix(".weight")
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.common.linear import product_of, set_product
 from trainer.adapters.quantize import DequantLinear, PackedWeight, dequantize, quantize
 
 
@@ -25,7 +26,7 @@ class FrozenLinear(nn.Module):
         self.quantized: PackedWeight | None = None
         # A converter that ran before this one may have given the base layer its own way to compute
         # x @ W.T (float8: fp8/conversion.py); the frozen product keeps it.
-        self.base_product = getattr(base, "linear_product", None)
+        set_product(self, product_of(base))
 
     def quantize_base(self, kind: str, *, shards: int, hqq_group_size: int) -> None:
         """Replaces the loaded (whole, unsharded) weight by its 4-bit form."""
@@ -43,8 +44,9 @@ class FrozenLinear(nn.Module):
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return DequantLinear.apply(x, self.quantized)
-        if self.base_product is not None:
-            return self.base_product(x, self.weight)
+        product = product_of(self)
+        if product is not None:
+            return product(x, self.weight)
         # torchao's NF4Tensor handles F.linear itself (dequantizing again in backward).
         return F.linear(x, self.weight)
 
@@ -53,6 +55,6 @@ class FrozenLinear(nn.Module):
 
     def extra_repr(self) -> str:
         base = type(self.quantized).__name__ if self.quantized is not None else type(self.weight.data).__name__
-        if self.base_product is not None:
-            base += f" computed by {self.base_product}"
+        if product_of(self) is not None:
+            base += f" computed by {product_of(self)}"
         return f"{self.in_features}, {self.out_features}, base={base}"

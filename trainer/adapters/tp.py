@@ -9,7 +9,7 @@ from torch.distributed.tensor import Placement, Replicate, Shard, distribute_mod
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from trainer.adapters.lora import LoRALinear
-from trainer.model.llama_parallel import LinearStyles
+from parallel.tp import LinearStyles
 
 
 def _distribute_lora(placements: dict[str, Placement], name, module: nn.Module, mesh: DeviceMesh) -> None:

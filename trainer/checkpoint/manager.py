@@ -19,15 +19,24 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from trainer.checkpoint.paths import checkpoint_root, complete_steps, partial_dir, remove_partials, step_dir, step_of
+from trainer.checkpoint.paths import (
+    checkpoint_root, complete_steps, latest_step_dir, partial_dir, remove_partials, step_dir, step_of,
+)
 from trainer.checkpoint.safe_reader import SafeFileSystemReader, load_safely
 from trainer.config.schema import CheckpointConfig
 from trainer.errors import CheckpointError, describe
+from trainer.run_record import RunRecord
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, output_dir: Path, state: dict, *, is_main: bool, total_steps: int):
-        self.cfg, self.state, self.is_main, self.total_steps = cfg, state, is_main, total_steps
+    def __init__(self, cfg: CheckpointConfig, output_dir: Path, state: dict, *, is_main: bool, total_steps: int,
+                 fixed: dict | None = None, record: RunRecord | None = None):
+        """`state`: the Stateful objects and plain entries of a run; `fixed`: the converters' FixedEntry by
+        key, saved with it and compared at every resume."""
+        self.fixed = fixed or {}
+        self.state = {**state, **{key: {"json": entry.json} for key, entry in self.fixed.items()}}
+        self.cfg, self.is_main, self.total_steps = cfg, is_main, total_steps
+        self.record = record or RunRecord(None)
         self.root = checkpoint_root(output_dir)
         self.pending = None  # a written (or still writing) checkpoint that is not committed yet
         self.async_group = None
@@ -52,7 +61,7 @@ class CheckpointManager:
         model_only = self.cfg.load_only_model or not any(key.startswith("optimizer.") for key in saved)
         keys = ("model",) if model_only else tuple(self.state)
         shapes = {name: tuple(t.shape) for name, t in self.state["model"].state_dict().items()}
-        check_fits(path, saved, shapes, self.state["base"]["json"] if "base" in self.state else None)
+        check_fits(path, saved, shapes, self.fixed)
         load_safely({k: self.state[k] for k in keys}, path, no_dist=not dist.is_initialized(),
                     what=f"{path}: cannot be loaded", hint=earlier_hint(path, self.root))
         if self.is_main:
@@ -149,6 +158,7 @@ class CheckpointManager:
             shutil.rmtree(final)  # a run restarted with resume_from=none writes the same steps again
         partial_dir(self.root, step).rename(final)
         size = sum(f.stat().st_size for f in final.iterdir()) / 2**20
+        self.record.write("checkpoint", step, mib=size, blocked_s=self.last_blocked_seconds, written_s=write_seconds)
         print(
             f"checkpoint: {final.name} complete: {size:.1f} MiB, training blocked {self.last_blocked_seconds:.3f} s, "
             f"written in {write_seconds:.3f} s",
@@ -167,8 +177,7 @@ def resume_path(cfg: CheckpointConfig, root: Path) -> Path | None:
     if choice == "none" or (choice == "latest" and not cfg.enabled):
         return None
     if choice == "latest":
-        steps = complete_steps(root)
-        return step_dir(root, steps[-1]) if steps else None
+        return latest_step_dir(root)
     path = Path(choice)
     if not (path / ".metadata").is_file():
         what = "no such directory" if not path.exists() else "not a complete checkpoint (no .metadata)"
@@ -186,18 +195,16 @@ def read_metadata(path: Path, root: Path):
 _START_FRESH = "start fresh with checkpoint.resume_from=none (or another job.output_dir)"
 
 
-def check_fits(path: Path, saved: dict, shapes: dict[str, tuple], base_json: str | None) -> None:
-    """Compares the adapter run's base and the tensor names and shapes with this run's before loading, to
-    name the first that differs."""
-    if base_json is not None and "base.json" in saved:
-        entry = {"base": {"json": ""}}
-        load_safely(entry, path, no_dist=True, what=f"{path}: cannot read which base its adapters belong on")
-        if entry["base"]["json"] != base_json:
-            raise CheckpointError(
-                f"{path}: its adapters were trained over the base {entry['base']['json']}, but this run's base is "
-                f"{base_json}: set model.init_from / adapters.quantize_base back, or start over "
-                f"(a new job.output_dir, or checkpoint.resume_from=none)"
-            )
+def check_fits(path: Path, saved: dict, shapes: dict[str, tuple], fixed: dict) -> None:
+    """Compares what the run was built over (`fixed`: the converters' FixedEntry by key) and the tensor
+    names and shapes with this run's before loading, to name the first that differs."""
+    for key, ours in fixed.items():
+        if f"{key}.json" not in saved:
+            continue
+        entry = {key: {"json": ""}}
+        load_safely(entry, path, no_dist=True, what=f"{path}: cannot read its {key} entry")
+        if entry[key]["json"] != ours.json:
+            raise CheckpointError(f"{path}: " + ours.mismatch.format(saved=entry[key]["json"], ours=ours.json))
     for name, shape in shapes.items():
         key = f"model.{name}"
         entry = saved.get(key)

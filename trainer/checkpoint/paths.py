@@ -36,6 +36,12 @@ def complete_steps(root: Path) -> list[int]:
     return sorted(steps)
 
 
+def latest_step_dir(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    steps = complete_steps(root)
+    return step_dir(root, steps[-1]) if steps else None
+
+
 def remove_partials(root: Path) -> list[Path]:
     removed = []
     if root.is_dir():

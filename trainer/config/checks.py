@@ -7,7 +7,10 @@ any model or data work starts.
 import math
 from pathlib import Path
 
-from trainer.config.schema import CHOICES, Config
+from trainer.config.schema import (
+    CHOICES, AdaptersConfig, Config, DataConfig, DistillConfig, EvalConfig, ExportConfig, Float8Config, JobConfig,
+    LRSchedulerConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig,
+)
 from trainer.errors import ConfigError
 
 
@@ -44,28 +47,27 @@ def check_choices(cfg: Config) -> None:
     for dotted, value in positive.items():
         _require(value >= 1, dotted, value, "must be at least 1")
     _require(0 <= cfg.job.seed < 2**63, "job.seed", cfg.job.seed, "must lie in [0, 2**63)")
-    _check_optimizer(cfg)
-    _check_model(cfg)
+    _check_optimizer(cfg.optimizer, cfg.lr_scheduler, cfg.training)
+    _check_model(cfg.model)
     _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be 0 (keep all) or more")
     peak = cfg.metrics.peak_tflops
     if peak is not None:
         _require(_finite(peak) and peak > 0, "metrics.peak_tflops", peak,
                  "must be a positive number of TFLOP/s per device (or null to look it up / measure it)")
-    _check_adapters(cfg)
-    _check_fp8(cfg)
+    _check_adapters(cfg.adapters, cfg.parallel, cfg.export)
+    _check_fp8(cfg.fp8, cfg.adapters)
     _require(cfg.training.loss_chunk_tokens >= 1, "training.loss_chunk_tokens", cfg.training.loss_chunk_tokens,
              "must be at least 1")
     bad_steps = [s for s in cfg.metrics.profile_steps if not 1 <= s <= cfg.training.steps]
     _require(not bad_steps, "metrics.profile_steps", cfg.metrics.profile_steps,
              f"must hold step numbers from 1 to training.steps={cfg.training.steps} (not {bad_steps})")
     _require(cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch, "must be 0 (no background thread) or more")
-    _check_eval(cfg)
-    _check_distill(cfg)
-    _check_paths(cfg)
+    _check_eval(cfg.eval)
+    _check_distill(cfg.distill)
+    _check_paths(cfg.job, cfg.data)
 
 
-def _check_optimizer(cfg: Config) -> None:
-    o, s = cfg.optimizer, cfg.lr_scheduler
+def _check_optimizer(o: OptimizerConfig, s: LRSchedulerConfig, t: TrainingConfig) -> None:
     _require(_finite(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a positive, finite number")
     for key in ("beta1", "beta2"):
         value = getattr(o, key)
@@ -75,7 +77,6 @@ def _check_optimizer(cfg: Config) -> None:
              "must be 0 (off) or a positive, finite number")
     _require(0.0 <= s.min_lr_ratio <= 1.0, "lr_scheduler.min_lr_ratio", s.min_lr_ratio, "must lie in [0, 1]")
     _require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "must be 0 or more")
-    t = cfg.training
     _require(_finite(t.max_norm) and t.max_norm >= 0, "training.max_norm", t.max_norm,
              "must be 0 (no clipping) or a positive, finite number")
 
@@ -83,8 +84,7 @@ def _check_optimizer(cfg: Config) -> None:
 _MAX_SIZE = 2**24
 
 
-def _check_model(cfg: Config) -> None:
-    m = cfg.model
+def _check_model(m: ModelConfig) -> None:
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "max_seq_len"):
         value = getattr(m, key)
         if value is not None:
@@ -99,8 +99,7 @@ def _check_model(cfg: Config) -> None:
                      "must be a positive, finite number (or null to take the flavor's)")
 
 
-def _check_eval(cfg: Config) -> None:
-    e = cfg.eval
+def _check_eval(e: EvalConfig) -> None:
     _require(e.every >= 0, "eval.every", e.every, "must be 0 (no validation) or a number of steps")
     _require(e.steps >= 1, "eval.steps", e.steps, "must be at least 1")
     _require(e.sample_tokens >= 1, "eval.sample_tokens", e.sample_tokens, "must be at least 1")
@@ -118,8 +117,7 @@ def _check_eval(cfg: Config) -> None:
         )
 
 
-def _check_distill(cfg: Config) -> None:
-    d = cfg.distill
+def _check_distill(d: DistillConfig) -> None:
     _require(0.0 <= d.kd_ratio <= 1.0, "distill.kd_ratio", d.kd_ratio,
              "must lie in [0, 1] (the KL's share of the loss; the cross-entropy takes the rest)")
     _require(d.temperature > 0 and math.isfinite(d.temperature), "distill.temperature", d.temperature,
@@ -127,8 +125,7 @@ def _check_distill(cfg: Config) -> None:
     _require(d.chunk_tokens >= 1, "distill.chunk_tokens", d.chunk_tokens, "must be at least 1")
 
 
-def _check_fp8(cfg: Config) -> None:
-    f = cfg.fp8
+def _check_fp8(f: Float8Config, adapters: AdaptersConfig) -> None:
     if not f.enabled:
         return
     if f.fsdp_float8_all_gather and f.recipe != "tensorwise":
@@ -145,7 +142,7 @@ def _check_fp8(cfg: Config) -> None:
     for name in f.filter_fqns:
         _require(isinstance(name, str) and name != "", "fp8.filter_fqns", f.filter_fqns,
                  "must be a list of non-empty name fragments (e.g. [feed_forward.w2])")
-    q = cfg.adapters.quantize_base
+    q = adapters.quantize_base
     if q != "none":
         raise ConfigError(
             f"fp8.enabled=true with adapters.quantize_base={q}: a 4-bit base is dequantized for every matmul, and "
@@ -155,13 +152,12 @@ def _check_fp8(cfg: Config) -> None:
         )
 
 
-def _check_adapters(cfg: Config) -> None:
-    a = cfg.adapters
+def _check_adapters(a: AdaptersConfig, parallel: ParallelConfig, export: ExportConfig) -> None:
     if a.kind != "none":
         _require(a.rank >= 1, "adapters.rank", a.rank, "must be at least 1")
         _require(_finite(a.alpha) and a.alpha > 0, "adapters.alpha", a.alpha, "must be a positive, finite number")
         _require(0.0 <= a.dropout < 1.0, "adapters.dropout", a.dropout, "must lie in [0, 1)")
-        if a.quantize_base != "none" and cfg.parallel.tp > 1:
+        if a.quantize_base != "none" and parallel.tp > 1:
             raise ConfigError(
                 f"adapters.quantize_base={a.quantize_base} with parallel.tp > 1 is not supported: shard a 4-bit base "
                 f"with FSDP (parallel.dp_shard) and/or pp, or keep parallel.tp with quantize_base=none"
@@ -172,15 +168,14 @@ def _check_adapters(cfg: Config) -> None:
             f"adapters.quantize_base={a.quantize_base} quantizes the frozen base under adapters: set adapters.kind "
             f"to lora or dora (QLoRA / QDoRA), or quantize_base=none"
         )
-    elif cfg.export.peft:
+    elif export.peft:
         raise ConfigError("export.peft writes an adapter: set adapters.kind to lora or dora (or use export.hf)")
 
 
-def _check_paths(cfg: Config) -> None:
-    out = Path(cfg.job.output_dir)
+def _check_paths(job: JobConfig, d: DataConfig) -> None:
+    out = Path(job.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"job.output_dir={out} is an existing file, not a directory: choose another job.output_dir")
-    d = cfg.data
     if not d.source.startswith("hub:"):
         # Only a Hub dataset has named splits and configs; silently ignoring them would train on other data.
         if d.split != "train":
@@ -192,9 +187,9 @@ def _check_paths(cfg: Config) -> None:
             raise ConfigError(f"data.hub_config={d.hub_config} applies to hub:NAME datasets only; remove it")
 
 
-def check_batch(cfg: Config, dp_size: int) -> int:
+def check_batch(t: TrainingConfig, dp_size: int) -> int:
     """Returns the number of gradient-accumulation microbatches per step."""
-    local, global_ = cfg.training.local_batch_size, cfg.training.global_batch_size
+    local, global_ = t.local_batch_size, t.global_batch_size
     if global_ == -1:
         return 1
     per_pass = local * dp_size
@@ -207,31 +202,30 @@ def check_batch(cfg: Config, dp_size: int) -> int:
     return global_ // per_pass
 
 
-def check_streams(cfg: Config, dp_size: int) -> None:
-    if cfg.data.num_streams % dp_size:
+def check_streams(d: DataConfig, dp_size: int) -> None:
+    if d.num_streams % dp_size:
         raise ConfigError(
-            f"data.num_streams={cfg.data.num_streams} is not a multiple of the data-parallel size {dp_size}: "
+            f"data.num_streams={d.num_streams} is not a multiple of the data-parallel size {dp_size}: "
             f"set data.num_streams to a multiple of {dp_size} (keep it fixed across restarts to resume exactly)"
         )
 
 
-def check_seq_len(cfg: Config, max_seq_len: int) -> None:
-    if cfg.training.seq_len > max_seq_len:
+def check_seq_len(t: TrainingConfig, max_seq_len: int) -> None:
+    if t.seq_len > max_seq_len:
         raise ConfigError(
-            f"training.seq_len={cfg.training.seq_len} is over the model's maximum sequence length "
+            f"training.seq_len={t.seq_len} is over the model's maximum sequence length "
             f"{max_seq_len}; lower training.seq_len or raise model.max_seq_len"
         )
 
 
-def check_pipeline(cfg: Config, pp: int) -> int:
+def check_pipeline(p: ParallelConfig, t: TrainingConfig, pp: int) -> int:
     """Returns the number of pipeline microbatches per local batch (1 without pipelining)."""
     if pp == 1:
         return 1
-    p = cfg.parallel
     n = pp if p.pp_microbatches == -1 else p.pp_microbatches
-    if n < 1 or cfg.training.local_batch_size % n:
+    if n < 1 or t.local_batch_size % n:
         raise ConfigError(
-            f"parallel.pp_microbatches={n} does not divide training.local_batch_size={cfg.training.local_batch_size}; "
+            f"parallel.pp_microbatches={n} does not divide training.local_batch_size={t.local_batch_size}; "
             f"pick a divisor of the local batch"
         )
     if p.pp_schedule == "interleaved_1f1b":

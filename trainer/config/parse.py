@@ -69,7 +69,9 @@ def _check_keys(tree: Any, schema: type, prefix: str) -> None:
             where = prefix.rstrip(".") or "the top level"
             close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}' in {where}{hint}")
+            # A key with control characters (a stray newline) is shown escaped, so the error stays one line.
+            shown = f"{prefix}{key}" if str(key).isprintable() else repr(f"{prefix}{key}")[1:-1]
+            raise ConfigError(f"unknown config key '{shown}' in {where}{hint}")
         sub = fields[key].type
         if dataclasses.is_dataclass(sub):
             _check_keys(value, sub, prefix=f"{prefix}{key}.")

@@ -7,6 +7,9 @@ support). Defaults are those of `configs/debug.yaml`, so an empty YAML file is a
 
 from dataclasses import dataclass, field
 
+# fp8/ owns its settings: it sits below the trainer and may not import it.
+from fp8.config import Float8Config
+
 
 @dataclass
 class JobConfig:
@@ -24,6 +27,9 @@ class ModelConfig:
     flavor: str | None = None
     # Weights to start from: a Hugging Face directory (config.json + safetensors) or a llama2.c .bin.
     init_from: str | None = None
+    # The model converters, in the order they apply (trainer/converters): float8, adapters. Empty: those
+    # their sections turn on (fp8.enabled, adapters.kind), in that order; a stated list is checked against them.
+    converters: list[str] = field(default_factory=list)
     # Overrides of single fields of the flavor.
     dim: int | None = None
     n_layers: int | None = None
@@ -186,29 +192,6 @@ class AdaptersConfig:
 
 
 @dataclass
-class Float8Config:
-    """torchao float8 training of the transformer blocks' linear layers (fp8/). The output head, layers
-    whose sizes are not multiples of 16 and names in filter_fqns stay in the training dtype."""
-
-    enabled: bool = False
-    # tensorwise: one scale per tensor, the fastest, and the only one with float8 all-gather and float8
-    # tensor parallel; rowwise: a scale per row (more accurate, slower); rowwise_with_gw_hp: rowwise with
-    # the weight gradient's matmul in high precision (the most accurate).
-    recipe: str = "tensorwise"
-    # FSDP2 gathers the float8 weights (1 byte each) instead of the training dtype's; their scales are
-    # computed for all layers at once after each optimizer step. tensorwise only.
-    fsdp_float8_all_gather: bool = False
-    # Linear layers whose name contains any of these strings stay in high precision.
-    filter_fqns: list[str] = field(default_factory=list)
-    # Also keep the layers that torchao's own size filter finds too small to gain from float8 (thresholds
-    # measured on H100; tensorwise and rowwise).
-    auto_filter_small_kn: bool = False
-    # Compute the float8 matmuls in high precision (float8 numerics, not its speed): for CPU runs and tests,
-    # or GPUs older than compute capability 8.9.
-    emulate: bool = False
-
-
-@dataclass
 class EvalConfig:
     """Validation during training: loss and perplexity on held-out documents, and a few samples."""
 
@@ -323,7 +306,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.sft_format": ("auto", "alpaca", "messages", "sharegpt"),
     "training.mixed_precision_param": ("auto", "float32", "bfloat16"),
     "training.mixed_precision_reduce": ("float32", "bfloat16"),
-    "optimizer.name": ("adamw",),
+    "optimizer.name": ("adamw",),  # trainer/optimizer.py: OPTIMIZERS
     "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
     "training.cpu_malloc": ("retain", "system"),
     "lr_scheduler.decay_type": ("cosine", "linear", "constant"),

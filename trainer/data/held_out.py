@@ -5,7 +5,7 @@ ranks), so every run over the same data validates on the same documents."""
 import dataclasses
 import zlib
 
-from trainer.config.schema import Config
+from trainer.config.schema import DataConfig, EvalConfig
 from trainer.data.documents import check_num_streams
 from trainer.data.loader import check_enough_tokens
 from trainer.errors import DataError, UserError
@@ -45,13 +45,12 @@ def split_documents(docs, fraction: float) -> tuple[DocumentSubset, DocumentSubs
             DocumentSubset(docs, held, f"{len(held)} held-out documents of {docs.name}"))
 
 
-def training_and_eval_documents(cfg: Config, load_documents):
+def training_and_eval_documents(data: DataConfig, e: EvalConfig, load_documents):
     """(training documents, validation documents or None) as the config asks."""
-    docs = load_documents(cfg.data)
-    e = cfg.eval
+    docs = load_documents(data)
     if e.source is not None:
         try:
-            return docs, load_documents(dataclasses.replace(cfg.data, source=e.source))
+            return docs, load_documents(dataclasses.replace(data, source=e.source))
         except DataError as err:  # the reader names data.source; here the files came from eval.source
             message = str(err).replace("data.source", "eval.source")
             raise DataError(message if "eval.source" in message else f"eval.source: {message}") from None
@@ -60,10 +59,10 @@ def training_and_eval_documents(cfg: Config, load_documents):
     return docs, None
 
 
-def check_eval_tokens(docs, tokenizer, cfg: Config) -> None:
+def check_eval_tokens(docs, tokenizer, data: DataConfig, seq_len: int) -> None:
     """The held-out documents fill the validation batches' streams (messages say which data is short)."""
     try:
-        check_num_streams(docs, cfg.data.num_streams)
-        check_enough_tokens(docs, tokenizer, cfg.data, cfg.training.seq_len)
+        check_num_streams(docs, data.num_streams)
+        check_enough_tokens(docs, tokenizer, data, seq_len)
     except UserError as err:
         raise type(err)(f"eval: {err}") from None

@@ -6,23 +6,24 @@ unit is resharded right after its forward."""
 import torch
 from torch import nn
 
+from models import DecoderArgs, build_meta_model
 from parallel.mesh import ParallelDims
 from parallel.parallelize import parallelize
 from trainer.adapters.frozen import FrozenLinear
 from trainer.adapters.quantize import bytes_per_layer, bytes_per_weight, check_4bit_setting
-from trainer.config import Config, ConfigError
-from trainer.model.args import ModelArgs
-from trainer.model.build import build_meta_model
+from trainer.config import ConfigError
+from trainer.config.schema import DistillConfig
 from trainer.precision import Precision
 from trainer.weights.errors import CheckpointError
 from trainer.weights.load import open_weights, read_checkpoint_args
 from trainer.weights.materialize import materialize_unit
 
 
-def check_teacher(cfg: Config, dims: ParallelDims, student: ModelArgs) -> ModelArgs | None:
+def check_teacher(cfg: DistillConfig, hqq_group_size: int, seq_len: int, dims: ParallelDims,
+                  student: DecoderArgs) -> DecoderArgs | None:
     """The teacher's shape, once it is known to fit the run (None without distillation). Reads only the
     checkpoint's metadata."""
-    path = cfg.distill.teacher
+    path = cfg.teacher
     if path is None:
         return None
     if dims.pp > 1 or dims.tp > 1:
@@ -42,24 +43,23 @@ def check_teacher(cfg: Config, dims: ParallelDims, student: ModelArgs) -> ModelA
             f"distributions token by token). Pick a teacher of this tokenizer, or set model.vocab_size to match "
             f"if the student's is only padded differently"
         )
-    check_teacher_quantize(cfg, dims, args)
-    if args.max_seq_len < cfg.training.seq_len:
+    check_teacher_quantize(cfg.teacher_quantize, hqq_group_size, dims, args)
+    if args.max_seq_len < seq_len:
         raise ConfigError(
-            f"training.seq_len={cfg.training.seq_len} is over distill.teacher's maximum sequence length "
+            f"training.seq_len={seq_len} is over distill.teacher's maximum sequence length "
             f"{args.max_seq_len}: lower training.seq_len"
         )
     return args
 
 
-def check_teacher_quantize(cfg: Config, dims: ParallelDims, args: ModelArgs) -> None:
+def check_teacher_quantize(q: str, hqq_group_size: int, dims: ParallelDims, args: DecoderArgs) -> None:
     """A 4-bit teacher needs its library, and block linears that split into whole 4-bit blocks per FSDP
     shard (the same rules as a 4-bit adapter base)."""
-    q = cfg.distill.teacher_quantize
     if q == "none":
         return
     meta = build_meta_model(args)
     check_4bit_setting("distill.teacher_quantize", q, {name: meta.get_submodule(name).weight.shape for name in _block_linears(meta)},
-                       dims=dims, hqq_group_size=cfg.adapters.hqq_group_size,
+                       dims=dims, hqq_group_size=hqq_group_size,
                        fix="change parallel.dp_shard, or use another distill.teacher_quantize")
 
 
@@ -68,12 +68,12 @@ def _block_linears(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("layers.")]
 
 
-def build_teacher(cfg: Config, args: ModelArgs, *, fsdp_mesh, shards: int, precision: Precision,
-                  device: torch.device) -> nn.Module:
+def build_teacher(cfg: DistillConfig, args: DecoderArgs, *, hqq_group_size: int, fsdp_mesh, shards: int,
+                  precision: Precision, device: torch.device, compile: bool = False, cpu_offload: bool = False) -> nn.Module:
     """`shards`: the FSDP shards of each weight (dp_shard; 1 without FSDP), which 4-bit NF4 blocks follow."""
     model = build_meta_model(args)
-    weights = open_weights(cfg.distill.teacher, args, cfg.job.seed)
-    quantize = cfg.distill.teacher_quantize
+    weights = open_weights(cfg.teacher, args, seed=0, shapes={n: p.shape for n, p in model.named_parameters()})
+    quantize = cfg.teacher_quantize
     if quantize != "none":
         for name in _block_linears(model):
             parent, _, child = name.rpartition(".")
@@ -89,17 +89,18 @@ def build_teacher(cfg: Config, args: ModelArgs, *, fsdp_mesh, shards: int, preci
                     setattr(module, name, nn.Parameter(param.detach().to(precision.param_dtype), requires_grad=False))
             for module in modules:
                 if isinstance(module, FrozenLinear) and quantize != "none":
-                    module.quantize_base(quantize, shards=shards, hqq_group_size=cfg.adapters.hqq_group_size)
+                    module.quantize_base(quantize, shards=shards, hqq_group_size=hqq_group_size)
 
     parallelize(
-        model, tp_mesh=None, tp_plan=None, async_tp=False, ac_mode="none", ac_every=1, compile=cfg.compile.enabled,
+        model, tp_mesh=None, tp_plan=None, ac_mode="none", ac_every=1, compile=compile,
         fsdp_mesh=fsdp_mesh, param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype,
-        reshard_after_forward="always", cpu_offload=cfg.parallel.cpu_offload, materialize=materialize,
+        reshard_after_forward="always", cpu_offload=cpu_offload, materialize=materialize,
     )
     return model.requires_grad_(False).eval()
 
 
-def teacher_memory(args: ModelArgs, cfg: Config, *, dp_shard: int, micro_tokens: int, compute_bytes: int) -> dict[str, float]:
+def teacher_memory(args: DecoderArgs, cfg: DistillConfig, *, hqq_group_size: int, dp_shard: int, micro_tokens: int,
+                   compute_bytes: int) -> dict[str, float]:
     """Bytes per rank the teacher adds, for --dry-run: its frozen weights in the compute dtype (block
     linears 4-bit with distill.teacher_quantize), sharded by FSDP; a gathered block and the prefetched
     next one; its logits for the microbatch; and the float32 working set of one chunk of the loss (both
@@ -110,16 +111,16 @@ def teacher_memory(args: ModelArgs, cfg: Config, *, dp_shard: int, micro_tokens:
     linears = sum(model.get_submodule(name).weight.numel() for name in _block_linears(model))
     block = sum(p.numel() for p in next(iter(model.layers.values())).parameters())
     block_linears = linears / len(model.layers)
-    q = cfg.distill.teacher_quantize
+    q = cfg.teacher_quantize
     if q == "none":
         stored, gathered, label = params * compute_bytes / dp_shard, block * compute_bytes, "compute dtype"
     else:
-        sharded, whole = bytes_per_weight(q, cfg.adapters.hqq_group_size, compute_bytes)
+        sharded, whole = bytes_per_weight(q, hqq_group_size, compute_bytes)
         stored = ((params - linears) * compute_bytes / dp_shard + linears * (sharded / dp_shard + whole)
                   + len(_block_linears(model)) * bytes_per_layer(q))
         gathered = (block - block_linears) * compute_bytes + block_linears * (sharded + whole)
         label = f"block linears 4-bit {q}"
-    chunk = min(cfg.distill.chunk_tokens, micro_tokens)
+    chunk = min(cfg.chunk_tokens, micro_tokens)
     return {
         f"teacher parameters (frozen, {label})": stored,
         "teacher gathered parameters in flight": 2 * gathered if dp_shard > 1 else 0,

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import torch
 
-from trainer.model.build import build_meta_model
+from models import build_meta_model
 from trainer.weights.dcp_import import DCPWeights, read_dcp_args
 from trainer.weights.hf_export import write_hf
 
 
 def export_checkpoint_hf(path: Path, out_dir: Path, dtype: torch.dtype, bos_id=None, eos_id=None) -> None:
     args = read_dcp_args(path)
-    weights = DCPWeights(path, args)
-    tensors = ((name, weights.get(name)) for name, _ in build_meta_model(args).named_parameters())
+    shapes = {name: p.shape for name, p in build_meta_model(args).named_parameters()}
+    weights = DCPWeights(path, args, shapes)
+    tensors = ((name, weights.get(name)) for name in shapes)
     write_hf(tensors, args, out_dir, dtype, bos_id=bos_id, eos_id=eos_id)
 
 

@@ -1,5 +1,5 @@
-"""Writing the model as a Hugging Face checkpoint of its family (LlamaForCausalLM, Qwen3ForCausalLM):
-config.json + safetensors."""
+"""Writing the model as a Hugging Face checkpoint of its family (its config.json and parameter names come
+from the family's entry): config.json + safetensors."""
 
 import json
 from collections.abc import Iterable
@@ -9,38 +9,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from trainer.model.args import ModelArgs
-from trainer.model.family import family_of
-from trainer.model.llama import Transformer
+from models import Decoder, DecoderArgs, family_of
 from parallel.placement import gather_full
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None, eos_id: int | None = None) -> dict:
-    import transformers
-
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.rope_scaling is not None:
-        s = args.rope_scaling
-        rope.update(
-            rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-            high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_seq_len,
-        )
-    family = family_of(args)
-    config_class = getattr(transformers, family.hf_config_class)
-    config = config_class(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        head_dim=args.head_dim, max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
-        tie_word_embeddings=args.tie_embeddings, rope_parameters=rope, bos_token_id=bos_id, eos_token_id=eos_id,
-    )
-    config.architectures = [family.hf_architecture]
-    out = config.to_dict()
-    out["dtype"] = str(dtype).removeprefix("torch.")
-    return out
-
-
 def write_hf(
-    tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, out_dir: Path, dtype: torch.dtype,
+    tensors: Iterable[tuple[str, torch.Tensor]], args: DecoderArgs, out_dir: Path, dtype: torch.dtype,
     max_shard_bytes: int = 5 * 2**30, bos_id: int | None = None, eos_id: int | None = None,
 ) -> None:
     """Writes (our name, whole tensor) pairs as a Hugging Face checkpoint. Shards are written as soon as
@@ -48,7 +22,7 @@ def write_hf(
     shard is held in CPU memory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    to_hf = family_of(args).to_hf
+    hf = family_of(args).hf
     written: list[tuple[Path, list[str], int]] = []
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -65,7 +39,7 @@ def write_hf(
         nbytes = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + nbytes > max_shard_bytes:
             flush()
-        shard[to_hf(name)] = tensor
+        shard[hf.to_hf(name)] = tensor
         shard_bytes += nbytes
     flush()
     count = len(written)
@@ -77,12 +51,12 @@ def write_hf(
     if count > 1:
         index = {"metadata": {"total_size": sum(size for _, _, size in written)}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out_dir / "config.json").write_text(json.dumps(hf_config(args, dtype, bos_id, eos_id), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(hf.config(args, dtype=dtype, bos_id=bos_id, eos_id=eos_id), indent=2))
 
 
 @torch.no_grad()
 def export_hf(
-    model: Transformer, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
+    model: Decoder, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
     tensors: Iterable[tuple[str, torch.Tensor]] | None = None, **kwargs,
 ) -> None:
     """From a live model in any layout without pipeline stages: each parameter is gathered whole in

@@ -11,11 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.model.args import ModelArgs
-from trainer.model.build import param_shapes
-from trainer.model.llama import Transformer
+from models.llama.args import LlamaArgs
 from trainer.weights.errors import CheckpointError
-from trainer.weights.placement import fill_from
 
 _HEADER = struct.Struct("<7i")
 
@@ -36,14 +33,14 @@ def looks_like_llama2c(path: Path) -> bool:
     return all(0 < v < 1 << 20 for v in (dim, hidden, n_layers, n_heads, n_kv_heads, abs(vocab), seq_len))
 
 
-def read_llama2c_args(path: Path) -> ModelArgs:
+def read_llama2c_args(path: Path) -> LlamaArgs:
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = _read_header(path)
     if dim == 0x616B3432:
         raise CheckpointError(
             f"{path}: a llama2.c version-1/2 export; only the legacy (version 0) format is read: "
             f"re-export with llama2.c's export.py --version 0"
         )
-    return ModelArgs(
+    return LlamaArgs(
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=abs(vocab),
         ffn_hidden_dim=hidden, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=seq_len, tie_embeddings=vocab > 0,
     )
@@ -58,11 +55,11 @@ def _to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 class Llama2cWeights:
     """The tensors of a llama2.c file by our parameter names, read from a memory map when asked for."""
 
-    def __init__(self, path: Path, args: ModelArgs):
+    def __init__(self, path: Path, args: LlamaArgs, shapes: dict[str, torch.Size]):
         a = read_llama2c_args(path)
         if a != args:
             raise CheckpointError(f"{path}: the checkpoint's shape {a} differs from the model's {args}")
-        self.args, self.path, self.names = a, path, set(param_shapes(a))
+        self.args, self.path, self.names = a, path, set(shapes)
         L, d, kv, h, V = a.n_layers, a.dim, a.n_kv_heads * a.head_dim, a.hidden_dim, a.vocab_size
         layout = [
             ("tok_embeddings", (V, d)), ("attention_norm", (L, d)), ("wq", (L, d, d)), ("wk", (L, kv, d)),
@@ -104,6 +101,3 @@ class Llama2cWeights:
             w = _to_rotate_half(w, self.args.n_kv_heads)
         return w
 
-
-def load_llama2c_weights(model: Transformer, path: Path) -> None:
-    fill_from(model, Llama2cWeights(path, model.args))

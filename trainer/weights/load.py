@@ -2,13 +2,15 @@
 
 from pathlib import Path
 
-from trainer.model.args import ModelArgs
-from trainer.model.llama import Transformer
-from trainer.model.init import SeededInit
+import torch
+
+from models import Decoder, DecoderArgs, build_meta_model
 from trainer.weights.dcp_import import DCPWeights, is_dcp_dir, load_dcp_weights, read_dcp_args
 from trainer.weights.errors import CheckpointError
-from trainer.weights.hf_import import HFWeights, is_hf_dir, load_hf_weights, read_hf_args
-from trainer.weights.llama2c import Llama2cWeights, load_llama2c_weights, looks_like_llama2c, read_llama2c_args
+from trainer.weights.hf_import import HFWeights, is_hf_dir, read_hf_args
+from trainer.weights.llama2c import Llama2cWeights, looks_like_llama2c, read_llama2c_args
+from trainer.weights.placement import fill_from
+from trainer.weights.seeded_init import SeededInit
 
 
 def detect_format(path: str | Path) -> str:
@@ -27,29 +29,31 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def read_checkpoint_args(path: str | Path) -> ModelArgs:
+def read_checkpoint_args(path: str | Path) -> DecoderArgs:
     readers = {"hf": read_hf_args, "dcp": read_dcp_args, "llama2c": read_llama2c_args}
     return readers[detect_format(path)](Path(path))
 
 
-def load_weights(model: Transformer, path: str | Path) -> None:
-    loaders = {"hf": load_hf_weights, "dcp": load_dcp_weights, "llama2c": load_llama2c_weights}
-    loaders[detect_format(path)](model, Path(path))
-
-
-def open_weights(path: str | Path | None, args: ModelArgs, seed: int):
+def open_weights(path: str | Path | None, args: DecoderArgs, seed: int, shapes: dict[str, torch.Size]):
     """The base weights one whole tensor at a time (`get(name)`): from `model.init_from`, or the seeded
-    initialisation when there is none."""
+    initialisation when there is none. `shapes`: the parameters of the (unconverted) model to fill."""
     if path is None:
-        return SeededInit(args, seed)
+        return SeededInit(args, seed, shapes)
     sources = {"hf": HFWeights, "dcp": DCPWeights, "llama2c": Llama2cWeights}
-    return sources[detect_format(path)](Path(path), args)
+    return sources[detect_format(path)](Path(path), args, shapes)
 
 
-def load_model(path: str | Path, device: str = "cpu") -> Transformer:
+def load_weights(model: Decoder, path: str | Path) -> None:
+    """Fills every parameter of a whole model (possibly sharded) from a checkpoint: ours in one DCP load,
+    the others one tensor at a time."""
+    if detect_format(path) == "dcp":
+        return load_dcp_weights(model, Path(path))
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    fill_from(model, open_weights(path, model.args, seed=0, shapes=shapes))
+
+
+def load_model(path: str | Path, device: str = "cpu") -> Decoder:
     """A whole model on one device from a checkpoint, in eval mode: for evaluation, examples and checks."""
-    from trainer.model.build import build_meta_model
-
     model = build_meta_model(read_checkpoint_args(path))
     model.to_empty(device=device)
     model.init_buffers()

@@ -5,10 +5,19 @@ permute the rows of wq and wk once at load time so one kernel serves both.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from trainer.model.args import RopeScaling
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency scaling: long wavelengths are slowed by `factor`, short ones kept."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_seq_len: int
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:

@@ -10,19 +10,16 @@ import zlib
 import torch
 from torch import nn
 
-from trainer.model.args import ModelArgs
-from trainer.model.build import param_shapes
-from trainer.model.family import family_of
-from trainer.model.llama import Transformer
-from parallel.placement import copy_full_into
+from models import DecoderArgs, family_of
 
 
 class SeededInit:
-    """The initial value of each parameter, whole, drawn from a generator seeded by (seed, its name)."""
+    """The initial value of each parameter, whole, drawn from a generator seeded by (seed, its name): a
+    weight source like a checkpoint's (names, get(name), label(name))."""
 
-    def __init__(self, args: ModelArgs, seed: int):
-        self.args, self.seed, self.shapes = args, seed, param_shapes(args)
-        self.names = set(self.shapes)
+    def __init__(self, args: DecoderArgs, seed: int, shapes: dict[str, torch.Size]):
+        self.args, self.seed, self.shapes = args, seed, shapes
+        self.names = set(shapes)
 
     def label(self, name: str) -> str:
         return f"initial value of {name}"
@@ -35,11 +32,3 @@ class SeededInit:
         full = torch.empty(shape)
         nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
         return full
-
-
-@torch.no_grad()
-def init_weights(model: Transformer, seed: int) -> None:
-    source = SeededInit(model.args, seed)
-    for name, param in model.named_parameters():
-        if name in source.names:  # adapter parameters have their own initialisation
-            copy_full_into(param, source.get(name))

@@ -1,19 +1,14 @@
-"""Named model shapes. vocab_size -1 means: the tokenizer's, padded to a multiple of 64.
+"""Named Llama shapes. vocab_size -1 means: the tokenizer's, padded to a multiple of 64.
 
 The Llama 3.x shapes are those Meta published (hidden sizes follow from multiple_of and
 ffn_dim_multiplier: 8192, 8192, 14336, 28672 and 53248).
 """
 
-from trainer.model.args import RopeScaling
+from models.common.rope import RopeScaling
 
 _LLAMA3_1_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
 _LLAMA3_2_ROPE = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
 _LLAMA3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072)
-
-# Qwen3 (dense): a head size of 128 at every width, QK-norm, rope theta 1e6, 151,936 tokens, 40,960
-# positions; the small ones tie their embeddings (the published configs).
-_QWEN3 = dict(family="qwen3", qk_norm=True, attention_head_dim=128, vocab_size=151936, norm_eps=1e-6,
-              rope_theta=1000000.0, max_seq_len=40960)
 
 FLAVORS: dict[str, dict] = {
     # CPU-sized: trains a few steps a second on two cores; GQA (4 query heads share 2 kv heads).
@@ -38,15 +33,4 @@ FLAVORS: dict[str, dict] = {
         dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.2,
         rope_scaling=_LLAMA3_1_ROPE, **_LLAMA3,
     ),
-    # CPU-sized Qwen3: its head size (64) is not dim / n_heads (32), as in the real ones.
-    "qwen3_debug": dict(
-        dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, max_seq_len=1024, family="qwen3",
-        qk_norm=True, attention_head_dim=64, norm_eps=1e-6, rope_theta=1000000.0,
-    ),
-    "qwen3_0_6b": dict(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, ffn_hidden_dim=3072, tie_embeddings=True, **_QWEN3),
-    "qwen3_1_7b": dict(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, ffn_hidden_dim=6144, tie_embeddings=True, **_QWEN3),
-    "qwen3_4b": dict(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, ffn_hidden_dim=9728, tie_embeddings=True, **_QWEN3),
-    "qwen3_8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, ffn_hidden_dim=12288, **_QWEN3),
-    "qwen3_14b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=8, ffn_hidden_dim=17408, **_QWEN3),
-    "qwen3_32b": dict(dim=5120, n_layers=64, n_heads=64, n_kv_heads=8, ffn_hidden_dim=25600, **_QWEN3),
 }

@@ -1,0 +1,60 @@
+"""What a model family is to the rest of the code: one ModelFamily entry, and a model that fits the small
+Decoder protocol. A family is a folder of its own under models/ (args, modules, flavors, HF translation,
+TP plan) plus one line in models/__init__.py; docs/architecture.md has the steps."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from models.common.args import DecoderArgs
+from models.common.kv_cache import KVCache
+from parallel.tp import TPPlan
+
+
+class Decoder(Protocol):
+    """What the trainer, weights/, evaluation, generation and adapters use of a model. A pipeline stage
+    sets the modules it does not hold to None."""
+
+    args: DecoderArgs
+    tok_embeddings: nn.Module | None
+    layers: nn.ModuleDict  # blocks keyed by layer id: the FSDP, AC, compile and pipeline unit
+    norm: nn.Module | None
+    output: nn.Module | None
+    project: bool  # False: forward returns the final hidden states (the loss projects them)
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor: ...
+    def init_buffers(self) -> None: ...
+    def head_weight(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class HFFormat:
+    """The family's Hugging Face checkpoints: config.json both ways, and parameter names both ways."""
+
+    model_type: str  # config.json's model_type
+    args_from_config: Callable[[dict], DecoderArgs]  # ValueError for a shape the family cannot hold
+    config: Callable[..., dict]  # (args, *, dtype, bos_id, eos_id) -> config.json
+    to_hf: Callable[[str], str]  # our parameter name -> the Hugging Face one
+    from_hf: Callable[[str], str | None]  # and back (None: a tensor we do not keep)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    args: type[DecoderArgs]
+    model: type[nn.Module]  # model(args) on whatever device is current: a Decoder
+    flavors: dict[str, dict]  # named shapes: the args' fields (vocab_size -1: the tokenizer's, padded)
+    hf: HFFormat
+    # (model or pipeline stage, loss_parallel=, styles=) -> its tensor-parallel plan
+    tp_plan: Callable[..., TPPlan]
+    # (meta model, pp_rank=, pp_size=, num_stages=) -> [(stage index, stage module)]
+    split_stages: Callable[..., list]
+    init_std: Callable[[str, DecoderArgs], float | None]  # a parameter's init std (None: ones)
+    flops_per_token: Callable[[DecoderArgs, int], int]  # training FLOPs per token at a sequence length
+    # (args, activation_checkpoint.mode, activation_checkpoint.every) -> elements a block saves per token
+    activation_elements: Callable[[DecoderArgs, str, int], float]
+    tp_sizes: Callable[[DecoderArgs], dict[str, int]]  # sizes tensor parallelism splits, by model.* name
+    adapter_targets: dict[str, str]  # adapters.targets short names -> module-name patterns

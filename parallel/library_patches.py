@@ -1,0 +1,118 @@
+"""Every change the project makes to a library's global state, and every private torch / torchao name it
+relies on, in one place (tests/unit/test_library_patches.py resolves each name and fails loudly when a
+library moves one).
+
+A global change happens only while a run that needs it is built and trains: each is a context manager
+that the trainer enters for the run's lifetime and that restores what it changed on exit. Nothing here
+runs from --check or --dry-run.
+"""
+
+import contextlib
+import importlib
+import warnings
+
+import torch
+
+# dotted name -> where the project uses it and why it cannot use a public one.
+PRIVATE_NAMES = {
+    "torch.optim.optimizer._get_fused_kernels_supported_devices":
+        "trainer/optimizer.py: whether torch has a fused AdamW kernel for the device (no public query)",
+    "torch.cpu._is_amx_tile_supported": "trainer/precision.py: bf16 by default only on CPUs with bf16 matmul units",
+    "torch.cpu._is_avx512_bf16_supported": "trainer/precision.py: likewise",
+    "torch.distributed.device_mesh.DeviceMesh._flatten":
+        "parallel/mesh.py: one flattened data-parallel mesh (slicing it from the root again is deprecated)",
+    "torch.ops.aten._scaled_dot_product_flash_attention": "parallel/ac.py: attention outputs selective AC keeps",
+    "torch.ops.aten._scaled_dot_product_efficient_attention": "parallel/ac.py: likewise",
+    "torch.ops.aten._scaled_dot_product_cudnn_attention": "parallel/ac.py: likewise",
+    "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu": "parallel/ac.py: likewise",
+    "torch.ops._c10d_functional.reduce_scatter_tensor":
+        "parallel/ac.py: TP's reduce-scatter output is kept, not communicated again in recompute",
+    "torch.ops._c10d_functional.all_gather_into_tensor": "float8_all_gather_over_gloo below",
+    "torch._inductor.config._micro_pipeline_tp": "async_tp_compile below",
+    "torch.distributed._symmetric_memory.enable_symm_mem_for_group": "async_tp_compile below",
+    "torch.distributed.tensor.parallel.ColwiseParallel._prepare_input_fn":
+        "trainer/adapters/tp.py: LoRA layers reuse the styles' input / output layouts for their own parameters",
+    "torch.distributed.tensor.parallel.ColwiseParallel._prepare_output_fn": "trainer/adapters/tp.py: likewise",
+    "torch.distributed.tensor.parallel.RowwiseParallel._prepare_input_fn": "trainer/adapters/tp.py: likewise",
+    "torch.distributed.tensor.parallel.RowwiseParallel._prepare_output_fn": "trainer/adapters/tp.py: likewise",
+    "torch.distributed.checkpoint.filesystem._StorageInfo":
+        "trainer/checkpoint/safe_reader.py: a class DCP pickles into .metadata, admitted by the safe unpickler",
+    "torch.serialization._get_layout": "trainer/checkpoint/safe_reader.py: likewise",
+    "torch.distributed.checkpoint.FileSystemReader._get_metadata_path":
+        "trainer/checkpoint/safe_reader.py: where .metadata is, read without pickle.load",
+    "torchao.float8._auto_filter_for_recipe":
+        "fp8/conversion.py: torchao's own too-small-to-gain size thresholds (fp8.auto_filter_small_kn)",
+    "torchao.float8.float8_linear.matmul_with_hp_or_float8_args":
+        "fp8/conversion.py: an adapter over a float8 base computes its frozen product in float8",
+    "torchao.float8.float8_ops.FLOAT8_OPS_TABLE": "float8_all_gather_over_gloo below",
+    "torchao.float8.float8_training_tensor.Float8TrainingTensor":
+        "float8_all_gather_over_gloo below: rebuilt from its _data, _scale, _orig_dtype, _linear_mm_config, _gemm_input_role",
+}
+# The LR scheduler's state-dict key for the last learning rates (trainer/checkpoint/state.py).
+SCHEDULER_LAST_LR_KEY = "_last_lr"
+
+
+def resolve(dotted: str):
+    """The object a dotted name of PRIVATE_NAMES names (raises if the library moved it)."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            found = getattr(found, attribute)
+        return found
+    raise ImportError(dotted)
+
+
+@contextlib.contextmanager
+def async_tp_compile(group):
+    """Lets compiled blocks fuse the sequence all-gather / reduce-scatter into the matmuls (async TP):
+    inductor's global micro-pipeline switch, on for the run, and symmetric memory for the TP group (a
+    property of that group, gone with it)."""
+    import torch._inductor.config as inductor_config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    before = inductor_config._micro_pipeline_tp
+    inductor_config._micro_pipeline_tp = True
+    with warnings.catch_warnings():
+        # torch 2.13 does this itself and warns that the call is no longer needed; 2.11 still needs it.
+        warnings.simplefilter("ignore", FutureWarning)
+        enable_symm_mem_for_group(group.group_name)
+    try:
+        yield
+    finally:
+        inductor_config._micro_pipeline_tp = before
+
+
+@contextlib.contextmanager
+def float8_all_gather_over_gloo():
+    """gloo has no float8 types ("Invalid scalar type"): while it is entered, torchao's float8 all-gather
+    of a CPU tensor moves the same bytes as uint8, which is bitwise the same (float8 tensor parallelism in
+    CPU runs and tests). CUDA tensors take torchao's own path. torchao's op table is restored on exit."""
+    from torchao.float8 import float8_ops
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+    table = float8_ops.FLOAT8_OPS_TABLE
+    ops = (torch.ops._c10d_functional.all_gather_into_tensor.default,
+           torch.ops.c10d_functional.all_gather_into_tensor.default)
+    originals = {op: table[op] for op in ops}
+
+    def gathering_bytes(original):
+        def gather(aten_op, args, kwargs=None):
+            t = args[0]
+            data = t._data.contiguous()
+            if data.device.type != "cpu":
+                return original(aten_op, args, kwargs)
+            gathered = aten_op(data.view(torch.uint8), *args[1:], **(kwargs or {}))
+            return Float8TrainingTensor(gathered.view(data.dtype), t._scale, t._orig_dtype, t._linear_mm_config,
+                                        t._gemm_input_role)
+        return gather
+
+    for op, original in originals.items():
+        table[op] = gathering_bytes(original)
+    try:
+        yield
+    finally:
+        table.update(originals)

@@ -1,0 +1,36 @@
+"""What a run says when it starts: what trains on what layout, against which peak, and what each converter
+did (from the plan's combined converter answers)."""
+
+import torch
+
+from models import build_meta_model
+from trainer.metrics import FastFlops
+from trainer.plan import Plan
+
+
+def fast_flops(plan: Plan, model_flops: int) -> FastFlops | None:
+    """The share of the model's FLOPs a converter moved to a faster number format (float8), for MFU."""
+    fast = plan.info.fast_matmuls
+    return FastFlops(fast.format, min(1.0, fast.flops_per_token / model_flops), fast.peak_ratio) if fast else None
+
+
+def start_lines(plan: Plan, *, device: torch.device, peak: float, peak_source: str) -> list[str]:
+    cfg, d, counts = plan.cfg, plan.dims, plan.param_counts
+    lines = [
+        f"training {counts['trainable']:,} of {counts['total']:,} parameters{plan.info.describe} on {d.world_size} {device.type} rank(s) "
+        f"(pp {d.pp} x dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp}), {plan.accum_steps} "
+        f"microbatch(es) per step; MFU against {peak:.2f} TFLOP/s ({peak_source})",
+        *plan.info.start_lines,
+    ]
+    if plan.teacher_args is not None:
+        teacher = sum(p.numel() for p in build_meta_model(plan.teacher_args).parameters())
+        lines.append(f"distilling from {cfg.distill.teacher} ({teacher:,} frozen parameters, forward only, sharded like "
+                     f"the model): loss = {1 - cfg.distill.kd_ratio:g} x cross-entropy + {cfg.distill.kd_ratio:g} x "
+                     f"{cfg.distill.loss} KL at temperature {cfg.distill.temperature:g}; mfu counts the model's FLOPs only")
+    fast = plan.info.fast_matmuls
+    if fast is not None:
+        share = fast_flops(plan, plan.family.flops_per_token(plan.model_args, cfg.training.seq_len)).share
+        lines.append(f"{fast.format} runs {100 * share:.1f}% of the model's FLOPs: mfu stays against the peak above (the "
+                     f"FLOPs are the model's); mfu_mixed counts them at the {fast.format} peak, {fast.peak_ratio:g}x "
+                     f"({fast.source})")
+    return lines
