@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup train test
+.PHONY: setup train test gpu-wheels
 
 setup:
 	@bash scripts/setup.sh
@@ -14,3 +14,7 @@ train: setup
 # The whole suite: unit, distributed (real gloo ranks), end to end; the 15 slowest tests last.
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
+
+# .whl/: the wheels the lent GPU machine lacks, for scripts/gpu_acceptance.sh (BNB=1 adds bitsandbytes).
+gpu-wheels:
+	@bash scripts/gpu_wheels.sh

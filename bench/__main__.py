@@ -70,7 +70,7 @@ def summarize(run: dict, warmup: int, tokens_per_step: int | None) -> dict:
     step = statistics.median(timed)
     speed = tokens_per_step / step * 1000 if tokens_per_step else statistics.median(s["tokens_per_sec"][warmup:])
     out = {"step_ms": step, "step_min_ms": min(timed), "step_max_ms": max(timed), "tokens_per_sec": speed,
-           "peak_gib": run["peak_gib"], "steps_timed": len(timed)}
+           "peak_gib": run["peak_gib"], "peak_allocated_gib": run.get("peak_allocated_gib"), "steps_timed": len(timed)}
     for phase in ("data", "forward", "backward", "optimizer", "other"):
         out[f"{phase}_ms"] = statistics.median(s[f"{phase}_ms"][warmup:])
     for key in ("mfu", "mfu_mixed", "float8_share"):
@@ -83,6 +83,9 @@ def run_variants(args, p: Preset, checkpoint: Path | None, method: str) -> dict:
     """Each variant row of the chosen groups, round-robin --pairs times."""
     results: dict[str, dict] = {}
     chosen = variants.rows(args.variants.split(","), nproc=args.nproc, no_compile=args.no_compile)
+    if args.rows:  # by their index in the group: the reference and the rows compared with it
+        keep = {int(i) for i in args.rows.split(",")}
+        chosen = [row for row in chosen if [r for r in chosen if r[0] == row[0]].index(row) in keep]
     for round_ in range(args.pairs):
         for group, label, ranks, extra in chosen:
             run = ours.run(p, checkpoint, method, args.steps, nproc=ranks, extra=extra)
@@ -93,6 +96,7 @@ def run_variants(args, p: Preset, checkpoint: Path | None, method: str) -> dict:
                 print(f"round {round_ + 1} {group} / {label}: failed: {run}", flush=True)
                 continue
             entry["runs"].append({**run, "summary": summarize(run, args.warmup, None)})
+            entry.setdefault("dry_run_gib", ours.dry_run_gib(p, checkpoint, method, ranks, extra))
             print(f"round {round_ + 1} {group} / {label}: {entry['runs'][-1]['summary']['tokens_per_sec']:,.0f} tokens/s "
                   f"per device", flush=True)
     return results
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()),
                         help="ranks of the variant rows (layouts set their own)")
     parser.add_argument("--no-compile", action="store_true", help="variant rows: run the compiled ones eagerly")
+    parser.add_argument("--rows", help="variant rows to run, by index in their group (e.g. 1,2; default: all)")
     parser.add_argument("--profile", action="store_true",
                         help="one more run per side that profiles the step after the warm-up: top ops side by side")
     args = parser.parse_args(argv)

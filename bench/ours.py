@@ -61,11 +61,13 @@ def run(p: Preset, checkpoint: Path | None, method: str, steps: int, *, nproc: i
         ops = Path(out) / "profile" / f"ops-step-{profile_step}-rank-0.json"
         saves = [{"mib": r["mib"], "blocked_s": r["blocked_s"], "written_s": r["written_s"]}
                  for _, r in sorted(read_records(record, "checkpoint").items())]
+        allocated = series("memory/peak_allocated_gib") if "memory/peak_allocated_gib" in steps[0] else []
         return {"steps": steps_of, "peak_gib": max(series("memory/peak_gib")),
+                "peak_allocated_gib": max(allocated) if allocated else None,
                 "ops": json.loads(ops.read_text()) if profile_step else [], "saves": saves}
 
 
-def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1) -> float | None:
+def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1, extra: list[str] = ()) -> float:
     """The --dry-run estimate of the device memory per rank, for the same run (computed here, on meta)."""
     import torch
 
@@ -74,7 +76,7 @@ def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1)
     from trainer.plan import make_plan
     from trainer.precision import Precision
 
-    args = overrides(p, checkpoint, method, 1)
+    args = overrides(p, checkpoint, method, 1, extra)
     cfg = load_config(REPO / args[1], args[2:])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, device)

@@ -36,6 +36,11 @@ PRESETS = {
                           dtype="bfloat16", checkpointing=True, compile=True),
     "llama3_1_8b": Preset(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256, seq=8192, batch=1,
                           dtype="bfloat16", checkpointing=True, compile=True, methods=("full",)),
+    "8b-seeded": Preset(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256, seq=8192, batch=1,
+                        dtype="bfloat16", checkpointing=True, compile=True, methods=("full",), flavor="llama3_1_8b"),
+    # Ours alone, from the seeded init (drawn on the GPU in seconds): no 16 GB checkpoint to write first.
+    "8b-qlora-nf4": Preset(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256, seq=2048, batch=2,
+                           dtype="bfloat16", checkpointing=True, compile=True, methods=("qlora_nf4",), flavor="llama3_1_8b"),
     "8b-qlora": Preset(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256, seq=2048, batch=2,
                        dtype="bfloat16", checkpointing=True, compile=True, methods=("lora", "qlora_bnb", "qlora_nf4")),
     "70b-qlora": Preset(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn=28672, vocab=128256, seq=2048, batch=1,

@@ -47,7 +47,7 @@ def build_model(plan: Plan, *, meshes: Meshes, precision: Precision, device: tor
     if meshes.pp.active:  # converted before the split: stages keep the converted modules of their layers
         parts = plan.family.split_stages(plan.meta, pp_rank=meshes.pp.local_rank, pp_size=plan.dims.pp,
                                          num_stages=plan.num_stages)
-    weights = open_weights(cfg.model.init_from, plan.model_args, cfg.job.seed, plan.base_shapes)
+    weights = open_weights(cfg.model.init_from, plan.model_args, cfg.job.seed, plan.base_shapes, device)
     materialize = partial(materialize_converted, weights=weights, converters=plan.converters, device=device,
                           shards=plan.dims.dp_shard if meshes.fsdp.active else 1, seed=cfg.job.seed,
                           frozen_dtype=precision.param_dtype)
@@ -81,7 +81,7 @@ def build_whole_model(args: DecoderArgs, converters: list[ModelConverter], *, in
     shapes = {name: p.shape for name, p in model.named_parameters()}
     for converter in converters:
         converter.convert(model, _ONE_PROCESS)
-    weights = open_weights(init_from, args, seed, shapes)
+    weights = open_weights(init_from, args, seed, shapes, device)
     materialize_units(model, partial(materialize_converted, weights=weights, converters=converters, device=torch.device(device),
                                      shards=1, seed=seed, frozen_dtype=frozen_dtype))
     return model

@@ -62,6 +62,12 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     # With FSDP's CPU offload the sharded parameters, their gradients and the optimizer live in host memory.
     host = HOST if cfg.parallel.cpu_offload and dims.dp_size > 1 else ""
     extra = dict(estimate.extra)
+    if compute_bytes < 4 and dims.dp_size == 1:
+        # Without FSDP, autocast casts each float32 weight a matmul reads and keeps the copy until the step's
+        # backward is done (the embedding lookup reads its weight as it is, unless the head shares it).
+        cast = sum(p.numel() for part in parts for n, p in part.named_parameters() if p.requires_grad and p.ndim > 1
+                   and (args.tie_embeddings or not n.startswith("tok_embeddings")))
+        extra["weight copies in the compute dtype (autocast, for the step)"] = compute_bytes * cast * shape.share
     if plan.teacher_args is not None:
         extra.update(teacher_memory(plan.teacher_args, cfg.distill, hqq_group_size=cfg.adapters.hqq_group_size,
                                     dp_shard=dims.dp_shard, micro_tokens=micro_tokens, compute_bytes=compute_bytes))

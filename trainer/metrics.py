@@ -185,6 +185,8 @@ class MetricsLogger:
             "time/data_wait_percent": data_percent,
             "progress/tokens_seen": tokens_seen, "time/elapsed_seconds": elapsed, "time/eta_seconds": eta,
         }
+        if self.device.type == "cuda":  # what tensors held at most, beside what the caching allocator reserved
+            scalars["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         scalars.update({f"loss/{name}": value for name, value in loss_parts.items()})
         scalars.update({f"time/phase_{name}_ms": value for name, value in phase_ms.items()})
         if self.fast:

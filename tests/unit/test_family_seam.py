@@ -14,7 +14,6 @@ from torch import nn
 
 import models
 import train
-from models.common import dense
 from models.common.args import DecoderArgs
 from models.common.attention import Attention
 from models.common.decoder import Decoder

@@ -34,11 +34,13 @@ def read_checkpoint_args(path: str | Path) -> DecoderArgs:
     return readers[detect_format(path)](Path(path))
 
 
-def open_weights(path: str | Path | None, args: DecoderArgs, seed: int, shapes: dict[str, torch.Size]):
+def open_weights(path: str | Path | None, args: DecoderArgs, seed: int, shapes: dict[str, torch.Size],
+                 device: torch.device | str = "cpu"):
     """The base weights one whole tensor at a time (`get(name)`): from `model.init_from`, or the seeded
-    initialisation when there is none. `shapes`: the parameters of the (unconverted) model to fill."""
+    initialisation (drawn on `device`) when there is none. `shapes`: the parameters of the (unconverted)
+    model to fill."""
     if path is None:
-        return SeededInit(args, seed, shapes)
+        return SeededInit(args, seed, shapes, device)
     sources = {"hf": HFWeights, "dcp": DCPWeights, "llama2c": Llama2cWeights}
     return sources[detect_format(path)](Path(path), args, shapes)
 
