@@ -52,8 +52,13 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
         in_flight = plan.pp_microbatches
     else:
         in_flight = min(plan.pp_microbatches, dims.pp)
-    saved = plan.family.activation_elements(args, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.every)
+    ac = cfg.activation_checkpoint
+    saved = plan.family.activation_elements(args, ac.mode, ac.every)
     activations = micro_tokens * layers * saved * compute_bytes / dims.tp * in_flight
+    if ac.mode in ("full", "selective_layer"):
+        # The block being recomputed in backward holds all of its activations meanwhile.
+        recomputed = plan.family.activation_elements(args, "none", 1) - plan.family.activation_elements(args, "full", 1)
+        activations += micro_tokens * recomputed * compute_bytes / dims.tp
     vocab = args.vocab_size / dims.tp if dims.tp > 1 and cfg.parallel.loss_parallel else args.vocab_size
     # Chunked: one chunk's fp32 logits and their gradient at a time, recomputed in backward.
     logit_tokens = min(micro_tokens, cfg.training.loss_chunk_tokens) if plan.chunked_loss else micro_tokens
@@ -65,8 +70,10 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     if compute_bytes < 4 and dims.dp_size == 1:
         # Without FSDP, autocast casts each float32 weight a matmul reads and keeps the copy until the step's
         # backward is done (the embedding lookup reads its weight as it is, unless the head shares it).
+        # Compiled blocks cast inside their graphs and keep nothing: then only the head's copy stays.
         cast = sum(p.numel() for part in parts for n, p in part.named_parameters() if p.requires_grad and p.ndim > 1
-                   and (args.tie_embeddings or not n.startswith("tok_embeddings")))
+                   and (args.tie_embeddings or not n.startswith("tok_embeddings"))
+                   and not (cfg.compile.enabled and n.startswith("layers.")))
         extra["weight copies in the compute dtype (autocast, for the step)"] = compute_bytes * cast * shape.share
     if plan.teacher_args is not None:
         extra.update(teacher_memory(plan.teacher_args, cfg.distill, hqq_group_size=cfg.adapters.hqq_group_size,

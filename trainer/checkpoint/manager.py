@@ -95,7 +95,10 @@ class CheckpointManager:
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
         _barrier()
-        state = {"model": self.state["model"]} if model_only else self.state
+        # A seed checkpoint (model only) still says what it is: the shape, and what converters built it over,
+        # so that model.init_from can read it like any other checkpoint.
+        plain = [k for k, v in self.state.items() if isinstance(v, dict)]
+        state = {k: self.state[k] for k in ("model", *plain)} if model_only else self.state
         finished = []  # when the write ended, for the report
         if blocking:
             with warnings.catch_warnings():
