@@ -1,8 +1,9 @@
 """Entry point: `torchrun [--nproc_per_node N] train.py --config configs/X.yaml [dotted.key=value ...]`.
 
 `python train.py ...` runs as a single process. Mistakes in the config, data or checkpoint paths are
-reported in one line on stderr with exit code 2, before any training work starts. SIGTERM or SIGUSR1
-saves a checkpoint after the current step and exits with code 75 (see trainer/preemption.py). A run whose
+reported in one line on stderr with exit code 2, before any training work starts. SIGTERM, SIGUSR1 or a
+first Ctrl-C (SIGINT) saves a checkpoint after the current step and exits with code 75 (see
+trainer/preemption.py); a second Ctrl-C stops at once with code 130, keeping the last complete checkpoint. A run whose
 loss stays non-finite for training.max_bad_steps steps stops with exit code 3, its last good checkpoint
 kept. `--check` validates the config, data and checkpoints in one process and trains nothing: launchers
 run it before starting many processes, so a mistake is reported once and not by every rank.
@@ -20,6 +21,8 @@ from trainer.errors import ConfigError, TrainingDiverged, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # a second Ctrl-C, or one before training started: 128 + SIGINT, as shells report it
+_STOPPED = "stopped at once by Ctrl-C {when}: nothing more was saved; the last complete checkpoint stays"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,6 +95,9 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(_STOPPED.format(when="before training started"), file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     from parallel.distributed import init_runtime, shutdown
     from trainer.preemption import EXIT_PREEMPTED, MARKER, Preempted
@@ -112,6 +118,11 @@ def main(argv: list[str]) -> int:
             (Path(cfg.job.output_dir) / MARKER).write_text(f"step {e.step}\n")
             print(f"stopping: {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        if runtime.is_main:
+            print(_STOPPED.format(when="(a first Ctrl-C during training saves the step, then stops)"), file=sys.stderr,
+                  flush=True)
+        return EXIT_INTERRUPTED
     finally:
         gc.collect()
         shutdown()

@@ -28,8 +28,8 @@ GROUPS = {
     "checkpoint": [("synchronous save", 0, ["checkpoint.async_save=false"]),
                    ("asynchronous save", 0, ["checkpoint.async_save=true"])],
 }
-# The row each group's ratios are against (the first where not named).
-REFERENCE = {"float8": 1}
+# The row each group's ratios are against, by label (the group's first row where not named, or not run).
+REFERENCE = {"float8": "high precision + compile"}
 # Every checkpoint row saves every 2 steps into its own temporary run directory.
 CHECKPOINT = ["checkpoint.enabled=true", "checkpoint.interval=2", "checkpoint.keep_last=1"]
 
@@ -64,7 +64,7 @@ def table(results: dict) -> str:
     lines = []
     for group in dict.fromkeys(entry["group"] for entry in results.values()):
         entries = [e for e in results.values() if e["group"] == group]
-        reference = entries[REFERENCE.get(group, 0)]
+        reference = next((e for e in entries if e["label"].startswith(REFERENCE.get(group, "\0"))), entries[0])
         extra = {"float8": " float8 FLOP share | MFU % (mixed peak) |",
                  "checkpoint": " checkpoint (MiB) | training blocked (s) | written in (s) |"}.get(group, "")
         lines += ["", f"Variants: {group} (ratio = tokens/s per device over that of '{reference['label']}', per round: "

@@ -3,12 +3,20 @@ on CPU), the cores shared out as OMP_NUM_THREADS, and every rank's output kept u
 output directory (logs/start-N/...), besides the console.
 
     python -m launch local [--nproc N] --config configs/debug.yaml [dotted.key=value ...]
+
+The console shows the ranks' lines; torchrun's own (its banners, and the tracebacks it prints when a rank
+stops) are kept back, and a failed rank is reported by its exit code and where its log is. Ctrl-C (or
+SIGTERM) is handed to every rank as SIGTERM: each finishes its step, saves and stops, and this exits 75
+like train.py; a second Ctrl-C stops everything at once (exit 130).
 """
 
 import argparse
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,4 +84,57 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"launch: {nproc} process(es), OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, rank logs under {log_dir}", flush=True)
-    return subprocess.run(torchrun_command(nproc, args.config, args.overrides, log_dir), env=env).returncode
+    code, own = run_torchrun(torchrun_command(nproc, args.config, args.overrides, log_dir), env)
+    if (out / "PREEMPTED").is_file():
+        return EXIT_PREEMPTED  # the ranks said where they stopped and what they saved
+    if code == EXIT_INTERRUPTED:
+        print("launch: stopped at once by a second Ctrl-C; the last complete checkpoint stays", file=sys.stderr)
+        return code
+    if code != 0:
+        # torchrun reports each failed rank as "rank : R ... exitcode : C"; the rank's own error line came first.
+        failed = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", "".join(own), re.S)
+        rank, code = (int(failed.group(1)), int(failed.group(2))) if failed else ("?", code)
+        print(f"launch: rank {rank} exited with code {code}; every rank's output is under {log_dir}", file=sys.stderr)
+    return code
+
+
+EXIT_PREEMPTED, EXIT_INTERRUPTED = 75, 130
+# A rank's line as torchrun's --tee prints it: "[default0]:...".
+_RANK_LINE = re.compile(r"^\[default\d+\]:")
+
+
+def run_torchrun(command: list[str], env: dict) -> tuple[int, list[str]]:
+    """torchrun in a process group of its own, so that a terminal's Ctrl-C reaches this process alone and is
+    handed on as torchrun understands it (SIGTERM, which it forwards to every rank). Returns its exit code
+    and its own lines (not the ranks')."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    interrupts, own = [], []
+
+    def forward(signum, frame):
+        interrupts.append(signum)
+        if interrupts.count(signal.SIGINT) > 1:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGTERM)
+
+    def pump(stream, to):
+        for line in stream:
+            if _RANK_LINE.match(line):
+                to.write(line)
+                to.flush()
+            else:
+                own.append(line)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout)), threading.Thread(target=pump, args=(proc.stderr, sys.stderr))]
+    try:
+        for thread in pumps:
+            thread.start()
+        code = proc.wait()
+        for thread in pumps:
+            thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return (EXIT_INTERRUPTED if interrupts.count(signal.SIGINT) > 1 else code), own

@@ -7,7 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if [[ " $* " != *" --dry "* ]] && compgen -G ".whl/*.whl" >/dev/null; then
+if [[ " $* " != *" --dry "* ]] && nvidia-smi -L >/dev/null 2>&1 && compgen -G ".whl/*.whl" >/dev/null; then
   SITE="${TMPDIR:-/tmp}/tessera-gpu-site"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 2
   export PYTHONPATH="$SITE:${PYTHONPATH:-}"

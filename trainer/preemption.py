@@ -1,10 +1,13 @@
-"""Preemption: SIGTERM or SIGUSR1 asks every rank to finish its step, save a checkpoint and exit.
+"""Preemption: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) asks every rank to finish its step, save a checkpoint
+and exit. A second Ctrl-C stops at once (KeyboardInterrupt, which train.py reports in one line), keeping
+the last complete checkpoint.
 
 The handler only sets a flag. At the end of each step the ranks agree (a max over the world) so that
 they all stop after the same step, even when the signal reached them at different moments.
 """
 
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -18,19 +21,33 @@ MARKER = "PREEMPTED"
 class Preempted(Exception):
     def __init__(self, step: int, signum: int, saved: bool, unsaved_because: str = "checkpoint.enabled=false"):
         what = "a checkpoint was saved" if saved else f"no checkpoint was saved ({unsaved_because})"
-        super().__init__(f"preempted by {signal.Signals(signum).name} after step {step}; {what}")
+        how = "interrupted by SIGINT (Ctrl-C)" if signum == signal.SIGINT else f"preempted by {signal.Signals(signum).name}"
+        super().__init__(f"{how} after step {step}; {what}")
         self.step, self.signum = step, signum
 
 
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 class PreemptionWatch:
-    def __init__(self, device: torch.device):
-        self.device = device
+    """Installs the handlers for a run's life; restore() gives the process its own back (in-process runs)."""
+
+    def __init__(self, device: torch.device, is_main: bool = True):
+        self.device, self.is_main = device, is_main
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in _SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if signum == signal.SIGINT and self.is_main:
+            print("\ninterrupted: the step finishes, a checkpoint is saved, then the run stops (Ctrl-C again: stop "
+                  "at once, keeping the last complete checkpoint)", file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def agreed_signal(self) -> int:
         """The signal any rank received (0 if none): the same answer on every rank."""

@@ -96,7 +96,7 @@ class Trainer:
         self.loss_parts: dict[str, float] = {}  # named terms of the last step's loss (distillation: ce, kl)
         self.phases = StepPhases(cfg.metrics.step_phases, runtime.device)
         self.profiler = StepProfiler(cfg.metrics.profile_steps, self.output_dir, runtime.rank, runtime.device)
-        self.preemption = PreemptionWatch(runtime.device)
+        self.preemption = PreemptionWatch(runtime.device, runtime.is_main)
         model_flops = plan.family.flops_per_token(plan.model_args, cfg.training.seq_len)
         self.metrics = MetricsLogger(
             cfg.metrics, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
@@ -108,7 +108,8 @@ class Trainer:
                 print(line, flush=True)
 
     def close(self) -> None:
-        """Undoes the library state the run changed (every run ends here, trained or not)."""
+        """Undoes the library state and the signal handlers the run changed (every run ends here)."""
+        self.preemption.restore()
         self.patches.close()
 
     def _loader(self, docs) -> PackedLoader:
