@@ -42,7 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--print-output-dir", action="store_true",
                         help="print the run's resolved job.output_dir and exit (for launchers)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. training.steps=50")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before and after the flags (--check after the overrides is common).
+    args = parser.parse_intermixed_args(argv)
     if args.world_size is not None:
         if not (args.dry_run or args.check):
             raise ConfigError("--world-size plans for that many ranks with --dry-run or --check; to train on N ranks, "

@@ -47,7 +47,7 @@ def test_truncated_shard_names_the_file_and_the_previous_step(run, tmp_path):
     result = run_train([*COMMON, "training.steps=6", f"job.output_dir={copy}"])
     err = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2
-    assert f"{copy / 'checkpoints' / 'step-4'}: cannot be loaded" in err
+    assert f"{shard} has {shard.stat().st_size:,} bytes where the manifest says" in err  # caught by the manifest
     assert f"The previous complete checkpoint is {copy / 'checkpoints' / 'step-2'}" in err
 
 
@@ -57,6 +57,9 @@ def test_corrupt_metadata(run, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(run, copy)
     (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(b"garbage")
+    err = _fails(copy, f"job.output_dir={copy}")
+    assert "step-4/.metadata has 7 bytes where the manifest says" in err and "step-2" in err
+    (copy / "checkpoints" / "step-4" / "manifest.json").unlink()  # a checkpoint from before manifests
     err = _fails(copy, f"job.output_dir={copy}")
     assert "step-4/.metadata: cannot be read" in err and "step-2" in err
 
@@ -108,6 +111,50 @@ def test_crafted_metadata_never_runs_code(run, tmp_path):
             return os.system, (f"touch {canary}",)
 
     (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    # Whoever crafts a .metadata can drop or rewrite the manifest too: the reader itself must refuse.
+    (copy / "checkpoints" / "step-4" / "manifest.json").unlink()
     err = _fails(copy, f"job.output_dir={copy}")
     assert "refusing to load posix.system" in err or "refusing to load os.system" in err
     assert not canary.exists()
+
+
+def test_a_flipped_byte_inside_a_tensor_is_refused_at_every_load_and_by_check(run, tmp_path):
+    """torch.distributed.checkpoint has no checksums: a byte changed inside a tensor would load as a wrong
+    weight. The manifest written at commit names the file at a resume, --check, model.init_from and an
+    export; the previous complete step still resumes."""
+    import shutil
+
+    import train
+
+    copy = tmp_path / "out"
+    shutil.copytree(run, copy)
+    step4 = copy / "checkpoints" / "step-4"
+    shard = sorted(step4.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40  # the middle of the shard: inside some tensor's bytes, the size unchanged
+    shard.write_bytes(bytes(data))
+    damaged = f"{shard} does not match its checksum (its bytes changed after it was written): the checkpoint is damaged. " \
+              f"The previous complete checkpoint is {copy / 'checkpoints' / 'step-2'}"
+    assert damaged in _fails(copy, f"job.output_dir={copy}")
+    for command in (["--check"], ["--dry-run", f"model.init_from={step4}", "model.flavor=null"]):
+        result = run_train([*COMMON, *command, "training.steps=6", f"job.output_dir={copy}"])
+        assert result.returncode == 2 and damaged in result.stderr and "Traceback" not in result.stderr, command
+    from trainer.weights.checkpoint_export import main as export
+
+    assert export([str(step4), str(tmp_path / "hf")]) == 2 and not (tmp_path / "hf" / "config.json").exists()
+    assert train.main(["--config", "configs/debug.yaml", f"model.init_from={step4}", "model.flavor=null", "--check"]) == 2
+    resumed = run_train([*COMMON, "training.steps=6", f"job.output_dir={copy}",
+                         f"checkpoint.resume_from={copy / 'checkpoints' / 'step-2'}"])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_a_checkpoint_without_a_manifest_loads_with_a_note(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(run, copy)
+    for step in ("step-2", "step-4"):
+        (copy / "checkpoints" / step / "manifest.json").unlink()
+    result = run_train([*COMMON, "training.steps=6", f"job.output_dir={copy}"])
+    assert result.returncode == 0 and "resumed from" in result.stdout, result.stderr[-2000:]
+    assert "has no manifest.json (written before checkpoints carried checksums): its files are not verified" in result.stderr

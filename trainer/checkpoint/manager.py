@@ -20,8 +20,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from trainer.checkpoint.paths import (
-    checkpoint_root, complete_steps, latest_step_dir, partial_dir, remove_partials, step_dir, step_of,
+    checkpoint_root, complete_steps, earlier_hint, latest_step_dir, partial_dir, remove_partials, step_dir,
 )
+from trainer.checkpoint.manifest import verify, write_manifest
 from trainer.checkpoint.safe_reader import SafeFileSystemReader, load_safely
 from trainer.config.schema import CheckpointConfig
 from trainer.errors import CheckpointError, describe
@@ -159,12 +160,16 @@ class CheckpointManager:
         final = step_dir(self.root, step)
         if final.exists():
             shutil.rmtree(final)  # a run restarted with resume_from=none writes the same steps again
+        checksummed = time.perf_counter()
+        write_manifest(partial_dir(self.root, step))
+        checksum_seconds = time.perf_counter() - checksummed
         partial_dir(self.root, step).rename(final)
         size = sum(f.stat().st_size for f in final.iterdir()) / 2**20
-        self.record.write("checkpoint", step, mib=size, blocked_s=self.last_blocked_seconds, written_s=write_seconds)
+        self.record.write("checkpoint", step, mib=size, blocked_s=self.last_blocked_seconds, written_s=write_seconds,
+                          checksum_s=checksum_seconds)
         print(
             f"checkpoint: {final.name} complete: {size:.1f} MiB, training blocked {self.last_blocked_seconds:.3f} s, "
-            f"written in {write_seconds:.3f} s",
+            f"written in {write_seconds:.3f} s, checksummed in {checksum_seconds:.3f} s",
             flush=True,
         )
         if self.cfg.keep_last:
@@ -189,6 +194,7 @@ def resume_path(cfg: CheckpointConfig, root: Path) -> Path | None:
 
 
 def read_metadata(path: Path, root: Path):
+    verify(path)
     try:
         return SafeFileSystemReader(str(path)).read_metadata()
     except Exception as e:
@@ -221,14 +227,6 @@ def check_fits(path: Path, saved: dict, shapes: dict[str, tuple], fixed: dict) -
                 f"{path}: {key} has shape {tuple(entry.size)} but this model's is {tuple(shape)}: the checkpoint is "
                 f"from a different model shape: check model.* in the config, or {_START_FRESH}"
             )
-
-
-def earlier_hint(path: Path, root: Path) -> str:
-    step = step_of(path)
-    earlier = [s for s in complete_steps(root) if step is None or s < step]
-    if earlier:
-        return f"The previous complete checkpoint is {step_dir(root, earlier[-1])}: resume from it with checkpoint.resume_from=<that path>"
-    return "No earlier complete checkpoint exists; start over with checkpoint.resume_from=none"
 
 
 def _barrier() -> None:

@@ -55,3 +55,11 @@ def remove_partials(root: Path) -> list[Path]:
 def step_of(path: Path) -> int | None:
     m = _STEP.fullmatch(Path(path).name)
     return int(m.group(1)) if m else None
+
+
+def earlier_hint(path: Path, root: Path) -> str:
+    step = step_of(path)
+    earlier = [s for s in complete_steps(root) if step is None or s < step]
+    if earlier:
+        return f"The previous complete checkpoint is {step_dir(root, earlier[-1])}: resume from it with checkpoint.resume_from=<that path>"
+    return "No earlier complete checkpoint exists; start over with checkpoint.resume_from=none"

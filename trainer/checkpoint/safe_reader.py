@@ -19,6 +19,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
+from trainer.checkpoint.manifest import verify
 from trainer.errors import CheckpointError, describe
 
 # DCP reports failures on any rank as CheckpointException, which derives from BaseException.
@@ -81,6 +82,7 @@ def _reserialize(obj) -> io.BytesIO:
 def load_safely(state: dict, path: str | Path, *, no_dist: bool, what: str, hint: str = "") -> None:
     """dcp.load of `state` from the checkpoint at `path`; any failure is a CheckpointError reading
     "{what} ({the innermost error}). {hint}", and DCP's warnings before it are not shown."""
+    verify(path)  # sizes and checksums against the manifest, before any byte is read
     reader = SafeFileSystemReader(str(path))
     try:
         # Read first on its own: DCP logs whole tracebacks while it falls back from a bad .metadata.

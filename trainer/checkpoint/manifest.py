@@ -1,0 +1,69 @@
+"""A checkpoint's manifest: every file of a step with its size and xxh3-64 checksum, written by rank 0 when
+it commits the step, and verified before anything reads the step (resume, init_from, exports, generation,
+a distillation teacher, --check), since torch.distributed.checkpoint stores no checksums: a truncated
+.distcp past the model's bytes, or a flipped byte inside a tensor, would otherwise load as wrong weights.
+
+xxh3-64 because it costs little next to the write: 17 GB/s on one core of the 2-core CPU machine, against
+crc32's 3.8 and blake2b's 0.9 (docs/performance.md). Checkpoints written before manifests load, with a note.
+"""
+
+import json
+import mmap
+import sys
+from pathlib import Path
+
+import xxhash
+
+from trainer.checkpoint.paths import earlier_hint
+from trainer.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+_verified: set[tuple[str, int]] = set()  # (step directory, its manifest's mtime): each verified once a process
+
+
+def _digest(path: Path) -> str:
+    # Mapped, not read: the hash runs over the page cache with no copy (0.11 s for a 2.4 GiB shard on the
+    # CPU machine; reading it in 64 MiB chunks took 1.8 s).
+    with open(path, "rb") as f:
+        if path.stat().st_size == 0:
+            return xxhash.xxh3_64_hexdigest(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_64_hexdigest(mapped)
+
+
+def write_manifest(directory: Path) -> None:
+    files = {f.name: {"bytes": f.stat().st_size, "xxh3_64": _digest(f)}
+             for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def verify(directory: str | Path) -> None:
+    """Raises CheckpointError naming the first file whose size or checksum differs from the manifest."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        key = (str(directory.resolve()), 0)
+        if key not in _verified and (directory / ".metadata").is_file():
+            _verified.add(key)
+            print(f"note: {directory} has no {MANIFEST} (written before checkpoints carried checksums): its files are "
+                  f"not verified", file=sys.stderr, flush=True)
+        return
+    key = (str(directory.resolve()), manifest.stat().st_mtime_ns)
+    if key in _verified:
+        return
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest}: not a readable manifest ({e}). {earlier_hint(directory, directory.parent)}") from None
+    for name, want in files.items():
+        path = directory / name
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != want["bytes"]:
+            problem = f"has {path.stat().st_size:,} bytes where the manifest says {want['bytes']:,} (truncated or grown)"
+        elif _digest(path) != want["xxh3_64"]:
+            problem = "does not match its checksum (its bytes changed after it was written)"
+        if problem:
+            raise CheckpointError(f"{path} {problem}: the checkpoint is damaged. {earlier_hint(directory, directory.parent)}")
+    _verified.add(key)
