@@ -154,9 +154,10 @@ CASES = {
     # this machine): one failed probe, one line, no half-minute of retries.
     "hub unreachable": (["data.source=hub:nobody/nothing", "ENV:unset-offline"], "data.source=hub:nobody/nothing: the Hugging Face Hub cannot be reached"),
     # checkpoints given as files
-    "init_from a corrupt checkpoint": (["model.init_from={corrupt}/checkpoints/step-2"], "step-2: cannot read the model shape from this checkpoint ("),
-    "resume from a truncated shard": (["job.output_dir={truncated}"], "truncated/checkpoints/step-2: cannot be loaded ("),
-    "resume from corrupt metadata": (["job.output_dir={corrupt}"], "corrupt/checkpoints/step-2/.metadata: cannot be read ("),
+    # Each step's manifest (sizes and checksums) names the damaged file before anything reads it.
+    "init_from a corrupt checkpoint": (["model.init_from={corrupt}/checkpoints/step-2"], "step-2/.metadata has 7 bytes where the manifest says"),
+    "resume from a truncated shard": (["job.output_dir={truncated}"], "truncated/checkpoints/step-2/__0_0.distcp has "),
+    "resume from corrupt metadata": (["job.output_dir={corrupt}"], "corrupt/checkpoints/step-2/.metadata has 7 bytes where the manifest says"),
     # the command line itself
     "override form": (["training.steps"], "override 'training.steps' is not of the form dotted.key=value"),
     "unknown key": (["training.stepz=5"], "unknown config key 'training.stepz' in training; did you mean 'training.steps'?"),

@@ -12,6 +12,7 @@ import mmap
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
 import xxhash
 
 from trainer.checkpoint.paths import earlier_hint
@@ -45,8 +46,9 @@ def verify(directory: str | Path) -> None:
         key = (str(directory.resolve()), 0)
         if key not in _verified and (directory / ".metadata").is_file():
             _verified.add(key)
-            print(f"note: {directory} has no {MANIFEST} (written before checkpoints carried checksums): its files are "
-                  f"not verified", file=sys.stderr, flush=True)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"note: {directory} has no {MANIFEST} (written before checkpoints carried checksums): its files are "
+                      f"not verified", file=sys.stderr, flush=True)
         return
     key = (str(directory.resolve()), manifest.stat().st_mtime_ns)
     if key in _verified:
