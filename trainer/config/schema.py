@@ -23,7 +23,7 @@ class JobConfig:
 
 @dataclass
 class ModelConfig:
-    # A named shape from trainer/model/flavors.py. Empty: "debug", or the shape of `init_from`.
+    # A named shape from a family's flavors (models/<family>/flavors.py). Empty: "debug", or the shape of `init_from`.
     flavor: str | None = None
     # Weights to start from: a Hugging Face directory (config.json + safetensors) or a llama2.c .bin.
     init_from: str | None = None
