@@ -73,6 +73,9 @@ def _run(cfg, runtime) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from parallel.library_patches import quiet_import_noise
+
+    quiet_import_noise()  # before torchao and friends are imported (parallel/library_patches.py says what)
     try:
         args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)

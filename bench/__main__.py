@@ -147,6 +147,9 @@ def compare(args, p: Preset, checkpoint: Path | None, methods: list[str]) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
+    from parallel.library_patches import quiet_import_noise
+
+    quiet_import_noise()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu-small")
     parser.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)} (default: the preset's)")

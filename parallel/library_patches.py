@@ -4,14 +4,16 @@ library moves one).
 
 A global change happens only while a run that needs it is built and trains: each is a context manager
 that the trainer enters for the run's lifetime and that restores what it changed on exit. Nothing here
-runs from --check or --dry-run.
+runs from --check or --dry-run. One exception: the import-noise filter at the end, which the entry points
+install for the process's life; it drops two messages and changes no behaviour. This module imports torch
+only inside its functions: train.py installs that filter before it reports a config mistake, which must
+not wait for torch.
 """
 
 import contextlib
 import importlib
+import logging
 import warnings
-
-import torch
 
 # dotted name -> where the project uses it and why it cannot use a public one.
 PRIVATE_NAMES = {
@@ -91,6 +93,7 @@ def float8_all_gather_over_gloo():
     """gloo has no float8 types ("Invalid scalar type"): while it is entered, torchao's float8 all-gather
     of a CPU tensor moves the same bytes as uint8, which is bitwise the same (float8 tensor parallelism in
     CPU runs and tests). CUDA tensors take torchao's own path. torchao's op table is restored on exit."""
+    import torch
     from torchao.float8 import float8_ops
     from torchao.float8.float8_training_tensor import Float8TrainingTensor
 
@@ -116,3 +119,30 @@ def float8_all_gather_over_gloo():
         yield
     finally:
         table.update(originals)
+
+
+# Lines libraries print at import that say nothing to a user of this project, per rank: logger -> the start
+# of the message. The entry points install the filter once per process (quiet_import_noise).
+IMPORT_NOISE = {
+    # torchao tries its C++ extensions (mxfp8, CUTLASS sm90a kernels) built for other torch / CUDA versions;
+    # the float8 training and NF4 paths used here are Python over torch ops and do not need them.
+    "torchao": "Failed to load ",
+    # torchao registers an Enum as a pytree constant; torch 2.13 warns that this is deprecated.
+    "torch.utils._pytree": "%s is an Enum subclass",
+}
+
+
+class _DropImportNoise(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def quiet_import_noise() -> None:
+    for name, start in IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropImportNoise) for f in logger.filters):
+            logger.addFilter(_DropImportNoise(start))

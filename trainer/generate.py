@@ -123,6 +123,9 @@ def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
+    from parallel.library_patches import quiet_import_noise
+
+    quiet_import_noise()
     parser = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.split("\n")[0])
     parser.add_argument("path", help="run dir, checkpoints/step-N, Hugging Face dir or llama2.c .bin")
     parser.add_argument("--prompt", required=True)
