@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",") if args.methods else list(p.methods)
     unknown = [m for m in methods if m not in METHODS] + [
         g for g in (args.variants.split(",") if args.variants else []) if g not in variants.GROUPS]
+    if args.nproc < 1:
+        parser.error(f"--nproc {args.nproc} must be at least 1")
     if unknown or args.warmup >= args.steps or min(args.pairs, args.steps) < 1:
         parser.error(f"unknown methods or variant groups {unknown}" if unknown else "--steps must exceed --warmup, and --pairs be 1 or more")
     out = Path(args.out)

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     if args.command == "output-dir":
         print(out)
         return 0
-    nproc = args.nproc or default_nproc()
+    nproc = default_nproc() if args.nproc is None else args.nproc
     if nproc < 1:
         print(f"error: --nproc {nproc} must be at least 1", file=sys.stderr)
         return 2

@@ -87,3 +87,11 @@ def test_dry_run_of_a_70b_shape_needs_no_memory(capsys):
                        "tokenizer.kind=byte", "training.global_batch_size=-1"])
     out = capsys.readouterr().out
     assert code == 0 and "parameters total: 70,553,706,496" in out
+
+
+def test_on_and_off_are_words_not_booleans():
+    """YAML reads `off` as false; metrics.progress documents on / off, and both mean what they say."""
+    from trainer.config import load_config
+
+    assert [load_config("configs/debug.yaml", [f"metrics.progress={w}"]).metrics.progress for w in ("off", "on", "auto")] == \
+        ["off", "on", "auto"]

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config.checks import ConfigError, check_choices
-from trainer.config.schema import Config
+from trainer.config.schema import CHOICES, Config
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -40,8 +40,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    _words_read_as_booleans(cfg)
     check_choices(cfg)
     return cfg
+
+
+def _words_read_as_booleans(cfg: Config) -> None:
+    """YAML reads on / off (and yes / no, true / false) as booleans, which a word-valued key then holds as
+    'True' / 'False': a key whose choices are on and off gets its word back."""
+    for dotted, allowed in CHOICES.items():
+        section, key = (getattr(cfg, dotted.split(".")[0]), dotted.split(".")[1])
+        if {"on", "off"} <= set(allowed) and getattr(section, key) in ("True", "False"):
+            setattr(section, key, "on" if getattr(section, key) == "True" else "off")
 
 
 def to_yaml(cfg: Config) -> str:
