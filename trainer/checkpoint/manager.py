@@ -10,6 +10,7 @@ half-written .partial directory is removed at the next start.
 """
 
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +47,8 @@ class CheckpointManager:
             # interleave with the training step's.
             self.async_group = dist.new_group(backend="gloo")
         self.last_blocked_seconds = 0.0
+        self.committing: threading.Thread | None = None  # rank 0's checksums and rename of the last save
+        self.commit_error: BaseException | None = None
 
     # ---- restore -------------------------------------------------------------------------------
 
@@ -123,10 +126,11 @@ class CheckpointManager:
         self.pending = {"future": future, "step": step, "start": start, "finished": finished, "confirmed": False}
 
     def wait(self) -> None:
-        """Finishes the save in flight, if any, and commits it (every rank must call it)."""
+        """Finishes the save in flight, if any, and commits it, rename included (every rank must call it)."""
         if self.pending is not None:
             self._finish_writing()
             self._commit()
+        self._join_commit()
 
     def _finish_writing(self) -> None:
         if self.pending["future"] is not None:
@@ -149,14 +153,37 @@ class CheckpointManager:
         # Only rank 0 renames, and its future finishes only after the metadata that closes the save,
         # which is written once every rank has reported its shards written.
         if pending["future"] is None or pending["future"].done():
-            self.wait()
+            self._finish_writing()
+            self._commit()  # the checksums and the rename go on beside the next step
 
     def _commit(self) -> None:
+        """Rank 0 checksums the written files into the manifest, then renames step-N.partial to step-N, on a
+        thread of its own: training goes on meanwhile, and a crash before the rename leaves an incomplete
+        step that the next start removes, as a crash during the write does."""
         pending, self.pending = self.pending, None
         if not self.is_main:
             return
-        step = pending["step"]
+        self._join_commit()  # one commit at a time, in step order
         write_seconds = (pending["finished"][0] if pending["finished"] else time.perf_counter()) - pending["start"]
+        self.committing = threading.Thread(target=self._finish_commit, name="checkpoint-commit",
+                                           args=(pending["step"], write_seconds, self.last_blocked_seconds))
+        self.committing.start()
+
+    def _join_commit(self) -> None:
+        if self.committing is not None:
+            self.committing.join()
+            self.committing = None
+        if self.commit_error is not None:
+            error, self.commit_error = self.commit_error, None
+            raise error
+
+    def _finish_commit(self, step: int, write_seconds: float, blocked_seconds: float) -> None:
+        try:
+            self._rename_with_manifest(step, write_seconds, blocked_seconds)
+        except BaseException as e:  # raised on the training thread by the next join
+            self.commit_error = e
+
+    def _rename_with_manifest(self, step: int, write_seconds: float, blocked_seconds: float) -> None:
         final = step_dir(self.root, step)
         if final.exists():
             shutil.rmtree(final)  # a run restarted with resume_from=none writes the same steps again
@@ -165,10 +192,10 @@ class CheckpointManager:
         checksum_seconds = time.perf_counter() - checksummed
         partial_dir(self.root, step).rename(final)
         size = sum(f.stat().st_size for f in final.iterdir()) / 2**20
-        self.record.write("checkpoint", step, mib=size, blocked_s=self.last_blocked_seconds, written_s=write_seconds,
+        self.record.write("checkpoint", step, mib=size, blocked_s=blocked_seconds, written_s=write_seconds,
                           checksum_s=checksum_seconds)
         print(
-            f"checkpoint: {final.name} complete: {size:.1f} MiB, training blocked {self.last_blocked_seconds:.3f} s, "
+            f"checkpoint: {final.name} complete: {size:.1f} MiB, training blocked {blocked_seconds:.3f} s, "
             f"written in {write_seconds:.3f} s, checksummed in {checksum_seconds:.3f} s",
             flush=True,
         )
