@@ -58,3 +58,20 @@ class ModelFamily:
     activation_elements: Callable[[DecoderArgs, str, int], float]
     tp_sizes: Callable[[DecoderArgs], dict[str, int]]  # sizes tensor parallelism splits, by model.* name
     adapter_targets: dict[str, str]  # adapters.targets short names -> module-name patterns
+
+
+def dense_family(*, name: str, args, model, flavors: dict, hf, tp_plan=None) -> "ModelFamily":
+    """The registry entry of a family of dense blocks: its own shape, modules, flavors, HF format (a module
+    with NAMES, args_from_config and config) and TP plan; the dense answers for the rest."""
+    from models.common import dense
+    from models.common.dense_tp import dense_tp_plan
+    from parallel.pp import split_stages
+
+    return ModelFamily(
+        name=name, args=args, model=model, flavors=flavors,
+        hf=HFFormat(model_type=name, args_from_config=hf.args_from_config, config=hf.config, to_hf=hf.NAMES.to_hf,
+                    from_hf=hf.NAMES.from_hf),
+        tp_plan=tp_plan or dense_tp_plan, split_stages=split_stages, init_std=dense.init_std,
+        flops_per_token=dense.flops_per_token, activation_elements=dense.activation_elements, tp_sizes=dense.tp_sizes,
+        adapter_targets=dense.ADAPTER_TARGETS,
+    )

@@ -94,3 +94,4 @@ def activation_elements(args, ac_mode: str, every: int) -> float:
 def tp_sizes(args) -> dict[str, int]:
     """The sizes tensor parallelism splits, by the model.* name a user would change: heads and MLP columns."""
     return {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "ffn_hidden_dim": args.hidden_dim}
+
