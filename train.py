@@ -13,32 +13,29 @@ Only light modules are imported at the top: a config mistake is reported before 
 
 import argparse
 import gc
+import signal
 import sys
 from pathlib import Path
 
+from trainer.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, at_least
 from trainer.config import load_config
 from trainer.errors import ConfigError, TrainingDiverged, UserError
 
-EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130  # a second Ctrl-C, or one before training started: 128 + SIGINT, as shells report it
-_STOPPED = "stopped at once by Ctrl-C {when}: nothing more was saved; the last complete checkpoint stays"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's errors as our one `error:` line (exit 2), without the usage block."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see python train.py --help)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(description="Train a Llama-family decoder.")
+    parser = Parser(prog="python train.py", description="Train a decoder language model (see configs/ and README.md).")
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, sizes and memory estimate, then exit")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, data and checkpoints for --world-size ranks, train nothing, exit 0 if all is well")
-    parser.add_argument("--world-size", type=int, default=None, help="with --dry-run or --check: the number of ranks to plan for")
+    parser.add_argument("--world-size", type=at_least(1), default=None,
+                        help="with --dry-run or --check: the number of ranks to plan for")
+    parser.add_argument("--nproc-per-node", type=at_least(1), default=None,
+                        help="with --check: how many of the ranks run on this host (default: all of them)")
+    parser.add_argument("--for-another-machine", action="store_true",
+                        help="with --check: what this machine lacks for the plan is a note, not an error")
     parser.add_argument("--print-output-dir", action="store_true",
                         help="print the run's resolved job.output_dir and exit (for launchers)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. training.steps=50")
@@ -48,8 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if not (args.dry_run or args.check):
             raise ConfigError("--world-size plans for that many ranks with --dry-run or --check; to train on N ranks, "
                               "launch with torchrun --nproc_per_node N")
-        if args.world_size < 1:
-            raise ConfigError(f"--world-size {args.world_size} must be at least 1")
+    if (args.nproc_per_node is not None or args.for_another_machine) and not args.check:
+        raise ConfigError("--nproc-per-node and --for-another-machine go with --check")
     if args.dry_run and args.check:
         raise ConfigError("--dry-run and --check are separate: give one of them")
     return args
@@ -93,20 +90,24 @@ def main(argv: list[str]) -> int:
                 print(dry_run(plan))
             else:
                 from trainer.check import check_run
+                from trainer.machine_fit import this_machine
 
-                print(check_run(plan))
+                print(check_run(plan, this_machine(), args.nproc_per_node, elsewhere=args.for_another_machine))
             return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(_STOPPED.format(when="before training started"), file=sys.stderr)
+        print("stopped by Ctrl-C before training started", file=sys.stderr)
         return EXIT_INTERRUPTED
 
     from parallel.distributed import init_runtime, shutdown
-    from trainer.preemption import EXIT_PREEMPTED, MARKER, Preempted
+    from trainer.preemption import EXIT_PREEMPTED, MARKER, Preempted, stop_at_once
 
     runtime = init_runtime()
+    # Outside the training loop (setting up, and stopping after a save) a Ctrl-C stops at once; the
+    # loop installs its own handler (first Ctrl-C: save, then stop) and gives this one back when it ends.
+    signal.signal(signal.SIGINT, lambda signum, frame: stop_at_once(runtime.is_main))
     try:
         _run(cfg, runtime)
     except UserError as e:
@@ -122,11 +123,6 @@ def main(argv: list[str]) -> int:
             (Path(cfg.job.output_dir) / MARKER).write_text(f"step {e.step}\n")
             print(f"stopping: {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
-    except KeyboardInterrupt:
-        if runtime.is_main:
-            print(_STOPPED.format(when="(a first Ctrl-C during training saves the step, then stops)"), file=sys.stderr,
-                  flush=True)
-        return EXIT_INTERRUPTED
     finally:
         gc.collect()
         shutdown()

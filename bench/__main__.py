@@ -19,7 +19,6 @@ Writes DIR/bench.md (the tables), DIR/bench.json (every per-step figure) and DIR
 tokens/s over the steps, one line per run) when matplotlib is installed (`pip install -e ".[bench]"`).
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -35,6 +34,7 @@ import torch
 from bench import ours, variants
 from bench.presets import METHODS, PRESETS, Preset
 from bench.report import describe, plot, tables
+from trainer.cli import Parser, at_least, run_command
 
 RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
@@ -150,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     from parallel.library_patches import quiet_import_noise
 
     quiet_import_noise()
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu-small")
     parser.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)} (default: the preset's)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--steps", type=at_least(1), default=20)
+    parser.add_argument("--warmup", type=at_least(0), default=5)
+    parser.add_argument("--pairs", type=at_least(1), default=3)
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--no-memory-runs", action="store_true", help="CPU: skip the separate peak-memory runs")
     parser.add_argument("--theirs-adamw", choices=("default", "foreach", "fused"), default="default",
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                              "or foreach / fused (transformers' Trainer's default)")
     parser.add_argument("--variants", help=f"instead of the comparison, our rows of: {', '.join(variants.GROUPS)} "
                                            "(comma-separated), one setting changed per row")
-    parser.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()),
+    parser.add_argument("--nproc", type=at_least(1), default=max(1, torch.cuda.device_count()),
                         help="ranks of the variant rows (layouts set their own)")
     parser.add_argument("--no-compile", action="store_true", help="variant rows: run the compiled ones eagerly")
     parser.add_argument("--rows", help="variant rows to run, by index in their group (e.g. 1,2; default: all)")
@@ -174,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",") if args.methods else list(p.methods)
     unknown = [m for m in methods if m not in METHODS] + [
         g for g in (args.variants.split(",") if args.variants else []) if g not in variants.GROUPS]
-    if args.nproc < 1:
-        parser.error(f"--nproc {args.nproc} must be at least 1")
-    if unknown or args.warmup >= args.steps or min(args.pairs, args.steps) < 1:
-        parser.error(f"unknown methods or variant groups {unknown}" if unknown else "--steps must exceed --warmup, and --pairs be 1 or more")
+    if unknown:
+        parser.error(f"unknown methods or variant groups {', '.join(unknown)} (methods: {', '.join(METHODS)}; "
+                     f"variant groups: {', '.join(variants.GROUPS)})")
+    if args.warmup >= args.steps:
+        parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup} (the warm-up steps are not timed)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
@@ -209,4 +210,4 @@ def finish(out: Path, header: str, args, results: dict, text: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, sys.argv[1:]))

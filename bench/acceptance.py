@@ -13,7 +13,6 @@ Writes DIR/acceptance.md and DIR/acceptance.json: date, GPU, torch version, and 
 figures (tokens/s, MFU, peak memory, the dry-run estimate's error) and each against its target.
 """
 
-import argparse
 import datetime
 import json
 import subprocess
@@ -23,6 +22,9 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from trainer.cli import Parser, at_least, run_command
+from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +145,7 @@ MIN_STEP_SECONDS = 60
 @dataclass
 class Outcome:
     step: Step
-    status: str  # passed, failed, timed out, not run
+    status: str  # passed, missed a target, failed, timed out, not run
     seconds: float = 0.0
     figures: list[Figure] = field(default_factory=list)
 
@@ -162,7 +164,12 @@ def run_step(step: Step, out: Path, timeout: float) -> Outcome:
         figures = step.read(out)
     except Exception as e:  # a step that died early leaves nothing to read: say so, keep going
         figures = [Figure("outputs", f"unreadable ({type(e).__name__}: {e})"[:200], "", False)]
-    status = "timed out" if code is None else "passed" if code == 0 and all(f.met is not False for f in figures) else "failed"
+    if code is None:
+        status = "timed out"
+    elif code != 0:
+        status = "failed"
+    else:  # it ran: a figure short of its target is not a crash, and the table says so apart
+        status = "passed" if all(f.met is not False for f in figures) else "missed a target"
     return Outcome(step, status, seconds, figures)
 
 
@@ -201,16 +208,16 @@ def table(header: dict, outcomes: list[Outcome]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bash scripts/gpu_acceptance.sh", description=__doc__.splitlines()[0])
+    parser = Parser(prog="bash scripts/gpu_acceptance.sh", description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="print the plan and build the table from made-up outputs")
-    parser.add_argument("--budget", type=int, default=540, help="seconds for all the steps (default 540: 9 minutes)")
+    parser.add_argument("--budget", type=at_least(1), default=540, help="seconds for all the steps (default 540: 9 minutes)")
     parser.add_argument("--only", help=f"comma-separated steps, of: {', '.join(s.name for s in STEPS)}")
     parser.add_argument("--out", default="outputs/gpu-acceptance")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else [s.name for s in STEPS]
     unknown = sorted(set(names) - {s.name for s in STEPS})
     if unknown:
-        parser.error(f"unknown steps {unknown}")
+        parser.error(f"unknown steps {', '.join(unknown)} (the steps: {', '.join(s.name for s in STEPS)})")
     import torch
 
     steps = [s for s in STEPS if s.name in names]
@@ -222,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in steps:
         print(f"  {s.name:<10} {s.timeout:>4} s  {s.what}\n             python -m {' '.join(s.args)}", flush=True)
     if not args.dry and not torch.cuda.is_available():
-        print("error: no CUDA GPU here; --dry shows the plan without one", file=sys.stderr)
-        return 2
+        raise UserError("no CUDA GPU here; --dry shows the plan without one")
     start, outcomes = time.monotonic(), []
     for s in steps:
         left = args.budget - (time.monotonic() - start)
@@ -246,4 +252,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, sys.argv[1:]))

@@ -4,6 +4,7 @@ python -m launch output-dir --config X [dotted.key=value ...]   (for scripts: th
 import sys
 
 from launch.local import main
+from trainer.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_command(main, sys.argv[1:]))

@@ -19,6 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
+from trainer.cli import EXIT_INTERRUPTED, Parser, at_least  # standard library only: no trainer, no torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,10 +52,10 @@ def torchrun_command(nproc: int, config: str, overrides: list[str], log_dir: Pat
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch")
+    parser = Parser(prog="python -m launch", description="Training on this machine under torchrun.")
     sub = parser.add_subparsers(dest="command", required=True)
     local = sub.add_parser("local", help="train on this machine under torchrun")
-    local.add_argument("--nproc", type=int, default=None, help="processes (default: one per GPU, or 1)")
+    local.add_argument("--nproc", type=at_least(1), default=None, help="processes (default: one per GPU, or 1)")
     local.add_argument("--config", required=True)
     local.add_argument("overrides", nargs="*")
     out = sub.add_parser("output-dir", help="print the run's job.output_dir")
@@ -71,9 +73,6 @@ def main(argv: list[str]) -> int:
         print(out)
         return 0
     nproc = default_nproc() if args.nproc is None else args.nproc
-    if nproc < 1:
-        print(f"error: --nproc {nproc} must be at least 1", file=sys.stderr)
-        return 2
     # The config, data, layout for nproc ranks and the checkpoint to resume, checked once.
     check = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", args.config, "--check",
                             "--world-size", str(nproc), *args.overrides])
@@ -82,7 +81,7 @@ def main(argv: list[str]) -> int:
     starts = out / "logs"
     log_dir = starts / f"start-{len(list(starts.glob('start-*'))) + 1 if starts.is_dir() else 1}"
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))  # the cores we may use
     print(f"launch: {nproc} process(es), OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, rank logs under {log_dir}", flush=True)
     code, own = run_torchrun(torchrun_command(nproc, args.config, args.overrides, log_dir), env)
     if (out / "PREEMPTED").is_file():
@@ -98,7 +97,7 @@ def main(argv: list[str]) -> int:
     return code
 
 
-EXIT_PREEMPTED, EXIT_INTERRUPTED = 75, 130
+EXIT_PREEMPTED = 75
 # A rank's line as torchrun's --tee prints it: "[default0]:...".
 _RANK_LINE = re.compile(r"^\[default\d+\]:")
 

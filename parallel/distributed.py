@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from parallel.cpu_threads import cpu_threads
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -13,6 +15,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    cpu_threads: str = ""  # on CPU: the intra-op threads of each rank, and why that many
 
     @property
     def is_main(self) -> bool:
@@ -30,13 +33,17 @@ def init_runtime() -> Runtime:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        threads = ""
     else:
         device = torch.device("cpu")
+        count, why = cpu_threads(os.environ)
+        torch.set_num_threads(count)
+        threads = f"{count} per rank ({why})"
     if world_size > 1 and not dist.is_initialized():
         # CPU tensors (e.g. checkpoint metadata) still need gloo on a GPU machine.
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device, cpu_threads=threads)
 
 
 def shutdown() -> None:

@@ -1,7 +1,19 @@
-"""What a finished run writes for others: a Hugging Face checkpoint (and, through the converters, the
-PEFT adapter and its base), each with the tokenizer, and one console line per directory saying what
-went where. Fed by the run's in-memory config and model, not by files read back."""
+"""What a run writes for others: a Hugging Face checkpoint (and, through the converters, the PEFT adapter
+and its base), each directory with the tokenizer, and one console line per directory saying what went
+where. At the end of a run (export_run, fed by the run's in-memory model), or from any checkpoint later:
 
+    python -m trainer.export CHECKPOINT OUT_DIR [--dtype bfloat16|float32] [--peft]
+
+CHECKPOINT is a run's checkpoints/step-N directory, or the run directory (its latest complete checkpoint).
+A checkpoint of plain weights, in any layout (pipeline stages too), is read one parameter at a time. An
+adapter run's checkpoint holds only the adapters: the model is rebuilt on CPU from the run's config (its
+base from model.init_from, as at the run's start) and written with the adapters merged, or with --peft as
+OUT_DIR/peft in PEFT's format over OUT_DIR/base.
+"""
+
+import dataclasses
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -9,12 +21,17 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.build import load_run_model
-from trainer.checkpoint.paths import checkpoint_root, step_dir
-from trainer.converters import ModelConverter
+from trainer.checkpoint.paths import checkpoint_root, latest_step_dir, step_dir
+from trainer.cli import Parser, run_command
+from trainer.config import Config, load_config
+from trainer.config.schema import TokenizerConfig
+from trainer.converters import ModelConverter, build_converters
+from trainer.errors import CheckpointError, UserError
 from trainer.plan import Plan
+from trainer.tokenizer import build_tokenizer
 from trainer.tokenizer.export import export_tokenizer
-from trainer.weights.checkpoint_export import export_checkpoint_hf
-from trainer.weights.hf_export import export_hf
+from trainer.weights.dcp_import import is_dcp_dir
+from trainer.weights.hf_export import export_checkpoint_hf, export_hf
 
 
 def export_run(plan: Plan, parts: list[nn.Module], *, pipelined: bool, step: int, is_main: bool) -> None:
@@ -40,12 +57,7 @@ def export_run(plan: Plan, parts: list[nn.Module], *, pipelined: bool, step: int
                 written = {out: "Hugging Face checkpoint"}
         dist.barrier()
     if is_main:
-        for path, what in written.items():
-            adapter_only = what.startswith("PEFT")  # it lives beside its base, which has the tokenizer
-            files = [] if adapter_only else export_tokenizer(cfg.tokenizer, path)
-            tokenizer_note = f", tokenizer {' '.join(files)}" if files else (
-                "" if adapter_only else ", no tokenizer file (the byte tokenizer has none)")
-            print(f"export: {path}: {what} ({cfg.export.dtype}{tokenizer_note})", flush=True)
+        announce(written, cfg.tokenizer, cfg.export.dtype)
 
 
 def export_model(model: nn.Module, export_dir: Path, converters: list[ModelConverter], *, dtype: torch.dtype,
@@ -57,3 +69,92 @@ def export_model(model: nn.Module, export_dir: Path, converters: list[ModelConve
             return written
     export_hf(model, export_dir / "hf", dtype=dtype, **token_ids)
     return {export_dir / "hf": "Hugging Face checkpoint"}
+
+
+def announce(written: dict[Path, str], tokenizer: TokenizerConfig | None, dtype: str) -> None:
+    """The tokenizer into every directory written (a PEFT adapter's too, so that each is usable on its
+    own), and one line for each."""
+    for path, what in written.items():
+        files = export_tokenizer(tokenizer, path) if tokenizer is not None else []
+        note = (f", tokenizer {' '.join(files)}" if files else ", no tokenizer: the run's config.yaml was not found"
+                if tokenizer is None else ", no tokenizer file (the byte tokenizer has none)")
+        print(f"export: {path}: {what} ({dtype}{note})", flush=True)
+
+
+def _step_of(path: Path) -> Path:
+    """The checkpoint directory CHECKPOINT names: itself, or a run directory's latest complete one."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory; give a run's checkpoints/step-N directory or the run directory")
+    if (path / "config.yaml").is_file():
+        latest = latest_step_dir(checkpoint_root(path))
+        if latest is None:
+            raise CheckpointError(f"{path}: the run has no complete checkpoint under {checkpoint_root(path)}")
+        return latest
+    if not is_dcp_dir(path):
+        raise CheckpointError(f"{path} is not one of our checkpoints (it has no .metadata): give a run's "
+                              f"checkpoints/step-N directory or the run directory")
+    return path
+
+
+def _check_out(out: Path, step: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT_DIR {out} is a file: give a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"OUT_DIR {out} holds files already: give a new or empty directory (exports are not merged)")
+    root = step.resolve().parent
+    if out.resolve().is_relative_to(root):
+        raise UserError(f"OUT_DIR {out} is inside {root}, where checkpoints live: write the export elsewhere "
+                        f"(e.g. {root.parent / 'export'})")
+
+
+def export_checkpoint(path: Path, out: Path, dtype_name: str, peft: bool) -> tuple[dict[Path, str], TokenizerConfig | None]:
+    """Writes the export(s); returns {directory: what it holds} and the run's tokenizer (None when the
+    checkpoint was moved away from its run's config.yaml)."""
+    step = _step_of(path)
+    _check_out(out, step)
+    config_file = step.parent.parent / "config.yaml"
+    cfg: Config | None = load_config(config_file) if config_file.is_file() else None
+    converters = build_converters(dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, hf=not peft, peft=peft))) if cfg else []
+    rebuilt = [c for c in converters if c.checkpoints_trainable_only]
+    if peft and not rebuilt:
+        raise UserError(f"--peft: {step} is not an adapter run's checkpoint (its run trains every weight); leave --peft out")
+    tokenizer = build_tokenizer(cfg.tokenizer) if cfg is not None else None
+    ids = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id} if tokenizer is not None else {}
+    dtype = getattr(torch, dtype_name)
+    tokenizer_cfg = cfg.tokenizer if cfg is not None else None
+    if not rebuilt:
+        export_checkpoint_hf(step, out, dtype, **ids)
+        return {out: f"Hugging Face checkpoint of {step}"}, tokenizer_cfg
+    model = load_run_model(step)
+    if peft:  # OUT_DIR/peft and OUT_DIR/base, the adapter naming where its base is
+        written = export_model(model, out, converters, dtype=dtype, token_ids=ids)
+        return {p: f"{what}, from {step}" for p, what in written.items()}, tokenizer_cfg
+    # Merged: written where the converter writes a run's export/hf, then moved to OUT_DIR.
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    [(merged, what)] = export_model(model, staging, converters, dtype=dtype, token_ids=ids).items()
+    if out.is_dir():
+        out.rmdir()  # empty: checked above
+    merged.rename(out)
+    shutil.rmtree(staging)
+    return {out: f"{what}, from {step}"}, tokenizer_cfg
+
+
+def main(argv: list[str]) -> int:
+    parser = Parser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="a run's checkpoints/step-N, or the run directory (its latest)")
+    parser.add_argument("out_dir", type=Path, help="a new or empty directory")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--peft", action="store_true",
+                        help="an adapter run: OUT_DIR/peft (PEFT's format) over OUT_DIR/base, instead of merged")
+    args = parser.parse_args(argv)
+    written, tokenizer = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, args.peft)
+    announce(written, tokenizer, args.dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    from parallel.library_patches import quiet_import_noise
+
+    quiet_import_noise()
+    sys.exit(run_command(main, sys.argv[1:]))

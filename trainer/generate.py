@@ -4,20 +4,21 @@
         [--top-k 50] [--top-p 0.95] [--seed 0] [--chat] [--tokenizer PATH] [--device cpu|cuda]
 
 PATH is a run directory (its latest checkpoint; an adapter run's adapters over its base), one of its
-checkpoints/step-N directories, a Hugging Face directory (an export, merged or not) or a llama2.c .bin.
-The tokenizer is the run's (its config.yaml), the Hugging Face directory's own, or --tokenizer.
+checkpoints/step-N directories, a Hugging Face directory (an export: hf, base), a PEFT adapter directory
+(export/peft: merged into its base) or a llama2.c .bin. The tokenizer is the run's (its config.yaml), the
+export's own, or --tokenizer (a file, a directory, or `byte`).
 Greedy decoding is temperature 0 (the default).
 """
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.errors import UserError
 from models.common.kv_cache import KVCache
+from trainer.cli import Parser, run_command
+from trainer.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def generate(model, prompt: list[int], sampling: Sampling = Sampling(), stop_ids
 
 
 def load_for_generation(path: str | Path, tokenizer_path: str | None = None, device: str = "cpu"):
-    """(model in eval mode, tokenizer) from any checkpoint this project reads."""
+    """(model in eval mode, tokenizer) from any checkpoint this project reads or writes."""
+    from trainer.adapters.peft_merge import is_peft_dir, merge_peft, peft_base
     from trainer.build import load_run, load_run_model
     from trainer.config import load_config
     from trainer.config.schema import TokenizerConfig
@@ -95,19 +97,51 @@ def load_for_generation(path: str | Path, tokenizer_path: str | None = None, dev
     from trainer.weights.load import load_model
 
     path = Path(path)
-    run_dir = path if (path / "config.yaml").is_file() else path.parent.parent if (path.parent.parent / "config.yaml").is_file() else None
-    tokenizer_cfg = TokenizerConfig(kind="auto", path=tokenizer_path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory; give a run directory, one of its checkpoints/step-N, "
+                        f"a Hugging Face directory (an export) or a llama2.c .bin")
+    step_of_run = path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file()
+    run_dir = path if (path / "config.yaml").is_file() else path.parent.parent if step_of_run else None
     if run_dir is not None:
-        if tokenizer_path is None:
-            tokenizer_cfg = load_config(run_dir / "config.yaml").tokenizer
         model = load_run(run_dir, device=device) if path == run_dir else load_run_model(path, device)
+        tokenizer_cfg = load_config(run_dir / "config.yaml").tokenizer
+    elif is_peft_dir(path):  # an adapter: sampled merged into its base
+        model = load_model(peft_base(path), device)
+        merge_peft(model, path)
+        tokenizer_cfg = TokenizerConfig(kind="auto", path=str(path if _has_tokenizer(path) else peft_base(path)))
     else:
-        if tokenizer_path is None:
-            if not path.is_dir():
-                raise UserError(f"{path} holds no tokenizer: give --tokenizer PATH")
-            tokenizer_cfg = TokenizerConfig(kind="auto", path=str(path))
         model = load_model(path, device)
+        if tokenizer_path is None and not _has_tokenizer(path):
+            raise UserError(f"{path} holds no tokenizer: give --tokenizer PATH (--tokenizer byte for the byte "
+                            f"tokenizer, which has no file)")
+        tokenizer_cfg = TokenizerConfig(kind="auto", path=str(path))
+    if tokenizer_path == "byte":
+        tokenizer_cfg = TokenizerConfig(kind="byte")
+    elif tokenizer_path is not None:
+        tokenizer_cfg = TokenizerConfig(kind="auto", path=tokenizer_path)
     return model.eval(), build_tokenizer(tokenizer_cfg)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "encoder.json", "vocab.json")
+    return path.is_dir() and any((path / name).is_file() for name in names)
+
+
+def _device(name: str) -> str:
+    """--device checked before anything loads: a CUDA device this machine has, or the CPU."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: generation runs on cpu or cuda")
+    return name
 
 
 def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
@@ -123,34 +157,31 @@ def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
-    from parallel.library_patches import quiet_import_noise
-
-    quiet_import_noise()
-    parser = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("path", help="run dir, checkpoints/step-N, Hugging Face dir or llama2.c .bin")
+    parser = Parser(prog="python -m trainer.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("path", help="run dir, checkpoints/step-N, Hugging Face dir (an export: hf, base, peft) or llama2.c .bin")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer file or directory, or `byte`")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
     args = parser.parse_args(argv)
-    try:
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-        sampling.check()
-        model, tokenizer = load_for_generation(args.path, args.tokenizer, args.device)
-        ids = prompt_ids(tokenizer, args.prompt, args.chat)
-        stop = tuple(i for i in (tokenizer.eos_id,) if i is not None)
-        out = generate(model, ids, sampling, stop_ids=stop)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.check()
+    device = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = load_for_generation(args.path, args.tokenizer, device)
+    ids = prompt_ids(tokenizer, args.prompt, args.chat)
+    stop = tuple(i for i in (tokenizer.eos_id,) if i is not None)
+    out = generate(model, ids, sampling, stop_ids=stop)
     print(args.prompt + tokenizer.decode(out) if not args.chat else tokenizer.decode(out))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from parallel.library_patches import quiet_import_noise
+
+    quiet_import_noise()
+    sys.exit(run_command(main, sys.argv[1:]))

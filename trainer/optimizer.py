@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-from trainer.config.schema import LRSchedulerConfig, OptimizerConfig
+from trainer.config.schema import Config, LRSchedulerConfig, OptimizerConfig
 
 
 def _adamw(module: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -58,6 +58,21 @@ def lr_lambda(cfg: LRSchedulerConfig, total_steps: int):
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
     return factor
+
+
+def schedule_change(before: Config, now: Config, step: int) -> str | None:
+    """A line saying how a resume's new training.steps / lr_scheduler / optimizer.lr moves the learning rate
+    (the schedule is a function of them, so a resume re-stretches it), or None when nothing changed."""
+    keys = [("training.steps", before.training.steps, now.training.steps), ("optimizer.lr", before.optimizer.lr, now.optimizer.lr)]
+    keys += [(f"lr_scheduler.{k}", v, getattr(now.lr_scheduler, k)) for k, v in vars(before.lr_scheduler).items()]
+    changed = [f"{k} {a} -> {b}" for k, a, b in keys if a != b]
+    if not changed:
+        return None
+    then = before.optimizer.lr * lr_lambda(before.lr_scheduler, before.training.steps)(step)
+    after = now.optimizer.lr * lr_lambda(now.lr_scheduler, now.training.steps)(step)
+    return (f"note: the learning-rate schedule changed since the last start ({', '.join(changed)}): step {step + 1} trains "
+            f"at lr {after:.3e} where the earlier schedule gave {then:.3e}, and the schedule now ends at step "
+            f"{now.training.steps}")
 
 
 class Optimizers:

@@ -1,11 +1,13 @@
 """Preemption: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) asks every rank to finish its step, save a checkpoint
-and exit. A second Ctrl-C stops at once (KeyboardInterrupt, which train.py reports in one line), keeping
-the last complete checkpoint.
+and exit. A second Ctrl-C stops at once (exit 130), keeping the last complete checkpoint: the process
+exits from the handler, since an exception raised there could land anywhere (inside torch's checkpoint
+writer, which wraps it into an error of its own, or in a `finally` on the way out).
 
 The handler only sets a flag. At the end of each step the ranks agree (a max over the world) so that
 they all stop after the same step, even when the signal reached them at different moments.
 """
 
+import os
 import signal
 import sys
 
@@ -15,7 +17,18 @@ import torch.distributed as dist
 # EX_TEMPFAIL: "try again later". `python train.py` exits with it; torchrun turns any worker failure
 # into its own exit code 1, so launchers also find job.output_dir/PREEMPTED, which names the step.
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: 128 + SIGINT, as shells report it
 MARKER = "PREEMPTED"
+
+
+def stop_at_once(is_main: bool, when: str = "") -> None:
+    """Ctrl-C's hard stop. Checkpoints are published whole (trainer/checkpoint/manifest.py), so one cut
+    short is never taken for complete and the last complete one stays."""
+    if is_main:
+        print(f"\nstopped at once by Ctrl-C{when}: nothing more was saved; the last complete checkpoint stays",
+              file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 class Preempted(Exception):
@@ -39,7 +52,7 @@ class PreemptionWatch:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            stop_at_once(self.is_main)
         if signum == signal.SIGINT and self.is_main:
             print("\ninterrupted: the step finishes, a checkpoint is saved, then the run stops (Ctrl-C again: stop "
                   "at once, keeping the last complete checkpoint)", file=sys.stderr, flush=True)

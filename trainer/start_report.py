@@ -14,12 +14,13 @@ def fast_flops(plan: Plan, model_flops: int) -> FastFlops | None:
     return FastFlops(fast.format, min(1.0, fast.flops_per_token / model_flops), fast.peak_ratio) if fast else None
 
 
-def start_lines(plan: Plan, *, device: torch.device, peak: float, peak_source: str) -> list[str]:
+def start_lines(plan: Plan, *, device: torch.device, peak: float, peak_source: str, cpu_threads: str = "") -> list[str]:
     cfg, d, counts = plan.cfg, plan.dims, plan.param_counts
     lines = [
         f"training {counts['trainable']:,} of {counts['total']:,} parameters{plan.info.describe} on {d.world_size} {device.type} rank(s) "
         f"(pp {d.pp} x dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp}), {plan.accum_steps} "
         f"microbatch(es) per step; MFU against {peak:.2f} TFLOP/s ({peak_source})",
+        *([f"cpu threads: {cpu_threads}"] if cpu_threads else []),
         *plan.info.start_lines,
     ]
     if plan.teacher_args is not None:

@@ -22,7 +22,7 @@ from trainer.checkpoint.paths import checkpoint_root, complete_steps, step_dir
 from trainer.checkpoint.state import (
     CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState,
 )
-from trainer.config import to_yaml
+from trainer.config import load_config, to_yaml
 from trainer.data import PackedLoader
 from trainer.data.prefetch import PrefetchingLoader
 from trainer.distill import DistillLoss, build_teacher
@@ -31,7 +31,7 @@ from trainer.export import export_run
 from trainer.host_memory import retain_freed_memory
 from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
-from trainer.optimizer import Optimizers, clip_grad_norm
+from trainer.optimizer import Optimizers, clip_grad_norm, schedule_change
 from trainer.plan import Plan, load_data
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
@@ -104,7 +104,8 @@ class Trainer:
             start_step=self.step, rank=runtime.rank, fast_flops=fast_flops(plan, model_flops), record=record,
         )
         if runtime.is_main and self.step < cfg.training.steps:
-            for line in start_lines(plan, device=runtime.device, peak=peak, peak_source=peak_source):
+            for line in start_lines(plan, device=runtime.device, peak=peak, peak_source=peak_source,
+                                    cpu_threads=runtime.cpu_threads):
                 print(line, flush=True)
 
     def close(self) -> None:
@@ -156,6 +157,14 @@ class Trainer:
         header = f"# start {number} at {when}, from step {self.step}, on {self.runtime.world_size} rank(s)\n"
         (starts / f"{number:03d}-from-step-{self.step}.yaml").write_text(header + text)
 
+    def _note_schedule_change(self) -> None:
+        """A resume under another training.steps or schedule moves the learning rate at once: said, not hidden."""
+        starts = sorted((self.output_dir / "starts").glob("*.yaml"))
+        if self.step > 0 and starts:
+            note = schedule_change(load_config(starts[-1]), self.cfg, self.step)
+            if note:
+                print(note, flush=True)
+
     def train(self) -> None:
         steps = self.cfg.training.steps
         if self.step >= steps:
@@ -167,6 +176,7 @@ class Trainer:
                 )
             return
         if self.runtime.is_main:
+            self._note_schedule_change()
             self._record_start()
         self.metrics.start_clock()
         while self.step < steps:

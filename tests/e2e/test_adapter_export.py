@@ -1,11 +1,13 @@
 """A trained adapter, exported in PEFT's format, loads with peft onto the exported base and gives the
-same logits as the merged export (which transformers loads on its own)."""
+same logits as the merged export (which transformers loads on its own); `python -m trainer.export` of the
+run's checkpoint later writes the same files."""
 
 import json
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from tests.helpers import run_train
@@ -36,3 +38,21 @@ def test_peft_export_equals_merged_export(tmp_path, kind, nproc, layout):
         merged = LlamaForCausalLM.from_pretrained(export / "hf").eval()(tokens).logits
     assert (with_adapter - base_logits).abs().max() > 1e-3  # the trained adapter changes the model
     assert (with_adapter - merged).abs().max() < 1e-4
+
+    if "checkpoint.enabled=true" in layout:
+        _later_exports_equal_the_runs(tmp_path)
+
+
+def _later_exports_equal_the_runs(run):
+    from trainer.cli import run_command
+    from trainer.export import main as export
+
+    assert run_command(export, [str(run), str(run / "later-merged"), "--dtype", "float32"]) == 0
+    assert run_command(export, [str(run / "checkpoints" / "step-4"), str(run / "later"), "--dtype", "float32", "--peft"]) == 0
+    for ours, later in (("hf", "later-merged"), ("base", "later/base")):
+        a, b = load_file(run / "export" / ours / "model.safetensors"), load_file(run / later / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ours
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (run / "export" / "peft", run / "later" / "peft"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((run / "later" / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((run / "later" / "base").resolve())

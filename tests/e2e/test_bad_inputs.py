@@ -3,7 +3,12 @@ exactly one `error:` line on stderr, no Python traceback anywhere, and the compl
 output directory byte for byte as they were.
 
 The cases run two at a time in a module fixture (most fail in a tenth of a second, before torch is
-imported; the rest after building the plan, reading data or a checkpoint), and each is its own test."""
+imported; the rest after building the plan, reading data or a checkpoint), and each is its own test.
+
+The other commands (trainer.generate, trainer.export, launch, bench, the GPU acceptance script) keep the
+same contract, through trainer/cli.py's run_command as their `__main__` calls it: those cases run in
+this process (torch is imported once, not once per case), launch's with its real train.py children,
+and one case of each command as the real `python -m` process."""
 
 import hashlib
 import os
@@ -16,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, run_train
+from trainer.cli import run_command
 
 CONFIG = ["--config", "configs/debug.yaml"]
 RUN = "{run}"  # replaced by the output directory of a completed 2-step run (checkpoints/step-2)
@@ -163,8 +169,11 @@ CASES = {
     "unknown key": (["training.stepz=5"], "unknown config key 'training.stepz' in training; did you mean 'training.steps'?"),
     "unknown section": (["optimiser.lr=1"], "did you mean 'optimizer'?"),
     "world size without a plan": (["--world-size", "2"], "--world-size plans for that many ranks with --dry-run or --check"),
-    "dry run for zero ranks": (["--dry-run", "--world-size", "0"], "--world-size 0 must be at least 1"),
-    "check for negative ranks": (["--check", "--world-size", "-1"], "--world-size -1 must be at least 1"),
+    "format of the stdlib source": (["data.format=parquet"], "data.format=parquet says how to read local files, but data.source=stdlib"),
+    "machine flag without --check": (["--for-another-machine"], "--nproc-per-node and --for-another-machine go with --check"),
+    "zero ranks per node": (["--check", "--nproc-per-node", "0"], "argument --nproc-per-node: 0 must be at least 1"),
+    "dry run for zero ranks": (["--dry-run", "--world-size", "0"], "argument --world-size: 0 must be at least 1"),
+    "check for negative ranks": (["--check", "--world-size", "-1"], "argument --world-size: -1 must be at least 1"),
     "dry run and check": (["--dry-run", "--check"], "--dry-run and --check are separate"),
     "unknown flag": (["--config", "configs/debug.yaml", "--bogus"], "unrecognized arguments: --bogus"),
     "no config flag": (["RAW", "--dry-run"], "the following arguments are required: --config"),
@@ -198,6 +207,11 @@ def _files(tmp: Path, run: Path) -> dict[str, Path]:
     (tmp / "bad.yaml").write_text("training: [unclosed\n")
     (tmp / "list.yaml").write_text("- a\n- b\n")
     (tmp / "a_file").write_text("not a directory\n")
+    (tmp / "empty_dir").mkdir()
+    (tmp / "full_dir").mkdir()
+    (tmp / "full_dir" / "x").write_text("x")
+    (tmp / "fresh_run").mkdir()  # a run that never saved: its config, no checkpoint
+    shutil.copy(run / "config.yaml", tmp / "fresh_run" / "config.yaml")
     corrupt, truncated = tmp / "corrupt", tmp / "truncated"
     shutil.copytree(run, corrupt)
     (corrupt / "checkpoints" / "step-2" / ".metadata").write_bytes(b"garbage")
@@ -209,6 +223,7 @@ def _files(tmp: Path, run: Path) -> dict[str, Path]:
         "binary": data / "binary.txt", "broken": data / "broken.jsonl", "parquet": data / "garbage.parquet",
         "nofield": data / "nofield.jsonl", "short": data / "short.jsonl", "mixed": data / "mixed",
         "yaml": tmp / "bad.yaml", "list_yaml": tmp / "list.yaml", "corrupt": corrupt, "truncated": truncated,
+        "empty_dir": tmp / "empty_dir", "full_dir": tmp / "full_dir", "fresh_run": tmp / "fresh_run", "tmp": tmp,
     }
 
 
@@ -233,13 +248,17 @@ def _run_case(args: list[str], paths: dict[str, Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
+def paths(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_inputs")
     run = tmp / "run"
-    done = run_train([*CONFIG, "training.steps=2", "checkpoint.interval=2", f"job.output_dir={run}"])
+    done = run_train([*CONFIG, "training.steps=2", "checkpoint.interval=2", "export.hf=true", f"job.output_dir={run}"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "checkpoints" / "step-2" / ".metadata").is_file()
-    paths = _files(tmp, run)
+    return _files(tmp, run)
+
+
+@pytest.fixture(scope="module")
+def outcomes(paths):
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {case: pool.submit(_run_case, args, paths) for case, (args, _) in CASES.items()}
         return {case: future.result() for case, future in futures.items()}
@@ -260,3 +279,103 @@ def test_bad_input(outcomes, case):
     assert any(e in errors[0] for e in ((expected,) if isinstance(expected, str) else expected)), errors[0]
     assert "Traceback" not in output, output[-3000:]
     assert outcome["unchanged"], "the completed checkpoints changed"
+
+
+# The other commands: id -> (module, arguments, a part of the expected error line).
+COMMAND_CASES = {
+    # python -m trainer.generate
+    "generate: no arguments": ("trainer.generate", [], "the following arguments are required: path, --prompt"),
+    "generate: unknown flag": ("trainer.generate", ["{run}", "--prompt", "x", "--beam", "4"], "unrecognized arguments: --beam 4"),
+    "generate: missing path": ("trainer.generate", ["{tmp}/nope", "--prompt", "x"], "nope: no such file or directory; give a run"),
+    "generate: not a checkpoint": ("trainer.generate", ["{empty_dir}", "--prompt", "x"], "cannot tell the format of"),
+    "generate: a text file": ("trainer.generate", ["{txt}", "--prompt", "x"], "cannot tell the format of"),
+    "generate: run without checkpoints": ("trainer.generate", ["{fresh_run}", "--prompt", "x"], "no complete checkpoint"),
+    "generate: corrupt checkpoint": ("trainer.generate", ["{corrupt}/checkpoints/step-2", "--prompt", "x"],
+                                     "step-2/.metadata has 7 bytes where the manifest says"),
+    "generate: truncated checkpoint": ("trainer.generate", ["{truncated}", "--prompt", "x"], "__0_0.distcp has "),
+    "generate: export without tokenizer": ("trainer.generate", ["{run}/export/hf", "--prompt", "x"],
+                                           "holds no tokenizer: give --tokenizer PATH (--tokenizer byte"),
+    "generate: missing tokenizer": ("trainer.generate", ["{run}/export/hf", "--prompt", "x", "--tokenizer", "{tmp}/tok.model"],
+                                    "tokenizer.path: no such file or directory"),
+    "generate: cuda without a GPU": ("trainer.generate", ["{run}", "--prompt", "x", "--device", "cuda"],
+                                     "--device cuda: this machine has no CUDA device; use --device cpu"),
+    "generate: not a device": ("trainer.generate", ["{run}", "--prompt", "x", "--device", "gpu0"], "--device 'gpu0' is not a device"),
+    "generate: zero new tokens": ("trainer.generate", ["{run}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+    "generate: new tokens not a number": ("trainer.generate", ["{run}", "--prompt", "x", "--max-new-tokens", "many"],
+                                          "argument --max-new-tokens: invalid int value: 'many'"),
+    "generate: negative temperature": ("trainer.generate", ["{run}", "--prompt", "x", "--temperature", "-1"], "--temperature -1.0 must be 0"),
+    "generate: top-p zero": ("trainer.generate", ["{run}", "--prompt", "x", "--top-p", "0"], "--top-p 0.0 must lie in (0, 1]"),
+    "generate: negative top-k": ("trainer.generate", ["{run}", "--prompt", "x", "--top-k", "-2"], "--top-k -2 must be 0"),
+    "generate: chat without a template": ("trainer.generate", ["{run}", "--prompt", "x", "--chat"], "--chat needs a tokenizer with a chat template"),
+    "generate: prompt over the model's length": ("trainer.generate", ["{run}", "--prompt", "x" * 1100],
+                                                 "the model's maximum sequence length is 1024"),
+    # python -m trainer.export
+    "export: no arguments": ("trainer.export", [], "the following arguments are required: checkpoint, out_dir"),
+    "export: missing step": ("trainer.export", ["{run}/checkpoints/step-9", "{tmp}/e1"], "step-9: no such directory; give a run's"),
+    "export: not a checkpoint": ("trainer.export", ["{empty_dir}", "{tmp}/e2"], "is not one of our checkpoints (it has no .metadata)"),
+    "export: run without checkpoints": ("trainer.export", ["{fresh_run}", "{tmp}/e3"], "the run has no complete checkpoint"),
+    "export: corrupt metadata": ("trainer.export", ["{corrupt}/checkpoints/step-2", "{tmp}/e4"], ".metadata has 7 bytes where the manifest says"),
+    "export: truncated shard": ("trainer.export", ["{truncated}", "{tmp}/e5"], "__0_0.distcp has "),
+    "export: out is a file": ("trainer.export", ["{run}", "{file}"], "a_file is a file: give a new or empty directory"),
+    "export: out holds files": ("trainer.export", ["{run}", "{full_dir}"], "full_dir holds files already"),
+    "export: out inside the checkpoints": ("trainer.export", ["{run}", "{run}/checkpoints/step-2/hf"], "where checkpoints live"),
+    "export: peft of a full run": ("trainer.export", ["{run}", "{tmp}/e6", "--peft"], "is not an adapter run's checkpoint"),
+    "export: dtype": ("trainer.export", ["{run}", "{tmp}/e7", "--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    # python -m launch
+    "launch: no command": ("launch", [], "the following arguments are required: command"),
+    "launch: unknown command": ("launch", ["remote"], "argument command: invalid choice: 'remote'"),
+    "launch: no config": ("launch", ["local"], "the following arguments are required: --config"),
+    "launch: zero processes": ("launch", ["local", "--nproc", "0", "--config", "configs/debug.yaml"], "argument --nproc: 0 must be at least 1"),
+    "launch: processes not a number": ("launch", ["local", "--nproc", "two", "--config", "configs/debug.yaml"], "'two' is not an integer"),
+    "launch: missing config file": ("launch", ["local", "--config", "nope.yaml"], "config file not found: nope.yaml"),
+    "launch: bad config key": ("launch", ["local", "--config", "configs/debug.yaml", "training.stepz=5"], "did you mean 'training.steps'?"),
+    "launch: output-dir of a bad config": ("launch", ["output-dir", "--config", "{yaml}"], "bad.yaml: not valid YAML"),
+    "launch: bad layout for the ranks": ("launch", ["local", "--nproc", "3", "--config", "configs/debug.yaml", "parallel.tp=2",
+                                                   "job.output_dir={tmp}/l1"], "= 2 do not divide the world size 3"),
+    # python -m bench
+    "bench: zero processes": ("bench", ["--nproc", "0"], "argument --nproc: 0 must be at least 1"),
+    "bench: preset": ("bench", ["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    "bench: method": ("bench", ["--methods", "full,sgd"], "unknown methods or variant groups sgd"),
+    "bench: warmup over steps": ("bench", ["--steps", "3", "--warmup", "5"], "--steps 3 must exceed --warmup 5"),
+    "bench: zero pairs": ("bench", ["--pairs", "0"], "argument --pairs: 0 must be at least 1"),
+    # bash scripts/gpu_acceptance.sh (bench.acceptance)
+    "acceptance: step": ("bench.acceptance", ["--only", "gpu-tests,70b"], "unknown steps 70b"),
+    "acceptance: budget": ("bench.acceptance", ["--budget", "0"], "argument --budget: 0 must be at least 1"),
+    "acceptance: no GPU": ("bench.acceptance", ["--out", "{tmp}/acc"], "no CUDA GPU here; --dry shows the plan"),
+}
+_MAINS = {"trainer.generate": "trainer.generate", "trainer.export": "trainer.export", "launch": "launch.local",
+          "bench": "bench.__main__", "bench.acceptance": "bench.acceptance"}
+
+
+def test_every_command_has_many_cases():
+    assert len(COMMAND_CASES) >= 40 and {m for m, _, _ in COMMAND_CASES.values()} == set(_MAINS)
+
+
+@pytest.mark.parametrize("case", list(COMMAND_CASES))
+def test_bad_command_input(paths, capfd, case):
+    import importlib
+
+    module, args, expected = COMMAND_CASES[case]
+    args = [a.format(**{k: str(v) for k, v in paths.items()}) for a in args]
+    before = _tree_hash(paths["run"])
+    code = run_command(importlib.import_module(_MAINS[module]).main, args)
+    out, err = capfd.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, (out + err)[-3000:]
+    assert len(errors) == 1 and expected in errors[0], err[-3000:]
+    assert "Traceback" not in out + err and "usage:" not in err
+    assert _tree_hash(paths["run"]) == before, "the completed checkpoints changed"
+
+
+@pytest.mark.parametrize("module,args,expected", [
+    ("trainer.generate", ["--device", "cuda", "--prompt", "x", "{run}"], "this machine has no CUDA device"),
+    ("trainer.export", ["{run}", "{file}"], "is a file"),
+    ("launch", ["local", "--nproc", "0", "--config", "configs/debug.yaml"], "0 must be at least 1"),
+    ("bench", ["--nproc", "0"], "0 must be at least 1"),
+], ids=["generate", "export", "launch", "bench"])
+def test_the_real_processes_keep_the_contract(paths, module, args, expected):
+    """`python -m X` as a user runs it: the exit code and the stderr of the process itself."""
+    args = [a.format(**{k: str(v) for k, v in paths.items()}) for a in args]
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -139,9 +139,10 @@ def test_a_flipped_byte_inside_a_tensor_is_refused_at_every_load_and_by_check(ru
     for command in (["--check"], ["--dry-run", f"model.init_from={step4}", "model.flavor=null"]):
         result = run_train([*COMMON, *command, "training.steps=6", f"job.output_dir={copy}"])
         assert result.returncode == 2 and damaged in result.stderr and "Traceback" not in result.stderr, command
-    from trainer.weights.checkpoint_export import main as export
+    from trainer.cli import run_command
+    from trainer.export import main as export
 
-    assert export([str(step4), str(tmp_path / "hf")]) == 2 and not (tmp_path / "hf" / "config.json").exists()
+    assert run_command(export, [str(step4), str(tmp_path / "hf")]) == 2 and not (tmp_path / "hf" / "config.json").exists()
     assert train.main(["--config", "configs/debug.yaml", f"model.init_from={step4}", "model.flavor=null", "--check"]) == 2
     resumed = run_train([*COMMON, "training.steps=6", f"job.output_dir={copy}",
                          f"checkpoint.resume_from={copy / 'checkpoints' / 'step-2'}"])

@@ -30,7 +30,7 @@ def test_pipeline_export_matches_single_process_export(tmp_path):
     # The command-line export of a checkpoint gives exactly the live export.
     cli = tmp_path / "cli"
     subprocess.run(
-        [sys.executable, "-m", "trainer.weights.checkpoint_export", str(tmp_path / "single" / "checkpoints" / "step-4"),
+        [sys.executable, "-m", "trainer.export", str(tmp_path / "single" / "checkpoints" / "step-4"),
          str(cli), "--dtype", "float32"], cwd=REPO, check=True, capture_output=True,
     )
     live = load_file(tmp_path / "single" / "export" / "hf" / "model.safetensors")

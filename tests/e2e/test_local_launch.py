@@ -33,4 +33,4 @@ def test_local_launcher_on_two_cpu_processes(tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("error: training.global_batch_size=8 is not a multiple")
     assert not (out / "logs" / "start-2").exists()
     zero = _launch("--nproc", "0", "--config", "configs/debug.yaml", f"job.output_dir={out}")
-    assert zero.returncode == 2 and zero.stderr.strip() == "error: --nproc 0 must be at least 1"
+    assert zero.returncode == 2 and zero.stderr.strip() == "error: argument --nproc: 0 must be at least 1 (see python -m launch local --help)"

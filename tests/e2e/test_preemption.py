@@ -80,11 +80,16 @@ def test_ctrl_c_to_launch_local_saves_on_every_rank_and_resumes(reference, tmp_p
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
-    proc = start_train([*COMMON, "training.steps=400", f"job.output_dir={tmp_path}"], tmp_path / "log")
+    """The second Ctrl-C lands inside a step (16 microbatches: about a second, so a slow machine cannot
+    finish the step and its save first) and the process exits from the handler: 130, no traceback, the
+    interrupted step not saved."""
+    slow = ["training.global_batch_size=64", "training.local_batch_size=4"]
+    proc = start_train([*COMMON, *slow, "training.steps=400", f"job.output_dir={tmp_path}"], tmp_path / "log")
     wait_until(lambda: "step      2 |" in (tmp_path / "log").read_text(), what="step 2")
     proc.send_signal(signal.SIGINT)
     wait_until(lambda: "interrupted: the step finishes" in (tmp_path / "log").read_text(), what="the first Ctrl-C")
     proc.send_signal(signal.SIGINT)  # two signals of one kind sent at once may arrive as one
     assert proc.wait(timeout=120) == 130
     log = (tmp_path / "log").read_text()
-    assert "Traceback" not in log and "stopped at once by Ctrl-C" in log
+    assert "Traceback" not in log and "stopped at once by Ctrl-C" in log, log[-2000:]
+    assert not list(tmp_path.glob("checkpoints/step-*"))

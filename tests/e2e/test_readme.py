@@ -144,7 +144,7 @@ def test_exports_are_named_and_usable_alone(walkthrough):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for folder in ("base", "hf"):
+    for folder in ("base", "hf", "peft"):
         assert {"tokenizer.model", "tokenizer_config.json"} <= {p.name for p in (export / folder).iterdir()}
         tokenizer = AutoTokenizer.from_pretrained(export / folder)
         reference = sentencepiece.SentencePieceProcessor(model_file=str(export / folder / "tokenizer.model"))
@@ -155,5 +155,40 @@ def test_exports_are_named_and_usable_alone(walkthrough):
 
 def test_sampling_continues_the_prompt(walkthrough):
     _, results = walkthrough
-    text = _find(results, "python -m trainer.generate").stdout
+    text = _find(results, "python -m trainer.generate outputs/stories260k-lora --prompt").stdout
     assert text.startswith("Once upon a time") and len(text.split()) > 8, text
+    # The adapter merged into its base samples what the run's own checkpoint does.
+    assert _find(results, "python -m trainer.generate outputs/stories260k-lora/export/peft").stdout == text
+
+
+def test_every_export_generates_what_transformers_and_peft_generate(walkthrough):
+    """Greedy, from each export directory: our sampler (through the command's own loader) and transformers'
+    `generate` (with peft over the base it names for export/peft), each with the export's own tokenizer."""
+    import stat
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.generate import Sampling, generate, load_for_generation, prompt_ids
+
+    repo, _ = walkthrough
+    export = repo / "outputs" / "stories260k-lora" / "export"
+    for folder in ("hf", "base", "peft"):
+        model, tokenizer = load_for_generation(export / folder)
+        ours = generate(model, prompt_ids(tokenizer, "Once upon a time", chat=False), Sampling(max_new_tokens=24),
+                        stop_ids=(tokenizer.eos_id,))
+        theirs_tokenizer = AutoTokenizer.from_pretrained(export / folder)
+        ids = theirs_tokenizer("Once upon a time", return_tensors="pt").input_ids
+        assert ids[0].tolist() == prompt_ids(tokenizer, "Once upon a time", chat=False), folder  # BOS as in training
+        if folder == "peft":
+            config = json.loads((export / "peft" / "adapter_config.json").read_text())
+            theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
+                                               export / "peft")
+        else:
+            theirs = AutoModelForCausalLM.from_pretrained(export / folder)
+        with torch.no_grad():
+            out = theirs.eval().generate(ids, do_sample=False, max_new_tokens=24, pad_token_id=tokenizer.eos_id)
+        assert out[0, ids.shape[1]:].tolist()[:len(ours)] == ours and len(ours) > 5, folder
+        for path in (export / folder).iterdir():  # readable by the others on a shared machine (umask 022)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -1,6 +1,6 @@
 """The layering the design asks for, read from the source with the standard library's ast: imports flow
 one way between the top-level packages (train.py -> trainer/ -> {fp8/, models/, parallel/} -> torch, and
-launch/ reaches the trainer through its command line only), nothing imports itself back in a cycle
+launch/ reaches the trainer through its command line only, and the shared command-line helper), nothing imports itself back in a cycle
 (module by module, between the trainer's packages, or between top-level packages; imports inside
 functions included), and the seams keep what they promise: a model family lives in its folder, the
 trainer never tests a converter's config keys, functions take the config section they need."""
@@ -21,6 +21,8 @@ LAYERS = {
     "parallel": set(),
     "launch": set(),
 }
+# Modules any package may import: the one command-line contract (standard library only, tested below).
+SHARED = {"trainer.cli", "trainer.errors"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -106,8 +108,22 @@ def test_the_tree_was_read():
 
 def test_top_level_packages_import_only_the_layers_below_them():
     offenders = {f"{m} -> {d}" for m, deps in GRAPH.items() for d in deps
-                 if _top(d) != _top(m) and _top(d) not in LAYERS[_top(m)]}
+                 if _top(d) != _top(m) and _top(d) not in LAYERS[_top(m)] and d not in SHARED}
     assert not offenders, sorted(offenders)
+
+
+def test_the_shared_command_line_helper_imports_the_standard_library_only():
+    """launch/ imports it: it must not pull in the trainer, torch or the config."""
+    import sys
+
+    for name in SHARED:
+        imported = set()
+        for node in ast.walk(MODULES[name]):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module if node.module in SHARED else node.module.split(".")[0])
+        assert imported - SHARED <= set(sys.stdlib_module_names), (name, imported)
 
 
 def test_no_module_import_cycles():

@@ -95,3 +95,33 @@ def test_on_and_off_are_words_not_booleans():
 
     assert [load_config("configs/debug.yaml", [f"metrics.progress={w}"]).metrics.progress for w in ("off", "on", "auto")] == \
         ["off", "on", "auto"]
+
+
+def test_check_holds_the_plan_against_the_machine(capsys):
+    """The 70B QLoRA config on a machine without two GPUs and 50 GiB of host memory: --check says why it
+    cannot run here (or, planning for another machine, says it as a note and passes)."""
+    from trainer.machine_fit import Machine, fit_problems, this_machine
+    from trainer.plan import make_plan
+
+    config = ["--config", "configs/llama3_1_70b_qlora.yaml", "--check", "--world-size", "2"]
+    plan = make_plan(train.load_config(config[1]), 2)
+    cpu_host = Machine(gpus=0, gpu_bytes=0, gpu_name="", host_available=24 * 2**30, cores=2)
+    assert fit_problems(plan, cpu_host, 2) == [
+        "the ranks need about 50.5 GiB of host memory (2 rank(s) x 25.3 GiB, the device's share included: without a "
+        "GPU it is host memory) by the dry run's estimate; 24.0 GiB is available"]
+    one_gpu = Machine(gpus=1, gpu_bytes=24 * 2**30, gpu_name="L4", host_available=256 * 2**30, cores=16)
+    assert fit_problems(plan, one_gpu, 2) == ["2 rank(s) on this host need a GPU each; it has 1"]
+    assert fit_problems(plan, one_gpu, 1) == []  # the other rank on another node
+    small_gpus = Machine(gpus=2, gpu_bytes=4 * 2**30, gpu_name="T4", host_available=30 * 2**30, cores=16)
+    assert [p.split(";")[0] for p in fit_problems(plan, small_gpus, 2)] == [
+        "a rank needs about 5.3 GiB of GPU memory by the dry run's estimate",
+        "the ranks need about 39.9 GiB of host memory (2 x 19.9 GiB offloaded) by the dry run's estimate"]
+
+    if not fit_problems(plan, this_machine(), 2):
+        pytest.skip("this machine could run the 70B QLoRA plan")
+    assert train.main(config) == train.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (torchao's import noise before it, in this process)
+    assert err.startswith("error: this plan cannot run on this machine (") and "--for-another-machine" in err
+    assert train.main([*config, "--for-another-machine"]) == 0
+    out = capsys.readouterr().out
+    assert "check: ok" in out and "note: planned for another machine; this one (" in out

@@ -87,3 +87,19 @@ def test_shape_mismatch_is_reported(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight: shape"):
         _ours(tmp_path / "hf")
+
+
+def test_tied_config_beside_a_head_of_its_own(tmp_path):
+    """tie_word_embeddings=true and an lm_head.weight in the file: the same tensor loads (tied); a different
+    one is refused by name rather than dropped."""
+    from safetensors.torch import load_file, save_file
+
+    _hf_model(tmp_path, tied=False, rope_scaling=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true, but model.safetensors holds its own lm_head.weight"):
+        _ours(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    assert _ours(tmp_path / "hf").args.tie_embeddings

@@ -54,3 +54,16 @@ def test_console_lines_and_progress(tmp_path, capsys):
     _log(tmp_path, "on")
     out = capsys.readouterr().out
     assert "\r[##########" in out and "3/3 loss 0.6667" in out
+
+
+def test_a_resume_that_moves_the_schedule_says_so():
+    """Raising training.steps on a finished run re-stretches the cosine: the start says by how much."""
+    from trainer.config import load_config
+    from trainer.optimizer import schedule_change
+
+    before = load_config("configs/debug.yaml", ["training.steps=200"])
+    assert schedule_change(before, load_config("configs/debug.yaml", ["training.steps=200"]), 200) is None
+    note = schedule_change(before, load_config("configs/debug.yaml", ["training.steps=400"]), 200)
+    # lr 3e-3, warmup 20, min_lr_ratio 0.1: the old schedule ended at 3.0e-4; the new one is not halfway down yet.
+    assert note == ("note: the learning-rate schedule changed since the last start (training.steps 200 -> 400): step 201 "
+                    "trains at lr 1.750e-03 where the earlier schedule gave 3.000e-04, and the schedule now ends at step 400")

@@ -18,6 +18,7 @@ from models import family_of
 from parallel.placement import gather_full
 from trainer.adapters.lora import LoRALinear
 from trainer.config.schema import AdaptersConfig
+from trainer.weights.files import readable
 
 
 def _hf_module(model: nn.Module, name: str) -> str:
@@ -74,6 +75,7 @@ def export_peft(model: nn.Module, cfg: AdaptersConfig, out_dir: Path, base_model
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"))
+    readable(out_dir / "adapter_model.safetensors")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "use_dora": cfg.kind == "dora", "use_rslora": cfg.rslora, "bias": "none",

@@ -71,7 +71,8 @@ class AdapterConverter(ModelConverter):
             export_peft(model, self.cfg, export_dir / "peft", base_model=str(base.resolve()))
             export_hf(model, base, dtype=dtype, tensors=base_named_weights(model), **token_ids)
             written[export_dir / "peft"] = f"PEFT adapter over {base}"
-            written[base] = "Hugging Face checkpoint of the frozen base (dequantized)"
+            q = self.cfg.quantize_base
+            written[base] = "Hugging Face checkpoint of the frozen base" + (f" (dequantized from {q})" if q != "none" else "")
         if self.exports.hf:
             export_hf(model, export_dir / "hf", dtype=dtype, tensors=merged_named_weights(model), **token_ids)
             written[export_dir / "hf"] = "Hugging Face checkpoint, adapters merged"

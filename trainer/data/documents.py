@@ -93,6 +93,9 @@ def _format_of(files: list[str], configured: str) -> str:
 
 
 def load_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
+    if cfg.format != "auto" and (cfg.source == "stdlib" or cfg.source.startswith("hub:")):
+        raise ConfigError(f"data.format={cfg.format} says how to read local files, but data.source={cfg.source} is not "
+                          f"files: leave data.format=auto, or point data.source at your files")
     if cfg.source == "stdlib":
         if cfg.task == "sft":
             raise ConfigError("data.task=sft needs records (data.source: a .json/.jsonl/.parquet file or hub:NAME)")

@@ -1,5 +1,5 @@
 """Writing the model as a Hugging Face checkpoint of its family (its config.json and parameter names come
-from the family's entry): config.json + safetensors."""
+from the family's entry): config.json + safetensors, from a live model or from one of our checkpoints."""
 
 import json
 from collections.abc import Iterable
@@ -9,8 +9,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from models import Decoder, DecoderArgs, family_of
+from models import Decoder, DecoderArgs, build_meta_model, family_of
 from parallel.placement import gather_full
+from trainer.weights.dcp_import import DCPWeights, read_dcp_args
+from trainer.weights.files import readable
 
 
 def write_hf(
@@ -47,6 +49,7 @@ def write_hf(
     for i, (part, keys, _) in enumerate(written):
         file_name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
         part.rename(out_dir / file_name)
+        readable(out_dir / file_name)
         weight_map.update({key: file_name for key in keys})
     if count > 1:
         index = {"metadata": {"total_size": sum(size for _, _, size in written)}, "weight_map": weight_map}
@@ -68,3 +71,13 @@ def export_hf(
     else:
         for _ in gathered:  # the gathers are collectives: every rank runs them in the same order
             pass
+
+
+def export_checkpoint_hf(path: Path, out_dir: Path, dtype: torch.dtype, bos_id=None, eos_id=None) -> None:
+    """From a checkpoint of plain weights in any layout (pipeline stages too), in one process: DCP
+    assembles each parameter from the shards of whatever ranks wrote it, so memory holds one parameter
+    plus one output shard, never the whole model."""
+    args = read_dcp_args(path)
+    shapes = {name: p.shape for name, p in build_meta_model(args).named_parameters()}
+    weights = DCPWeights(path, args, shapes)
+    write_hf(((name, weights.get(name)) for name in shapes), args, out_dir, dtype, bos_id=bos_id, eos_id=eos_id)

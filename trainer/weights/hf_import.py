@@ -61,6 +61,7 @@ class HFWeights:
         self.path, self.where = path, {}
         known = self.names = set(shapes)
         from_hf = family_of(args).hf.from_hf
+        own_head = None
         for file in _safetensors_files(path):
             try:
                 with safe_open(str(file), framework="pt") as handle:
@@ -69,14 +70,29 @@ class HFWeights:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
             for hf_name in hf_names:
                 name = from_hf(hf_name)
-                if name is None or (name == "output.weight" and args.tie_embeddings):
-                    continue  # some tied checkpoints also store lm_head; the embedding is the one we keep
+                if name == "output.weight" and args.tie_embeddings:
+                    own_head = (file, hf_name)  # some tied checkpoints also store it: the same tensor, or else
+                    continue
+                if name is None:
+                    continue
                 if name not in known:
                     raise CheckpointError(f"{file}: tensor {hf_name} has no place in this model")
                 self.where[name] = (file, hf_name)
         missing = sorted(known - set(self.where))
         if missing:
             raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]}")
+        if own_head is not None:
+            self._check_tied_head(*own_head)
+
+    def _check_tied_head(self, file: Path, hf_name: str) -> None:
+        """Tied embeddings beside a head of their own that differs: tying would drop a trained head."""
+        with safe_open(str(file), framework="pt") as handle:
+            head = handle.get_tensor(hf_name)
+        if not torch.equal(head, self.get("tok_embeddings.weight")):
+            raise CheckpointError(
+                f"{self.path}: config.json has tie_word_embeddings=true, but {file.name} holds its own {hf_name}, which "
+                f"differs from the embedding: tying would drop it. Set tie_word_embeddings to false in config.json to keep "
+                f"the head, or remove {hf_name} to tie them")
 
     def label(self, name: str) -> str:
         file, hf_name = self.where[name]
