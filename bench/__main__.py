@@ -146,10 +146,8 @@ def compare(args, p: Preset, checkpoint: Path | None, methods: list[str]) -> dic
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    from parallel.library_patches import quiet_import_noise
-
-    quiet_import_noise()
+def parse_args(argv: list[str]):
+    """The command line, checked (the docs test parses every documented bench command with it)."""
     parser = Parser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu-small")
     parser.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)} (default: the preset's)")
@@ -179,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                      f"variant groups: {', '.join(variants.GROUPS)})")
     if args.warmup >= args.steps:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup} (the warm-up steps are not timed)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from parallel.library_patches import quiet_import_noise
+
+    quiet_import_noise()
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    p = PRESETS[args.preset]
+    methods = args.methods.split(",") if args.methods else list(p.methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"

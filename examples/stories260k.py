@@ -7,7 +7,9 @@ Fine-tuning it is the same trainer (it was trained on stories each starting with
     train.py --config configs/debug.yaml model.flavor=null
         model.init_from=../shared/data/models/stories260K/stories260K.bin
         tokenizer.kind=auto tokenizer.path=../shared/data/tokenizers/tok512/tok512.model
-        data.source=YOUR_TEXT.txt data.add_eos=false
+        data.source=YOUR_TEXT.txt data.text_sample_by=paragraph data.add_eos=false
+(one document per blank-line-separated paragraph; a whole file is one document, too few for the 8 data
+streams of the config.)
 """
 
 import argparse

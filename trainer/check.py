@@ -9,6 +9,7 @@ from pathlib import Path
 from trainer.checkpoint.manager import check_fits, read_metadata, resume_path
 from trainer.checkpoint.paths import checkpoint_root
 from trainer.checkpoint.state import ModelState
+from trainer.data.documents import check_num_streams
 from trainer.errors import UserError
 from trainer.machine_fit import Machine, fit_problems
 from trainer.plan import Plan, load_data
@@ -26,6 +27,7 @@ def check_run(plan: Plan, machine: Machine | None = None, ranks_here: int | None
                             f"Change the layout, batch or model, or add --for-another-machine to check it for another one")
         notes = [f"note: planned for another machine; this one ({machine.describe()}) could not run it: {p}" for p in problems]
     docs, held_out = load_data(plan)
+    check_num_streams(docs, cfg.data.num_streams, cfg.data.text_sample_by)  # what the loader would refuse
     start = "a fresh start at step 0"
     root = checkpoint_root(Path(cfg.job.output_dir))
     path = None if cfg.checkpoint.create_seed else resume_path(cfg.checkpoint, root)

@@ -114,7 +114,8 @@ def test_a_finished_run_says_there_is_nothing_to_train(walkthrough):
 
 def test_each_example_has_its_own_output_dir(walkthrough):
     repo, results = walkthrough
-    two_ranks = _find(results, "torchrun --nproc_per_node 2")
+    two_ranks = _find(results, "launch local --nproc 2")
+    assert "launch: 2 process(es), OMP_NUM_THREADS=" in two_ranks.stdout
     assert "check: ok: outputs/debug-2ranks on 2 rank(s)" in two_ranks.stdout
     assert "resumed from" not in two_ranks.stdout
     assert (repo / "outputs" / "debug-2ranks" / "checkpoints" / "step-50").is_dir()

@@ -211,9 +211,11 @@ def _field(cfg: DataConfig) -> str | None:
     return None if cfg.task == "sft" else cfg.text_field
 
 
-def check_num_streams(docs, num_streams: int) -> None:
+def check_num_streams(docs, num_streams: int, text_sample_by: str = "") -> None:
     if len(docs) < num_streams:
+        text = text_sample_by == "document" and str(docs.name).endswith(".txt")
+        split = ", or split the text into more documents: data.text_sample_by=paragraph (blank-line separated) or line" if text else ""
         raise ConfigError(
             f"{docs.name} has {len(docs)} documents, fewer than data.num_streams={num_streams}; "
-            f"lower data.num_streams (it must stay a multiple of the data-parallel size)"
+            f"lower data.num_streams (it must stay a multiple of the data-parallel size){split}"
         )

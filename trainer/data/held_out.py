@@ -62,7 +62,7 @@ def training_and_eval_documents(data: DataConfig, e: EvalConfig, load_documents)
 def check_eval_tokens(docs, tokenizer, data: DataConfig, seq_len: int) -> None:
     """The held-out documents fill the validation batches' streams (messages say which data is short)."""
     try:
-        check_num_streams(docs, data.num_streams)
+        check_num_streams(docs, data.num_streams, data.text_sample_by)
         check_enough_tokens(docs, tokenizer, data, seq_len)
     except UserError as err:
         raise type(err)(f"eval: {err}") from None

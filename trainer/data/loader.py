@@ -43,7 +43,7 @@ class PackedLoader:
         self, docs, tokenizer, cfg: DataConfig, seq_len: int, local_batch_size: int, dp_rank: int, dp_size: int,
         seed: int,
     ):
-        check_num_streams(docs, cfg.num_streams)
+        check_num_streams(docs, cfg.num_streams, cfg.text_sample_by)
         self.docs, self.seq_len, self.batch_size = docs, seq_len, local_batch_size
         self.dp_rank, self.dp_size, self.num_streams = dp_rank, dp_size, cfg.num_streams
         tokenize = make_tokenize(docs, tokenizer, cfg)
