@@ -75,9 +75,11 @@ def announce(written: dict[Path, str], tokenizer: TokenizerConfig | None, dtype:
     """The tokenizer into every directory written (a PEFT adapter's too, so that each is usable on its
     own), and one line for each."""
     for path, what in written.items():
-        files = export_tokenizer(tokenizer, path) if tokenizer is not None else []
-        note = (f", tokenizer {' '.join(files)}" if files else ", no tokenizer: the run's config.yaml was not found"
-                if tokenizer is None else ", no tokenizer file (the byte tokenizer has none)")
+        if tokenizer is None:
+            note = ", no tokenizer: the run's config.yaml was not found"
+        else:
+            files = export_tokenizer(tokenizer, path)
+            note = f", tokenizer {' '.join(files)}" if files else ", no tokenizer file (the byte tokenizer has none)"
         print(f"export: {path}: {what} ({dtype}{note})", flush=True)
 
 

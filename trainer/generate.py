@@ -123,8 +123,14 @@ def load_for_generation(path: str | Path, tokenizer_path: str | None = None, dev
 
 
 def _has_tokenizer(path: Path) -> bool:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "encoder.json", "vocab.json")
-    return path.is_dir() and any((path / name).is_file() for name in names)
+    """A tokenizer the tokenizer builder would find in this directory."""
+    from trainer.errors import ConfigError
+    from trainer.tokenizer import detect_kind
+
+    try:
+        return path.is_dir() and bool(detect_kind(path))
+    except ConfigError:
+        return False
 
 
 def _device(name: str) -> str:
