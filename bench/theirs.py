@@ -67,7 +67,7 @@ def main() -> None:
 
     def one_step() -> None:
         t0 = now()
-        inputs, labels = (t.to(device) for t in loader.next_batch())
+        inputs, labels, _ = (t.to(device) for t in loader.next_batch())
         t1 = now()
         logits = model(input_ids=inputs).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())

@@ -22,6 +22,7 @@ _SAVE_OPS = {
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops.higher_order.flex_attention,  # document attention on CUDA with compile
 }
 
 
@@ -33,9 +34,9 @@ def _checkpoint_forward(block: nn.Module, context_fn=None) -> None:
     inner = block.forward
     kwargs = {"context_fn": context_fn} if context_fn is not None else {}
 
-    def forward(*args):
+    def forward(*args, **block_kwargs):  # keywords: a block's cache, start and attention mask
         # preserve_rng_state=False: the blocks use no randomness, and saving RNG state costs a sync on CUDA.
-        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        return checkpoint(inner, *args, **block_kwargs, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
     block.forward = forward
 

@@ -61,6 +61,7 @@ def build_model(plan: Plan, *, meshes: Meshes, precision: Precision, device: tor
             materialize=materialize,
         )
         part.train()
+        part.attention_kernel = plan.attention_kernel
         if plan.chunked_loss and part.norm is not None:  # the last stage (on the last pipeline rank)
             # It stops at the final norm; the loss projects, chunk by chunk (trainer/loss.py).
             part.project = False

@@ -32,8 +32,10 @@ class TokenLoss:
         self.scale = scale
         self.summed = torch.zeros((), device=device)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """The scaled loss of one microbatch, to call backward on (`inputs` serve losses that read them).
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None,
+                 documents: torch.Tensor | None = None) -> torch.Tensor:
+        """The scaled loss of one microbatch, to call backward on (`inputs` and `documents` serve losses
+        that run a model of their own: distillation's teacher).
         With a head, `logits` are the final hidden states."""
         if self.head is not None:
             return chunked_cross_entropy(logits, self.head(), labels, self.chunk_tokens) * self.scale

@@ -40,6 +40,8 @@ class Plan:
     param_counts: dict[str, int]  # of the converted model: total, trainable, non_embedding
     teacher_args: DecoderArgs | None = None  # the distillation teacher's shape (None: no distillation)
     chunked_loss: bool = False  # the loss projects the final hidden states itself, chunk by chunk
+    attention: str = "causal"  # data.attention resolved: causal or document
+    attention_kernel: str = "sdpa"  # for document masks: sdpa, or flex (CUDA with compile on)
 
     @property
     def trainable_only(self) -> bool:
@@ -76,10 +78,16 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         )
     if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and torch.cuda.is_available()):
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
+    attention = cfg.data.attention
+    if attention == "auto":
+        attention = "document" if cfg.data.task == "sft" else "causal"
+    # FlexAttention is fast only compiled, and has no backward on CPU; SDPA's boolean mask serves elsewhere.
+    kernel = "flex" if attention == "document" and cfg.compile.enabled and torch.cuda.is_available() else "sdpa"
     return Plan(cfg=cfg, dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches,
                 num_stages=dims.num_stages(stages_per_rank(cfg.parallel)), tokenizer=tokenizer, family=family,
                 model_args=model_args, base_shapes=base_shapes, meta=meta, converters=converters,
-                info=ConverterInfo.combine(infos), param_counts=count_params(meta), teacher_args=teacher_args, chunked_loss=chunked_loss)
+                info=ConverterInfo.combine(infos), param_counts=count_params(meta), teacher_args=teacher_args, chunked_loss=chunked_loss,
+                attention=attention, attention_kernel=kernel)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -23,6 +23,10 @@ def start_lines(plan: Plan, *, device: torch.device, peak: float, peak_source: s
         *([f"cpu threads: {cpu_threads}"] if cpu_threads else []),
         *plan.info.start_lines,
     ]
+    if plan.attention == "document":
+        kernel = "FlexAttention, compiled" if plan.attention_kernel == "flex" else "SDPA with a boolean mask"
+        lines.append(f"attention: document (each token sees only its own document in a packed window, RoPE positions "
+                     f"restarting at each; {kernel})")
     if plan.teacher_args is not None:
         teacher = sum(p.numel() for p in build_meta_model(plan.teacher_args).parameters())
         lines.append(f"distilling from {cfg.distill.teacher} ({teacher:,} frozen parameters, forward only, sharded like "

@@ -24,6 +24,7 @@ from trainer.checkpoint.state import (
 )
 from trainer.config import load_config, to_yaml
 from trainer.data import PackedLoader
+from trainer.data.loader import Batch
 from trainer.data.prefetch import PrefetchingLoader
 from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
@@ -212,7 +213,7 @@ class Trainer:
         lr = self.optimizers.lr
         loss, grad_norm = self.train_step(microbatches)
         self.step += 1
-        local_tokens = sum(inputs.numel() for inputs, _ in microbatches)
+        local_tokens = sum(batch.inputs.numel() for batch in microbatches)
         self.counters.step = self.step
         self.counters.tokens += local_tokens * self.dims.dp_size
         step_time = time.perf_counter() - start
@@ -249,17 +250,17 @@ class Trainer:
             f"training.max_norm clipping on, then start again"
         )
 
-    def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    def train_step(self, microbatches: list[Batch]) -> tuple[float, float]:
         """One optimizer step over the microbatches; returns (global mean loss per token, grad norm)."""
         self.optimizers.zero_grad()
         # Normalise by the number of label tokens in the whole global batch, so that a step's gradient
         # is the same however the batch is split into ranks and microbatches (and right under masking).
-        local_tokens = sum(int(TokenLoss.count(labels)) for _, labels in microbatches)
+        local_tokens = sum(int(TokenLoss.count(batch.labels)) for batch in microbatches)
         global_tokens = self._sum(torch.tensor(float(local_tokens)), over_pp=False).item()
         # FSDP averages gradients over the data-parallel ranks; scaling by their number undoes that mean.
         self.loss_fn.start(scale=self.dims.dp_size / global_tokens, device=self.runtime.device)
-        for inputs, labels in microbatches:
-            self.forward_backward(inputs.to(self.runtime.device), labels.to(self.runtime.device))
+        for batch in microbatches:
+            self.forward_backward(batch)
         with self.phases.phase("optimizer"):
             grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=self.meshes.pp.group)
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
@@ -277,31 +278,37 @@ class Trainer:
                     converter.after_optimizer_step(self.model_parts)
         return loss, grad_norm
 
-    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLoss | None = None,
-                         backward: bool = True) -> None:
+    def forward_backward(self, batch: Batch, loss_fn: TokenLoss | None = None, backward: bool = True) -> None:
         """One microbatch into `loss_fn` (the training loss unless given; a pipeline's is its own)."""
         loss_fn = loss_fn or self.loss_fn
+        device = self.runtime.device
+        inputs, labels = batch.inputs.to(device), batch.labels.to(device)
+        # Document ids reach the model only when documents are kept apart: the causal path stays SDPA's own.
+        documents = batch.documents.to(device) if self.plan.attention == "document" else None
         # autocast covers the pipeline's backward too: the schedule runs both in one call.
-        with self.loss_context(), self.precision.autocast(self.runtime.device, fsdp=self.uses_fsdp):
+        with self.loss_context(), self.precision.autocast(device, fsdp=self.uses_fsdp):
             if self.schedule is not None:
                 with self.phases.phase("forward"):
-                    self._pipeline_forward_backward(inputs, labels, backward)
+                    self._pipeline_forward_backward(inputs, labels, documents, backward)
                 return
             with self.phases.phase("forward"):
-                logits = self.model_parts[0](inputs)
-                loss = loss_fn(logits, labels, inputs=inputs)
+                logits = self.model_parts[0](inputs, documents=documents)
+                loss = loss_fn(logits, labels, inputs=inputs, documents=documents)
             if backward:
                 with self.phases.phase("backward"):
                     loss.backward()
             loss_fn.record(loss)
 
-    def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool) -> None:
+    def _pipeline_forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, documents: torch.Tensor | None,
+                                   backward: bool) -> None:
         """The schedule splits the batch into pp microbatches and runs the loss (and its backward) itself."""
         # Stage 0 is on pipeline rank 0 and the last stage on the last rank, for every schedule.
         pp_rank = self.meshes.pp.local_rank
         args = (inputs,) if pp_rank == 0 else ()
         losses: list[torch.Tensor] = []
         kwargs = {"target": labels, "losses": losses} if pp_rank == self.dims.pp - 1 else {}
+        if documents is not None:  # every stage's attention reads them, split into microbatches alike
+            kwargs["documents"] = documents
         (self.schedule.step if backward else self.schedule.eval)(*args, **kwargs)
         for loss in losses:
             self.loss_fn.record(loss)
@@ -316,9 +323,9 @@ class Trainer:
         loss_fn = self.loss_fn.plain()
         loss_fn.start(scale=1.0, device=self.runtime.device)
         tokens = 0
-        for inputs, labels in self.validation.batches:
-            tokens += int(TokenLoss.count(labels))
-            self.forward_backward(inputs.to(self.runtime.device), labels.to(self.runtime.device), loss_fn, backward=False)
+        for batch in self.validation.batches:
+            tokens += int(TokenLoss.count(batch.labels))
+            self.forward_backward(batch, loss_fn, backward=False)
         count = self._sum(torch.tensor(float(tokens)), over_pp=False).item()
         loss = self._sum(loss_fn.summed, over_pp=True).item() / count
         samples = []

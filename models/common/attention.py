@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common.kv_cache import LayerCache
+from models.common.masking import WindowMask
 from models.common.rope import apply_rope
 
 
@@ -24,12 +25,13 @@ class Attention(nn.Module):
         return q, k
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, mask: WindowMask | None = None) -> torch.Tensor:
         """cos/sin are the whole RoPE tables: sliced here, where the full sequence length is known even
         when the residual stream around this module is split over sequence-parallel ranks. With a cache
-        (generation), x holds the positions from `start` on and attends to the cached ones as well."""
+        (generation), x holds the positions from `start` on and attends to the cached ones as well. With
+        a mask (packed documents, context parallelism), the mask says the positions and the keys."""
         batch, seq, _ = x.shape
-        cos, sin = cos[start : start + seq], sin[start : start + seq]
+        cos, sin = mask.rope(cos, sin) if mask is not None else (cos[start : start + seq], sin[start : start + seq])
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
@@ -37,14 +39,16 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
-        if cache is not None:
-            k, v = cache.append(k, v)
-            # Query i (position start + i) sees keys 0 .. start + i; the causal mask, shifted by start.
-            mask = torch.ones(seq, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
-        repeats = q.shape[1] // k.shape[1]
-        if repeats > 1:  # grouped-query attention: each kv head serves `repeats` query heads
-            k = k.repeat_interleave(repeats, dim=1)
-            v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if mask is not None:
+            out = mask.attend(q, k, v)
+        else:
+            causal = None
+            if cache is not None:
+                k, v = cache.append(k, v)
+                # Query i (position start + i) sees keys 0 .. start + i; the causal mask, shifted by start.
+                causal = torch.ones(seq, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
+            # Grouped-query attention: each kv head serves several query heads, read in place by SDPA
+            # (enable_gqa) rather than repeated into copies (docs/performance.md measures the saving).
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))

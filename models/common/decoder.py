@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common.kv_cache import KVCache
+from models.common.masking import WindowMask
 from models.common.rope import rope_tables
 
 
@@ -32,6 +33,12 @@ class Decoder(nn.Module):
         # False: forward stops at the final norm and the loss projects onto the vocabulary itself, a
         # chunk of tokens at a time (trainer/loss.py), so the whole batch's logits never exist.
         self.project = True
+        # How attention over packed documents runs: "sdpa" (a boolean mask; every device, with gradients)
+        # or "flex" (FlexAttention's block mask; the trainer picks it on CUDA with compile on).
+        self.attention_kernel = "sdpa"
+        # Context parallelism (parallel/cp.py): which part of each sequence this rank holds, and the
+        # gathering of every rank's keys and values. None: the rank holds whole sequences.
+        self.context_parallel = None
         # Derived from args, never saved: rebuilt by init_buffers() after the model leaves the meta device.
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
@@ -43,14 +50,19 @@ class Decoder(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab). A pipeline stage holds a subset of the
         modules (the others are None): it then maps hidden states to hidden states. With a cache
-        (generation, one process), tokens continue what the cache has seen, and extend it."""
+        (generation, one process), tokens continue what the cache has seen, and extend it. `documents`
+        (batch, window): the document id of every token of the packed windows, each document attending
+        only to itself; the whole windows even when this rank holds a context-parallel slice of them."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if cache is None:
+            mask = self.window_mask(documents, tokens.shape[1], h.device)
+            extra = {} if mask is None else {"mask": mask}  # blocks of other families may not take one
             for layer in self.layers.values():
-                h = layer(h, self.rope_cos, self.rope_sin)
+                h = layer(h, self.rope_cos, self.rope_sin, **extra)
         else:
             for layer_id, layer in self.layers.items():
                 h = layer(h, self.rope_cos, self.rope_sin, cache=cache.layers[layer_id], start=cache.length)
@@ -63,6 +75,17 @@ class Decoder(nn.Module):
         if self.args.tie_embeddings:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
+
+    def window_mask(self, documents: torch.Tensor | None, seq: int, device) -> WindowMask | None:
+        """What attention needs beyond plain causal attention over whole sequences (None when nothing)."""
+        cp = self.context_parallel
+        if cp is None:
+            if documents is None:
+                return None
+            return WindowMask.build(documents, seq=seq, kernel=self.attention_kernel)
+        window = seq * cp.size
+        return WindowMask.build(documents, seq=seq, kernel=self.attention_kernel, q_index=cp.query_index(window, device),
+                                kv_index=cp.key_index(window, device), gather=cp.gather, device=device)
 
     def head_weight(self) -> torch.Tensor:
         """The output projection's weight (the embedding's when tied). Read right after forward, under

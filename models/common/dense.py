@@ -10,6 +10,7 @@ from torch import nn
 
 from models.common.attention import Attention
 from models.common.kv_cache import LayerCache
+from models.common.masking import WindowMask
 
 
 class FeedForward(nn.Module):
@@ -34,9 +35,9 @@ class DenseBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, mask: WindowMask | None = None) -> torch.Tensor:
         # Keywords: tensor parallelism's input preparation counts the positional inputs.
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, start=start)
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, start=start, mask=mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -48,7 +48,10 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScal
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), or (batch or 1, seq, head_dim) for
+    positions of their own per sequence (packed documents, a context-parallel slice)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

@@ -4,12 +4,17 @@ Each layout is a real torchrun job of gloo ranks on CPU training the debug model
 largest difference per layout is printed (pytest -s) for the record. Each run also validates after its
 last step, and its validation loss is checked against a plain forward of its own final checkpoint over
 the same held-out windows, in this process.
+
+Layouts marked DOCUMENT train with document attention on Tiny Shakespeare's speeches (several per
+window) against a single process doing the same; tests/unit/test_document_attention.py holds that single
+process to each document run alone.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import _shared
 from tests.helpers import run_train, tensorboard_scalars
 from trainer.config import load_config
 from trainer.data import PackedLoader, load_documents
@@ -24,25 +29,42 @@ COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.
 LAYOUTS = {
     "dp_shard=2": (2, []),
     "tp=2 (SP, loss parallel)": (2, ["parallel.tp=2"]),
-    "tp=2 (no loss parallel)": (2, ["parallel.tp=2", "parallel.loss_parallel=false"]),
+    "tp=2 (no loss parallel), document": (2, ["parallel.tp=2", "parallel.loss_parallel=false"]),
     # Whole logits on the last stage: the 1f1b run below (chunked, the default) is checked against it.
     "pp=2 gpipe, whole logits": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe", "training.chunked_loss=never"]),
     "pp=2 1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "training.loss_chunk_tokens=100"]),
-    "pp=2 interleaved_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
-    "dp2 x tp2": (4, ["parallel.tp=2"]),
+    "pp=2 interleaved_1f1b, document": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
+    "dp2 x tp2, document": (4, ["parallel.tp=2"]),
     "hsdp 2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "training.local_batch_size=2"]),
     "pp2 x tp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
-    "pp2 x dp2": (4, ["parallel.pp=2"]),
+    "pp2 x dp2, document": (4, ["parallel.pp=2"]),
 }
 
 
+def _attention(layout: str) -> list[str]:
+    """Document layouts: speeches of Tiny Shakespeare, several to a window, each attending to itself."""
+    if not layout.endswith("document"):
+        return []
+    text = _shared("text/tinyshakespeare/input.txt")
+    return [f"data.source={text}", "data.text_sample_by=paragraph", "data.attention=document"]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    result = run_train([*COMMON, f"job.output_dir={out}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    _check_eval_loss(out, dp=1)
-    return {tag: tensorboard_scalars(out, tag) for tag in ("loss/train", "grad_norm")}
+def references(tmp_path_factory):
+    """attention ("causal" or "document") -> the single process's scalars, each run once per module."""
+    runs = {}
+
+    def reference(layout: str):
+        kind = "document" if layout.endswith("document") else "causal"
+        if kind not in runs:
+            out = tmp_path_factory.mktemp(f"single-{kind}")
+            result = run_train([*COMMON, f"job.output_dir={out}", *_attention(layout)])
+            assert result.returncode == 0, result.stderr[-3000:]
+            _check_eval_loss(out, dp=1)
+            runs[kind] = {tag: tensorboard_scalars(out, tag) for tag in ("loss/train", "grad_norm")}
+        return runs[kind]
+
+    return reference
 
 
 def _check_eval_loss(out, dp: int) -> None:
@@ -56,8 +78,8 @@ def _check_eval_loss(out, dp: int) -> None:
     total, count = 0.0, 0
     with torch.no_grad():
         for _ in range(cfg.eval.steps):
-            inputs, labels = loader.next_batch()
-            logits = model(inputs).float()
+            inputs, labels, documents = loader.next_batch()
+            logits = model(inputs, documents=documents if cfg.data.attention == "document" else None).float()
             total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
             count += int((labels >= 0).sum())
     logged = tensorboard_scalars(out, "eval/loss")
@@ -75,7 +97,7 @@ def layout_run(tmp_path_factory):
         if layout not in runs:
             nproc, overrides = LAYOUTS[layout]
             out = tmp_path_factory.mktemp("layout")
-            result = run_train([*COMMON, f"job.output_dir={out}", *overrides], nproc=nproc)
+            result = run_train([*COMMON, f"job.output_dir={out}", *overrides, *_attention(layout)], nproc=nproc)
             assert result.returncode == 0, result.stderr[-3000:]
             runs[layout] = out
         return runs[layout]
@@ -84,8 +106,9 @@ def layout_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(reference, layout_run, layout):
+def test_layout_matches_single_process(references, layout_run, layout):
     nproc = LAYOUTS[layout][0]
+    reference = references(layout)
     out = layout_run(layout)
     loss = tensorboard_scalars(out, "loss/train")
     norms = tensorboard_scalars(out, "grad_norm")

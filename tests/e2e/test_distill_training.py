@@ -51,10 +51,11 @@ def test_distilled_student_beats_the_cross_entropy_student_and_shards(shared, tm
 
 def test_a_lora_student_learns_from_a_4bit_teacher_on_two_ranks(shared, tmp_path):
     """Adapters over a frozen (here seeded) base, with the reverse KL, from a teacher whose block linears
-    are torchao NF4, sharded by FSDP2 over 2 ranks like the student."""
+    are torchao NF4, sharded by FSDP2 over 2 ranks like the student; stories kept apart in their windows
+    (data.attention=document), the teacher seeing the same masks."""
     args = _args(shared, tmp_path, f"distill.teacher={shared('models/stories260K/stories260K.bin')}",
                  "distill.kd_ratio=0.5", "distill.loss=reverse", "distill.teacher_quantize=nf4",
-                 "adapters.kind=lora", "adapters.rank=8")
+                 "adapters.kind=lora", "adapters.rank=8", "data.attention=document")
     args[args.index(f"training.steps={STEPS}")] = "training.steps=20"
     args[args.index(f"eval.every={STEPS}")] = "eval.every=20"
     result = run_train(args, nproc=2)

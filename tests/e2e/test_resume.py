@@ -1,15 +1,24 @@
-"""Exact resume after kill -9, crash safety of async saves, and resharded resume, with real processes."""
+"""Exact resume after kill -9, crash safety of async saves, and resharded resume, with real processes.
+
+The resumed runs keep documents apart (data.attention=document over Tiny Shakespeare's speeches, several
+to a window), so the saved data position carries where the documents of a half-filled window begin."""
 
 import json
 import signal
 
 import pytest
 
+from tests.conftest import _shared
 from tests.helpers import kill_tree, run_train, start_train, tensorboard_scalars, wait_until
 
 STEPS = 20
-COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=10",
-          "eval.every=5", "eval.split_fraction=0.05", "eval.steps=1"]  # validation on: it must not disturb a resume
+BASE = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=10",
+        "eval.every=5", "eval.split_fraction=0.05", "eval.steps=1"]  # validation on: it must not disturb a resume
+
+
+def _common() -> list[str]:
+    text = _shared("text/tinyshakespeare/input.txt")
+    return [*BASE, f"data.source={text}", "data.text_sample_by=paragraph", "data.attention=document"]
 
 
 def _samples(output_dir, world):
@@ -28,13 +37,13 @@ def _samples(output_dir, world):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_train([*COMMON, "job.deterministic=true", "metrics.log_samples=true", f"job.output_dir={out}"], nproc=2)
+    result = run_train([*_common(), "job.deterministic=true", "metrics.log_samples=true", f"job.output_dir={out}"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
-    args = [*COMMON, "job.deterministic=true", "metrics.log_samples=true", f"job.output_dir={tmp_path}"]
+    args = [*_common(), "job.deterministic=true", "metrics.log_samples=true", f"job.output_dir={tmp_path}"]
     proc = start_train(args, tmp_path / "first.log", nproc=2)
     # Past the step-10 checkpoint, at whatever step the run has reached by then.
     wait_until(lambda: (tmp_path / "checkpoints" / "step-10").is_dir(), what="the step-10 checkpoint")
@@ -60,7 +69,7 @@ def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
 @pytest.mark.parametrize("world,extra", [(1, []), (4, ["training.local_batch_size=2"]), (4, ["parallel.tp=2"])])
 def test_resharded_resume(uninterrupted, tmp_path, world, extra):
     step10 = uninterrupted / "checkpoints" / "step-10"
-    args = [*COMMON, f"job.output_dir={tmp_path}", f"checkpoint.resume_from={step10}", *extra]
+    args = [*_common(), f"job.output_dir={tmp_path}", f"checkpoint.resume_from={step10}", *extra]
     result = run_train(args, nproc=world)
     assert result.returncode == 0, result.stderr[-3000:]
     want = tensorboard_scalars(uninterrupted, "loss/train")

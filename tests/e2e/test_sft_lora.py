@@ -64,7 +64,7 @@ def test_qlora_sft_of_stories260k_exports_what_peft_loads(shared, tmp_path):
 
 def _check_sft_validation(run, model):
     """The validation loss of the final step is the cross-entropy of the assistant tokens alone of the
-    held-out records, through the 4-bit base and its adapters."""
+    held-out records, each record attending only to itself, through the 4-bit base and its adapters."""
     import torch
     import torch.nn.functional as F
 
@@ -82,8 +82,10 @@ def _check_sft_validation(run, model):
     total, count, masked = 0.0, 0, 0
     with torch.no_grad():
         for _ in range(cfg.eval.steps):
-            inputs, labels = loader.next_batch()
-            total += F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), reduction="sum").item()
+            # SFT keeps each record to itself (data.attention=auto is document for sft): so does this forward.
+            inputs, labels, documents = loader.next_batch()
+            logits = model(inputs, documents=documents)
+            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
             count += int((labels != IGNORE_INDEX).sum())
             masked += int((labels == IGNORE_INDEX).sum())
     logged = tensorboard_scalars(run, "eval/loss")[20]

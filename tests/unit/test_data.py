@@ -23,7 +23,7 @@ def test_windows_are_the_documents_back_to_back(shared):
     docs = load_documents(DataConfig(source=str(shared("text/c4/c4_demo.jsonl"))))
     assert len(docs) == 300
     loader = _loader(docs, batch=4, shuffle=False, num_streams=1)
-    inputs, labels = loader.next_batch()
+    inputs, labels, _ = loader.next_batch()
     assert inputs.shape == labels.shape == (4, 64)
     assert torch.equal(inputs[:, 1:], labels[:, :-1])  # labels are the inputs shifted by one
     stream = torch.cat([torch.cat([x[:1], y]) for x, y in zip(inputs, labels)]).tolist()
@@ -58,8 +58,8 @@ def test_state_round_trip_continues_exactly(shared):
     b = _loader(docs, seq_len=500)
     b.load_state_dict(state)
     for _ in range(20):  # long enough to cross document and epoch boundaries in some streams
-        xa, _ = a.next_batch()
-        xb, _ = b.next_batch()
+        xa, _, _ = a.next_batch()
+        xb, _, _ = b.next_batch()
         assert torch.equal(xa, xb) and a.last_ids == b.last_ids
 
 
@@ -94,8 +94,8 @@ def test_prefetching_gives_the_same_batches_and_positions(shared):
     plain, ahead = _loader(docs, seq_len=500), PrefetchingLoader(_loader(docs, seq_len=500), depth=3)
     try:
         for _ in range(5):
-            xa, _ = plain.next_batch()
-            xb, _ = ahead.next_batch()
+            xa, _, _ = plain.next_batch()
+            xb, _, _ = ahead.next_batch()
             assert torch.equal(xa, xb) and plain.last_ids == ahead.last_ids
         time.sleep(0.2)  # let the thread run ahead
         assert ahead.state_dict() == plain.state_dict()
@@ -107,8 +107,8 @@ def test_prefetching_gives_the_same_batches_and_positions(shared):
         restored = _loader(docs, seq_len=500)
         restored.load_state_dict(state)
         for _ in range(20):
-            xa, _ = restored.next_batch()
-            xb, _ = ahead.next_batch()
+            xa, _, _ = restored.next_batch()
+            xb, _, _ = ahead.next_batch()
             assert torch.equal(xa, xb) and restored.last_ids == ahead.last_ids
     finally:
         ahead.close()

@@ -71,3 +71,26 @@ def test_validation_measures_cross_entropy_only():
     plain.start(scale=1.0, device=torch.device("cpu"))
     expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
     assert abs(plain(logits, labels).item() - expected.item()) < 1e-6 and plain.plain() is plain
+
+
+def test_the_teacher_sees_the_students_document_masks():
+    """With document attention the teacher runs on the same packed windows with the same document ids:
+    the KL against a teacher whose documents are kept apart, not one that reads across them."""
+    from tests.helpers import build_adapted, flavor_args
+    from trainer.config.schema import AdaptersConfig
+
+    teacher = build_adapted(flavor_args("debug", vocab_size=VOCAB, max_seq_len=64), AdaptersConfig(), init_from=None,
+                            seed=3).eval()
+    inputs, labels = torch.randint(0, VOCAB, (2, 24)), torch.randint(0, VOCAB, (2, 24))
+    documents = torch.tensor([[0] * 10 + [1] * 14, [0] * 3 + [1] * 21])
+    logits = torch.randn(2, 24, VOCAB)
+    cfg = DistillConfig(teacher="unused", kd_ratio=1.0, temperature=1.0)
+    kl = {}
+    for name, docs in (("document", documents), ("causal", None)):
+        loss_fn = DistillLoss(cfg, teacher)
+        loss_fn.start(scale=1.0, device=torch.device("cpu"))
+        kl[name] = loss_fn(logits, labels, inputs=inputs, documents=docs).item()
+    with torch.no_grad():
+        expected = kd_divergence(logits.flatten(0, 1), teacher(inputs, documents=documents).flatten(0, 1), "forward").sum()
+    assert abs(kl["document"] - expected.item()) < 1e-4 * expected.item()
+    assert abs(kl["document"] - kl["causal"]) > 1e-3

@@ -42,7 +42,7 @@ def test_held_out_documents_never_reach_a_training_batch(tmp_path):
         for rank in range(world):
             loader = PackedLoader(train, TOK, cfg.data, 64, 4, dp_rank=rank, dp_size=world, seed=cfg.job.seed)
             for _ in range(80 // world):  # more than an epoch: 80 x 4 windows of 65 bytes > 300 docs x ~65 bytes
-                inputs, _ = loader.next_batch()
+                inputs, _, _ = loader.next_batch()
                 seen |= _ids(inputs)
         assert not seen & held_ids
         assert seen == set(range(300)) - held_ids  # and every other document is trained on
@@ -50,7 +50,7 @@ def test_held_out_documents_never_reach_a_training_batch(tmp_path):
     loader = PackedLoader(held, TOK, cfg.data, 64, 4, dp_rank=0, dp_size=1, seed=cfg.job.seed)
     validation = Validation(cfg.eval, loader, TOK, total_steps=cfg.training.steps)
     assert len(validation.batches) == 3
-    validated = set().union(*(_ids(inputs) for inputs, _ in validation.batches))
+    validated = set().union(*(_ids(inputs) for inputs, _, _ in validation.batches))
     assert validated and validated <= held_ids
 
 

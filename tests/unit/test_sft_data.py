@@ -66,7 +66,7 @@ def test_alpaca_without_template_masks_the_prompt_and_packs(shared, capsys):
     # Four records of the real file have an empty output (284: "Standardize the following date...").
     assert "skipping 4 bad records" in capsys.readouterr().out
     loader = PackedLoader(docs, tok, cfg, seq_len=128, local_batch_size=4, dp_rank=0, dp_size=1, seed=0)
-    inputs, labels = loader.next_batch()
+    inputs, labels, _ = loader.next_batch()
     stream = [e for i in range(3) for e in sft(i)]
     flat = [t if t >= 0 else -t - 1 for t in stream]
     # Packing keeps the masks: labels are the next token where it is trained, ignored where not.
@@ -110,3 +110,48 @@ def test_bad_chat_records(tmp_path):
         cfg = DataConfig(source=str(path), task="sft", num_streams=1)
         with pytest.raises(DataError, match=message):
             check_enough_tokens(load_documents(cfg), tok, cfg, seq_len=64)
+
+
+def test_packed_records_with_document_attention_each_train_as_if_alone(shared):
+    """data.attention=document (sft's default): every record packed into a window gets the per-token
+    losses it gets when run by itself, unpacked. The loader's document ids mark where records begin,
+    and survive a save and restore of the data position mid-window."""
+    import torch
+    import torch.nn.functional as F
+
+    from tests.helpers import build_adapted, flavor_args
+    from trainer.config.schema import AdaptersConfig
+
+    tok = build_tokenizer(TokenizerConfig(path=str(shared("tokenizers/tok512/tok512.model"))))
+    cfg = DataConfig(source=str(shared("instruct/alpaca/alpaca_data_first2000.json")), task="sft", num_streams=1,
+                     shuffle=False)
+    docs = load_documents(cfg)
+    sft = SftTokenizer(docs, tok, "auto", docs.name, skip_bad=False)
+    loader = PackedLoader(docs, tok, cfg, seq_len=512, local_batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    loader.next_batch()
+    saved = loader.state_dict()
+    inputs, labels, documents = loader.next_batch()
+    restored = PackedLoader(docs, tok, cfg, seq_len=512, local_batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    restored.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(restored.next_batch(), (inputs, labels, documents)))
+    # Records begin where the ids step up: the lengths of the records packed after the window's first.
+    lengths = [len(sft(i)) for i in range(12)]
+    steps = documents[0].unique_consecutive(return_counts=True)[1].tolist()
+    assert any(steps[1:-1] == lengths[k : k + len(steps) - 2] for k in range(12))
+
+    torch.manual_seed(0)
+    model = build_adapted(flavor_args("debug", vocab_size=512, max_seq_len=512), AdaptersConfig(), init_from=None,
+                          seed=0).eval()
+    with torch.no_grad():
+        packed = F.cross_entropy(model(inputs, documents=documents).transpose(1, 2), labels, reduction="none")
+        worst, records = 0.0, 0
+        for row in range(2):
+            ids, counts = documents[row].unique_consecutive(return_counts=True)
+            start = 0
+            for n in counts.tolist():
+                alone = model(inputs[row : row + 1, start : start + n])[0]
+                want = F.cross_entropy(alone, labels[row, start : start + n], reduction="none")
+                worst = max(worst, (packed[row, start : start + n] - want).abs().max().item())
+                start, records = start + n, records + 1
+    print(f"\nSFT packed vs alone: {records} records, max |per-token loss diff| {worst:.2e}")
+    assert records >= 4 and worst < 1e-5

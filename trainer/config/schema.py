@@ -77,6 +77,12 @@ class DataConfig:
     skip_bad_records: bool = False
     # Batches made ahead on a background thread while the step computes; 0: on the training thread.
     prefetch: int = 2
+    # Attention inside a packed window. causal: every token sees every earlier token of the window, across
+    # document boundaries (GPT-style pretraining packing: cheaper, and the model learns to ignore what
+    # precedes an end-of-document token). document: each token sees only the earlier tokens of its own
+    # document and RoPE positions restart at each document, as if each were alone. auto: document for
+    # sft (no example sees another), causal for pretrain.
+    attention: str = "auto"
 
 
 @dataclass
@@ -303,6 +309,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "text", "json", "parquet"),
     "data.text_sample_by": ("document", "paragraph", "line"),
     "data.task": ("pretrain", "sft"),
+    "data.attention": ("auto", "causal", "document"),
     "data.sft_format": ("auto", "alpaca", "messages", "sharegpt"),
     "training.mixed_precision_param": ("auto", "float32", "bfloat16"),
     "training.mixed_precision_reduce": ("float32", "bfloat16"),

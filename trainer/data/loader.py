@@ -6,6 +6,8 @@ s % dp == r, and the windows of each step are the same set on 1, 2 or 4 ranks: a
 with, or resumed on, another number of ranks.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -14,6 +16,17 @@ from trainer.data.documents import DataError, check_num_streams
 from trainer.data.packing import PackedStream
 from trainer.data.sft import SftTokenizer, check_records
 from trainer.loss import IGNORE_INDEX
+
+
+class Batch(NamedTuple):
+    """One microbatch, each (local_batch_size, seq_len): the input tokens, their labels (IGNORE_INDEX where
+    a token is not trained, an SFT prompt) and each token's document id within its window (documents
+    packed into one window count from 0 or 1, in order; a window that starts inside a document gives that
+    tail the first id)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    documents: torch.Tensor
 
 
 class DocumentTokenizer:
@@ -54,19 +67,21 @@ class PackedLoader:
         self.next_global = dp_rank  # the global index of this rank's next window
         self.last_ids: list[tuple[int, int]] = []
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), each (local_batch_size, seq_len) int64, labels IGNORE_INDEX where the
-        token is not trained (an SFT prompt); ids of its windows in last_ids."""
+    def next_batch(self) -> Batch:
+        """The next microbatch of this rank (int64 tensors); ids of its windows in last_ids."""
         windows, self.last_ids = [], []
-        for _ in range(self.batch_size):
-            window, window_id = self.streams[self.next_global % self.num_streams].next_window()
+        begins = torch.zeros(self.batch_size, self.seq_len + 1, dtype=torch.int32)
+        for row in range(self.batch_size):
+            window, starts, window_id = self.streams[self.next_global % self.num_streams].next_window()
             windows.append(window)
+            begins[row, starts] = 1
             self.last_ids.append(window_id)
             self.next_global += self.dp_size
         packed = torch.tensor(windows, dtype=torch.long)
         tokens = torch.where(packed >= 0, packed, -packed - 1)  # masked tokens are stored as -(id + 1)
         labels = torch.where(packed[:, 1:] >= 0, tokens[:, 1:], IGNORE_INDEX)
-        return tokens[:, :-1], labels
+        documents = begins[:, :-1].cumsum(dim=1, dtype=torch.int64)
+        return Batch(tokens[:, :-1], labels, documents)
 
     def close(self) -> None:
         """Nothing to stop: it runs on the caller's thread (PrefetchingLoader has one to stop)."""

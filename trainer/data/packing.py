@@ -1,8 +1,9 @@
 """One packed stream: documents -> [BOS] tokens [EOS] -> back-to-back windows of seq_len + 1 tokens.
 
-A window is the input (first seq_len tokens) and the shifted labels (last seq_len) of one sequence.
-The stream's position is a few integers plus the tokens of a half-filled window, so saving and
-restoring it is exact and cheap.
+A window is the input (first seq_len tokens) and the shifted labels (last seq_len) of one sequence,
+with the offsets where its documents begin (document-aware attention keeps them apart). The stream's
+position is a few integers plus the tokens and offsets of a half-filled window, so saving and restoring
+it is exact and cheap.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ class StreamState:
     cursor: int = 0  # index into this stream's documents for `epoch`
     token_pos: int = 0  # tokens of the document at `cursor` already used
     partial: list[int] = field(default_factory=list)  # tokens of the window being filled
+    # Offsets in `partial` where a document begins (a window's first tokens may finish an earlier one).
+    starts: list[int] = field(default_factory=list)
     windows: int = 0  # windows produced so far (also the id of the next one)
 
 
@@ -47,8 +50,9 @@ class PackedStream:
             self._tokens_of = (index, self.tokenize(index))
         return self._tokens_of[1]
 
-    def next_window(self) -> tuple[list[int], tuple[int, int]]:
-        """The next window of seq_len + 1 tokens and its id (stream, index within the stream)."""
+    def next_window(self) -> tuple[list[int], list[int], tuple[int, int]]:
+        """The next window of seq_len + 1 tokens, the offsets where its documents begin, and its id
+        (stream, index within the stream)."""
         s = self.state
         empty_epochs = 0
         while len(s.partial) < self.window:
@@ -61,18 +65,22 @@ class PackedStream:
                 continue
             tokens = self._tokens(order[s.cursor])
             take = tokens[s.token_pos : s.token_pos + self.window - len(s.partial)]
+            if s.token_pos == 0 and take:
+                s.starts.append(len(s.partial))
             s.partial.extend(take)
             s.token_pos += len(take)
             if tokens:
                 empty_epochs = 0
             if s.token_pos >= len(tokens):
                 s.cursor, s.token_pos = s.cursor + 1, 0
-        window, s.partial = s.partial, []
+        window, starts, s.partial, s.starts = s.partial, s.starts, [], []
         s.windows += 1
-        return window, (self.stream_id, s.windows - 1)
+        return window, starts, (self.stream_id, s.windows - 1)
 
     def state_dict(self) -> dict:
         return asdict(self.state)
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = StreamState(**{**state, "partial": list(state["partial"])})
+        # Checkpoints from before document offsets were kept lack "starts": their half-filled window
+        # then counts as one document.
+        self.state = StreamState(**{**state, "partial": list(state["partial"]), "starts": list(state.get("starts", []))})

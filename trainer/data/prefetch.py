@@ -10,9 +10,8 @@ restored position. Exact resume is untouched.
 import queue
 import threading
 
-import torch
 
-from trainer.data.loader import PackedLoader
+from trainer.data.loader import Batch, PackedLoader
 
 
 class _Failure:
@@ -52,7 +51,7 @@ class PrefetchingLoader:
             except queue.Full:
                 continue
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> Batch:
         item = self._queue.get()
         if isinstance(item, _Failure):
             raise item.error

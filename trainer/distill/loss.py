@@ -39,11 +39,12 @@ class DistillLoss(TokenLoss):
         """Validation measures the student's own cross-entropy, not the training objective."""
         return TokenLoss()
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None,
+                 documents: torch.Tensor | None = None) -> torch.Tensor:
         if inputs is None:
             raise ValueError("distillation runs the teacher on the microbatch's inputs, and got none")
-        with torch.no_grad():
-            teacher_logits = self.teacher(inputs)
+        with torch.no_grad():  # the teacher sees the student's windows with the student's document masks
+            teacher_logits = self.teacher(inputs) if documents is None else self.teacher(inputs, documents=documents)
         kept = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)  # prompt tokens cost nothing
         student, teacher = logits.flatten(0, 1)[kept], teacher_logits.flatten(0, 1)[kept]
         targets = labels.flatten()[kept]
