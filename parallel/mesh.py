@@ -1,7 +1,9 @@
 """ParallelDims: the parallel layout, checked against the world size and the model, and its DeviceMesh.
 
-The mesh's dimensions are (pp, dp_replicate, dp_shard, tp), outermost first: tensor parallelism talks
-the most, so its ranks are neighbours (the same node); pipeline stages talk the least.
+The mesh's dimensions are (pp, dp_replicate, dp_shard, cp, tp), outermost first: tensor parallelism talks
+the most, so its ranks are neighbours (the same node); context parallelism (a key/value all-gather per
+layer) next; pipeline stages talk the least. FSDP shards over dp_shard x cp, as torchtitan does: cp ranks
+hold different tokens of the same sequences, so for the parameters they are data-parallel ranks.
 """
 
 from dataclasses import dataclass
@@ -22,19 +24,20 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    cp: int = 1
 
     @classmethod
-    def from_sizes(cls, *, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int) -> "ParallelDims":
+    def from_sizes(cls, *, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int, cp: int = 1) -> "ParallelDims":
         """`dp_shard=-1` takes what the world leaves over. The messages name the sizes as the config's
         `parallel.*` keys, which is where every caller takes them from."""
-        for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp)):
+        for name, value in (("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp), ("pp", pp)):
             if value < 1:
                 raise LayoutError(f"parallel.{name}={value} must be at least 1")
-        others = dp_replicate * tp * pp
+        others = dp_replicate * cp * tp * pp
         if dp_shard == -1:
             if world_size % others:
                 raise LayoutError(
-                    f"parallel sizes pp x dp_replicate x tp = {pp} x {dp_replicate} x {tp} = {others} do not "
+                    f"parallel sizes pp x dp_replicate x cp x tp = {pp} x {dp_replicate} x {cp} x {tp} = {others} do not "
                     f"divide the world size {world_size}"
                 )
             dp_shard = world_size // others
@@ -42,14 +45,24 @@ class ParallelDims:
             raise LayoutError(f"parallel.dp_shard={dp_shard} must be at least 1, or -1 for the rest of the world")
         if others * dp_shard != world_size:
             raise LayoutError(
-                f"parallel sizes pp x dp_replicate x dp_shard x tp = {pp} x {dp_replicate} x {dp_shard} x {tp} = "
+                f"parallel sizes pp x dp_replicate x dp_shard x cp x tp = {pp} x {dp_replicate} x {dp_shard} x {cp} x {tp} = "
                 f"{others * dp_shard} do not multiply to the world size {world_size}; set parallel.dp_shard=-1 to use the rest"
             )
-        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, pp=pp, world_size=world_size)
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, pp=pp, world_size=world_size, cp=cp)
 
     @property
     def dp_size(self) -> int:
+        """Ranks that read different sequences (cp ranks read slices of the same ones)."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_shards(self) -> int:
+        """How many pieces FSDP cuts each parameter into: dp_shard x cp."""
+        return self.dp_shard * self.cp
+
+    def describe(self) -> str:
+        cp = f" x cp {self.cp}" if self.cp > 1 else ""
+        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{cp} x tp {self.tp}"
 
     def num_stages(self, stages_per_rank: int) -> int:
         """Pipeline stages in all: `stages_per_rank` of them on each pipeline rank (interleaved schedules)."""
@@ -93,24 +106,29 @@ class Meshes:
 
     world: DeviceMesh | None  # None for a single process
     dp: SubMesh  # all data-parallel ranks (replicate x shard): data loading, loss sums
-    fsdp: SubMesh  # what fully_shard shards over: dp_shard, or (dp_replicate, dp_shard) for HSDP
+    fsdp: SubMesh  # what fully_shard shards over: dp_shard x cp, or (dp_replicate, dp_shard x cp) for HSDP
     tp: SubMesh
     pp: SubMesh
+    cp: SubMesh = SubMesh()  # ranks holding slices of the same sequences: loss and token sums
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     if dims.world_size == 1:
         return Meshes(world=None, dp=SubMesh(), fsdp=SubMesh(), tp=SubMesh(), pp=SubMesh())
-    names = ("pp", "dp_replicate", "dp_shard", "tp")
-    world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=names)
+    names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+    world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp), mesh_dim_names=names)
     # Flattened meshes are kept here: slicing them from the root again is deprecated.
     dp = world[("dp_replicate", "dp_shard")]._flatten("dp") if dims.dp_size > 1 else None
     fsdp = None
-    if dims.dp_size > 1:
-        fsdp = world[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else world["dp_shard"]
+    if dims.dp_size * dims.cp > 1:
+        shard_name = "dp_shard"
+        if dims.cp > 1:
+            world[("dp_shard", "cp")]._flatten("dp_shard_cp")
+            shard_name = "dp_shard_cp"
+        fsdp = world[("dp_replicate", shard_name)] if dims.dp_replicate > 1 else world[shard_name]
     return Meshes(
         world=world, dp=SubMesh(dp), fsdp=SubMesh(fsdp), tp=SubMesh(world["tp"] if dims.tp > 1 else None),
-        pp=SubMesh(world["pp"] if dims.pp > 1 else None),
+        pp=SubMesh(world["pp"] if dims.pp > 1 else None), cp=SubMesh(world["cp"] if dims.cp > 1 else None),
     )
 
 

@@ -49,7 +49,7 @@ def build_model(plan: Plan, *, meshes: Meshes, precision: Precision, device: tor
                                          num_stages=plan.num_stages)
     weights = open_weights(cfg.model.init_from, plan.model_args, cfg.job.seed, plan.base_shapes, device)
     materialize = partial(materialize_converted, weights=weights, converters=plan.converters, device=device,
-                          shards=plan.dims.dp_shard if meshes.fsdp.active else 1, seed=cfg.job.seed,
+                          shards=plan.dims.fsdp_shards if meshes.fsdp.active else 1, seed=cfg.job.seed,
                           frozen_dtype=precision.param_dtype)
     for _, part in parts:
         tp_plan = plan.family.tp_plan(part, loss_parallel=cfg.parallel.loss_parallel, styles=plan.info.tp_styles) if meshes.tp.active else None
@@ -58,7 +58,7 @@ def build_model(plan: Plan, *, meshes: Meshes, precision: Precision, device: tor
             ac_every=cfg.activation_checkpoint.every, compile=cfg.compile.enabled, fsdp_mesh=meshes.fsdp.mesh,
             param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype,
             reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward, cpu_offload=cfg.parallel.cpu_offload,
-            materialize=materialize,
+            materialize=materialize, cp_mesh=meshes.cp.mesh,
         )
         part.train()
         part.attention_kernel = plan.attention_kernel

@@ -41,8 +41,7 @@ def check_run(plan: Plan, machine: Machine | None = None, ranks_here: int | None
             start += " (model weights only)"
     d = plan.dims
     return (
-        f"check: ok: {cfg.job.output_dir} on {d.world_size} rank(s) (pp {d.pp} x dp_replicate {d.dp_replicate} x "
-        f"dp_shard {d.dp_shard} x tp {d.tp}), {len(docs):,} documents from {docs.name}, "
+        f"check: ok: {cfg.job.output_dir} on {d.world_size} rank(s) ({d.describe()}), {len(docs):,} documents from {docs.name}, "
         + (f"validating on {len(held_out):,} documents ({held_out.name}), " if held_out is not None else "")
         + (f"distilling from {cfg.distill.teacher}, " if plan.teacher_args is not None else "")
         + start

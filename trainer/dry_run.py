@@ -25,10 +25,12 @@ def _busiest_rank(plan: Plan) -> list[torch.nn.Module]:
 
 def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     """Bytes per rank, an estimate. Parameters, gradients and AdamW's two moments are float32, split by
-    pipeline stage, tensor parallelism (all but norm gains) and FSDP (over dp_shard; dp_replicate holds
-    copies). Activations: what the family says a block saves per token (by AC mode), in the compute
-    dtype, split by TP, held for every microbatch a pipeline schedule keeps in flight; plus the float32
-    logits and their gradient on the last stage. Converters then fold in their own effects, in order.
+    pipeline stage, tensor parallelism (all but norm gains) and FSDP (over dp_shard x cp; dp_replicate
+    holds copies). Activations: what the family says a block saves per token of the rank's share of the
+    sequence (1/cp of it), in the compute dtype, split by TP, held for every microbatch a pipeline
+    schedule keeps in flight; under cp also every layer's gathered keys and values; the attention mask of
+    document attention or cp; plus the float32 logits and their gradient on the last stage. Converters
+    then fold in their own effects, in order.
     """
     cfg, args, dims = plan.cfg, plan.model_args, plan.dims
     parts = _busiest_rank(plan)
@@ -36,13 +38,14 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     tp_sharded = params - sum(p.numel() for part in parts for n, p in part.named_parameters() if "norm" in n)
     trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
     layers = sum(len(part.layers) for part in parts)
-    per_rank_params = (tp_sharded / dims.tp + (params - tp_sharded)) / dims.dp_shard
+    per_rank_params = (tp_sharded / dims.tp + (params - tp_sharded)) / dims.fsdp_shards
     # Gradients and optimizer state exist only for what trains (with adapters: the adapters alone).
     per_rank_trainable = per_rank_params * trainable / params
     compute_bytes = precision.param_dtype.itemsize
-    micro_tokens = cfg.training.local_batch_size // plan.pp_microbatches * cfg.training.seq_len
+    micro_batch = cfg.training.local_batch_size // plan.pp_microbatches
+    micro_tokens = micro_batch * cfg.training.seq_len // dims.cp  # this rank's share of the sequences
     shape = MemoryShape(model=plan.meta, parts=parts, params=params, trainable=trainable, share=per_rank_params / params,
-                        compute_bytes=compute_bytes, dp_shard=dims.dp_shard, tp=dims.tp, micro_tokens=micro_tokens)
+                        compute_bytes=compute_bytes, dp_shard=dims.fsdp_shards, tp=dims.tp, micro_tokens=micro_tokens)
     estimate = MemoryEstimate(weights=4 * per_rank_params, weights_label="parameters (fp32)", gathered_bytes=compute_bytes)
     for converter in plan.converters:
         estimate = converter.memory(shape, estimate)
@@ -65,9 +68,17 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     logits = logit_tokens * vocab * (compute_bytes + 8)
     block = (params - args.vocab_size * args.dim) / max(1, layers) / dims.tp
     # With FSDP's CPU offload the sharded parameters, their gradients and the optimizer live in host memory.
-    host = HOST if cfg.parallel.cpu_offload and dims.dp_size > 1 else ""
+    host = HOST if cfg.parallel.cpu_offload and dims.fsdp_shards * dims.dp_replicate > 1 else ""
     extra = dict(estimate.extra)
-    if compute_bytes < 4 and dims.dp_size == 1:
+    if dims.cp > 1:
+        # Each layer keeps the whole sequence's keys and values for its backward: (cp - 1)/cp of them gathered.
+        kv = args.n_kv_heads * args.head_dim / dims.tp
+        gathered = micro_batch * cfg.training.seq_len * (dims.cp - 1) / dims.cp * 2 * kv * compute_bytes
+        extra[f"keys and values gathered over cp={dims.cp}, every layer"] = gathered * layers * in_flight
+    if (dims.cp > 1 or plan.attention == "document") and plan.attention_kernel == "sdpa":
+        # One boolean mask per microbatch, shared by every layer (SDPA keeps it for the backward).
+        extra["attention mask (queries x keys, bool)"] = micro_tokens * cfg.training.seq_len * in_flight
+    if compute_bytes < 4 and dims.fsdp_shards * dims.dp_replicate == 1:
         # Without FSDP, autocast casts each float32 weight a matmul reads and keeps the copy until the step's
         # backward is done (the embedding lookup reads its weight as it is, unless the head shares it).
         # Compiled blocks cast inside their graphs and keep nothing: then only the head's copy stays.
@@ -83,7 +94,7 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
         host + "gradients (fp32, trainable only)": 4 * per_rank_trainable,
         host + "optimizer state (AdamW, fp32, trainable only)": 8 * per_rank_trainable,
         # FSDP gathers the current block and prefetches the next one.
-        "gathered parameters in flight": 2 * block * estimate.gathered_bytes if dims.dp_shard > 1 else 0,
+        "gathered parameters in flight": 2 * block * estimate.gathered_bytes if dims.fsdp_shards > 1 else 0,
         f"activations (AC {cfg.activation_checkpoint.mode}, {in_flight} microbatch(es) in flight)": activations,
         ("logits + their gradient, one chunk of " f"{logit_tokens} tokens" if plan.chunked_loss
          else "logits + their gradient"): logits,
@@ -102,8 +113,7 @@ def dry_run(plan: Plan) -> str:
     lines += [f"parameters {k}: {v:,}" for k, v in plan.param_counts.items()]  # adapters add some, freeze the base
     lines += [
         f"FLOPs per token (training): {plan.family.flops_per_token(args, cfg.training.seq_len):,}",
-        f"layout: world {dims.world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x "
-        f"tp {dims.tp}; {plan.accum_steps} microbatch(es) of {cfg.training.local_batch_size} x {cfg.training.seq_len} "
+        f"layout: world {dims.world_size} = {dims.describe()}; {plan.accum_steps} microbatch(es) of {cfg.training.local_batch_size} x {cfg.training.seq_len} "
         f"tokens per step",
         "", f"# memory estimate per rank (compute dtype {str(precision.param_dtype).removeprefix('torch.')})",
     ]

@@ -52,7 +52,8 @@ class Plan:
 def make_plan(cfg: Config, world_size: int) -> Plan:
     p = cfg.parallel
     try:
-        dims = ParallelDims.from_sizes(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, world_size=world_size)
+        dims = ParallelDims.from_sizes(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, cp=p.cp,
+                                       world_size=world_size)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
     accum_steps = check_batch(cfg.training, dims.dp_size)
@@ -61,6 +62,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     tokenizer = build_tokenizer(cfg.tokenizer)
     model_args = resolve_model_args(cfg.model, tokenizer.vocab_size)
     check_seq_len(cfg.training, model_args.max_seq_len)
+    check_context_parallel(dims, cfg.training.seq_len)
     family = family_of(model_args)
     check_layout_fits_model(dims, model_args, cfg.parallel)
     converters = build_converters(cfg)
@@ -120,6 +122,16 @@ def decide_chunked_loss(setting: str, dims: ParallelDims, meta: nn.Module, *, di
     if why_not and setting == "always":
         raise ConfigError(f"training.chunked_loss=always cannot apply here: {why_not}; use auto or never")
     return why_not is None and setting != "never"
+
+
+def check_context_parallel(dims: ParallelDims, seq_len: int) -> None:
+    """cp ranks hold 2 chunks each of every sequence: seq_len must cut into 2 x cp equal chunks."""
+    if dims.cp > 1 and seq_len % (2 * dims.cp):
+        fit = seq_len - seq_len % (2 * dims.cp)
+        raise ConfigError(
+            f"training.seq_len={seq_len} does not split into 2 x parallel.cp = {2 * dims.cp} equal chunks (each cp rank "
+            f"holds two, for load balance); use a multiple of {2 * dims.cp}, e.g. {fit or 2 * dims.cp}"
+        )
 
 
 def stages_per_rank(cfg: ParallelConfig) -> int:

@@ -18,7 +18,7 @@ def start_lines(plan: Plan, *, device: torch.device, peak: float, peak_source: s
     cfg, d, counts = plan.cfg, plan.dims, plan.param_counts
     lines = [
         f"training {counts['trainable']:,} of {counts['total']:,} parameters{plan.info.describe} on {d.world_size} {device.type} rank(s) "
-        f"(pp {d.pp} x dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp}), {plan.accum_steps} "
+        f"({d.describe()}), {plan.accum_steps} "
         f"microbatch(es) per step; MFU against {peak:.2f} TFLOP/s ({peak_source})",
         *([f"cpu threads: {cpu_threads}"] if cpu_threads else []),
         *plan.info.start_lines,

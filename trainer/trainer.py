@@ -15,6 +15,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.distributed import Runtime
 from parallel.library_patches import async_tp_compile
+from parallel.cp import shard_sequence
 from parallel.mesh import build_meshes, device_type
 from trainer.build import build_model
 from trainer.checkpoint.manager import CheckpointManager
@@ -125,7 +126,7 @@ class Trainer:
         if self.plan.teacher_args is None:
             return TokenLoss(chunk_tokens=cfg.training.loss_chunk_tokens)
         teacher = build_teacher(cfg.distill, self.plan.teacher_args, hqq_group_size=cfg.adapters.hqq_group_size,
-                                fsdp_mesh=self.meshes.fsdp.mesh, shards=self.dims.dp_shard if self.uses_fsdp else 1,
+                                fsdp_mesh=self.meshes.fsdp.mesh, shards=self.dims.fsdp_shards if self.uses_fsdp else 1,
                                 precision=self.precision, device=self.runtime.device, compile=cfg.compile.enabled,
                                 cpu_offload=cfg.parallel.cpu_offload)
         return DistillLoss(cfg.distill, teacher)
@@ -217,8 +218,8 @@ class Trainer:
         self.counters.step = self.step
         self.counters.tokens += local_tokens * self.dims.dp_size
         step_time = time.perf_counter() - start
-        self.metrics.maybe_log(
-            self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens,
+        self.metrics.maybe_log(  # a device computes its cp slice of the rank's tokens
+            self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens // self.dims.cp,
             step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
             loss_parts=self.loss_parts, data_time=data_time, phases=self.phases.of_step(step_time),
         )
@@ -257,15 +258,16 @@ class Trainer:
         # is the same however the batch is split into ranks and microbatches (and right under masking).
         local_tokens = sum(int(TokenLoss.count(batch.labels)) for batch in microbatches)
         global_tokens = self._sum(torch.tensor(float(local_tokens)), over_pp=False).item()
-        # FSDP averages gradients over the data-parallel ranks; scaling by their number undoes that mean.
-        self.loss_fn.start(scale=self.dims.dp_size / global_tokens, device=self.runtime.device)
+        # FSDP averages gradients over the data-parallel and context-parallel ranks (each cp rank's gradient
+        # is that of its slice of the tokens); scaling by their number undoes that mean.
+        self.loss_fn.start(scale=self.dims.dp_size * self.dims.cp / global_tokens, device=self.runtime.device)
         for batch in microbatches:
             self.forward_backward(batch)
         with self.phases.phase("optimizer"):
             grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=self.meshes.pp.group)
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
-        loss = self._sum(self.loss_fn.summed, over_pp=True).item() / global_tokens
-        self.loss_parts = {name: self._sum(value, over_pp=True).item() / global_tokens
+        loss = self._sum(self.loss_fn.summed, over_pp=True, over_cp=True).item() / global_tokens
+        self.loss_parts = {name: self._sum(value, over_pp=True, over_cp=True).item() / global_tokens
                            for name, value in self.loss_fn.parts().items()}
         grad_norm = grad_norm.item()
         # Both figures are reduced over every rank (the loss over dp and pp, the norm over the whole mesh),
@@ -284,7 +286,10 @@ class Trainer:
         device = self.runtime.device
         inputs, labels = batch.inputs.to(device), batch.labels.to(device)
         # Document ids reach the model only when documents are kept apart: the causal path stays SDPA's own.
+        # Whole windows even under cp: a rank's queries attend to keys of the whole window.
         documents = batch.documents.to(device) if self.plan.attention == "document" else None
+        if self.meshes.cp.active:  # this rank's slice of every sequence (parallel/cp.py)
+            inputs, labels = (shard_sequence(t, self.meshes.cp.local_rank, self.dims.cp) for t in (inputs, labels))
         # autocast covers the pipeline's backward too: the schedule runs both in one call.
         with self.loss_context(), self.precision.autocast(device, fsdp=self.uses_fsdp):
             if self.schedule is not None:
@@ -327,17 +332,22 @@ class Trainer:
             tokens += int(TokenLoss.count(batch.labels))
             self.forward_backward(batch, loss_fn, backward=False)
         count = self._sum(torch.tensor(float(tokens)), over_pp=False).item()
-        loss = self._sum(loss_fn.summed, over_pp=True).item() / count
+        loss = self._sum(loss_fn.summed, over_pp=True, over_cp=True).item() / count
         samples = []
-        if self.validation.cfg.sample_prompts and self.schedule is None and self.dims.tp == 1 and not self.cfg.compile.enabled:
+        if (self.validation.cfg.sample_prompts and self.schedule is None and self.dims.tp == 1 and self.dims.cp == 1
+                and not self.cfg.compile.enabled):
             samples = self.validation.samples(self.model_parts[0])
         for part in self.model_parts:
             part.train()
         self.metrics.log_eval(self.step, loss=loss, tokens=int(count), seconds=time.perf_counter() - start, samples=samples)
 
-    def _sum(self, value: torch.Tensor, over_pp: bool) -> torch.Tensor:
+    def _sum(self, value: torch.Tensor, over_pp: bool, over_cp: bool = False) -> torch.Tensor:
+        """Sums over the data-parallel ranks, and over the pipeline or context-parallel ranks where each
+        holds a part of the value (the loss) rather than a copy (label counts of whole batches)."""
         value = value.to(self.runtime.device)
         self.meshes.dp.all_reduce(value)
         if over_pp:
             self.meshes.pp.all_reduce(value)
+        if over_cp:
+            self.meshes.cp.all_reduce(value)
         return value

@@ -38,6 +38,11 @@ LAYOUTS = {
     "hsdp 2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "training.local_batch_size=2"]),
     "pp2 x tp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
     "pp2 x dp2, document": (4, ["parallel.pp=2"]),
+    # Context parallelism: every sequence split over 2 ranks (load-balanced chunks, keys and values gathered).
+    "cp=2": (2, ["parallel.cp=2"]),
+    "cp=2, document": (2, ["parallel.cp=2"]),
+    "cp2 x dp2": (4, ["parallel.cp=2"]),
+    "cp2 x tp2, document": (4, ["parallel.cp=2", "parallel.tp=2"]),
 }
 
 
@@ -116,7 +121,7 @@ def test_layout_matches_single_process(references, layout_run, layout):
     worst = max(abs(loss[s] - reference["loss/train"][s]) for s in loss)
     worst_norm = max(abs(norms[s] - reference["grad_norm"][s]) / reference["grad_norm"][s] for s in norms)
     parallel = load_config(out / "config.yaml").parallel
-    _check_eval_loss(out, dp=nproc // (parallel.tp * parallel.pp))
+    _check_eval_loss(out, dp=nproc // (parallel.tp * parallel.pp * parallel.cp))
     print(f"\nPARITY {layout}: max |loss - single| = {worst:.2e}, max relative grad-norm diff = {worst_norm:.2e}")
     assert worst < 1e-5, (loss, reference["loss/train"])
     assert worst_norm < 1e-4

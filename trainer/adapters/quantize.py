@@ -73,10 +73,10 @@ def check_4bit_setting(key: str, kind: str, shapes: dict[str, torch.Size], *, di
     if package:
         raise ConfigError(f"{key}={kind} needs the {package} package: pip install {package}")
     for name, shape in shapes.items():
-        problem = check_quantizable(name, shape, kind, shards=dims.dp_shard, hqq_group_size=hqq_group_size)
+        problem = check_quantizable(name, shape, kind, shards=dims.fsdp_shards, hqq_group_size=hqq_group_size)
         if problem:
             raise ConfigError(f"{key}={kind}: {problem}; {fix}")
-    if kind == "nf4" and dims.dp_replicate > 1 and dims.dp_shard == 1:
+    if kind == "nf4" and dims.dp_replicate > 1 and dims.fsdp_shards == 1:
         raise ConfigError(
             f"{key}=nf4 with parallel.dp_replicate > 1 and dp_shard=1 (pure replication) is not supported by "
             f"torchao's NF4 under FSDP2: shard it (parallel.dp_shard > 1, HSDP works), or use bnb_nf4 / hqq"

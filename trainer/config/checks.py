@@ -39,6 +39,7 @@ def check_choices(cfg: Config) -> None:
         "metrics.log_every": cfg.metrics.log_every,
         "parallel.dp_replicate": cfg.parallel.dp_replicate,
         "parallel.tp": cfg.parallel.tp,
+        "parallel.cp": cfg.parallel.cp,
         "parallel.pp": cfg.parallel.pp,
         "parallel.pp_stages_per_rank": cfg.parallel.pp_stages_per_rank,
         "activation_checkpoint.every": cfg.activation_checkpoint.every,

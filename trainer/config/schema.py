@@ -137,13 +137,17 @@ class LRSchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    # The world is pp x dp_replicate x dp_shard x tp ranks; tp is the innermost (fastest-linked) dimension.
+    # The world is pp x dp_replicate x dp_shard x cp x tp ranks; tp is the innermost (fastest-linked) dimension.
     dp_replicate: int = 1
     # -1: whatever the world size leaves over.
     dp_shard: int = -1
     # Tensor parallel degree: attention heads and MLP columns split over tp ranks, with sequence
     # parallelism for norms and the residual stream.
     tp: int = 1
+    # Context parallel degree: every sequence split over cp ranks (load-balanced chunks; keys and values
+    # gathered for attention), for sequences longer than one device's activations allow. FSDP shards
+    # parameters over dp_shard x cp. training.seq_len must be a multiple of 2 x cp.
+    cp: int = 1
     # Vocabulary-sharded cross-entropy (with tp > 1): the full logits are never gathered.
     loss_parallel: bool = True
     # Overlap TP communication with matmuls (CUDA with compile.enabled only).

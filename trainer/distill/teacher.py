@@ -26,11 +26,12 @@ def check_teacher(cfg: DistillConfig, hqq_group_size: int, seq_len: int, dims: P
     path = cfg.teacher
     if path is None:
         return None
-    if dims.pp > 1 or dims.tp > 1:
+    if dims.pp > 1 or dims.tp > 1 or dims.cp > 1:
         raise ConfigError(
             f"distill.teacher runs with data parallelism (FSDP2, HSDP) only, not with parallel.pp={dims.pp} / "
-            f"parallel.tp={dims.tp}: the teacher reads each microbatch's inputs beside the student's logits. "
-            f"Set parallel.pp=1 and parallel.tp=1 (shard the student and the teacher with parallel.dp_shard)"
+            f"parallel.tp={dims.tp} / parallel.cp={dims.cp}: the teacher reads each microbatch's inputs beside the "
+            f"student's logits. Set parallel.pp=1, parallel.tp=1 and parallel.cp=1 (shard the student and the teacher "
+            f"with parallel.dp_shard)"
         )
     try:
         args = read_checkpoint_args(path)
