@@ -34,18 +34,20 @@ class ParallelDims:
             if value < 1:
                 raise LayoutError(f"parallel.{name}={value} must be at least 1")
         others = dp_replicate * cp * tp * pp
+        # cp is named only where it is used, so the messages of the 4-D layouts stay as they were.
+        cp_name, cp_size = (" x cp", f" x {cp}") if cp > 1 else ("", "")
         if dp_shard == -1:
             if world_size % others:
                 raise LayoutError(
-                    f"parallel sizes pp x dp_replicate x cp x tp = {pp} x {dp_replicate} x {cp} x {tp} = {others} do not "
-                    f"divide the world size {world_size}"
+                    f"parallel sizes pp x dp_replicate{cp_name} x tp = {pp} x {dp_replicate}{cp_size} x {tp} = {others} do "
+                    f"not divide the world size {world_size}"
                 )
             dp_shard = world_size // others
         if dp_shard < 1:
             raise LayoutError(f"parallel.dp_shard={dp_shard} must be at least 1, or -1 for the rest of the world")
         if others * dp_shard != world_size:
             raise LayoutError(
-                f"parallel sizes pp x dp_replicate x dp_shard x cp x tp = {pp} x {dp_replicate} x {dp_shard} x {cp} x {tp} = "
+                f"parallel sizes pp x dp_replicate x dp_shard{cp_name} x tp = {pp} x {dp_replicate} x {dp_shard}{cp_size} x {tp} = "
                 f"{others * dp_shard} do not multiply to the world size {world_size}; set parallel.dp_shard=-1 to use the rest"
             )
         return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, pp=pp, world_size=world_size, cp=cp)

@@ -43,6 +43,7 @@ LAYOUTS = {
     "cp=2, document": (2, ["parallel.cp=2"]),
     "cp2 x dp2": (4, ["parallel.cp=2"]),
     "cp2 x tp2, document": (4, ["parallel.cp=2", "parallel.tp=2"]),
+    "pp2 x cp2": (4, ["parallel.pp=2", "parallel.cp=2"]),
 }
 
 

@@ -105,6 +105,13 @@ CASES = {
     "dp_replicate zero": (["parallel.dp_replicate=0"], "parallel.dp_replicate=0 must be at least 1"),
     "tp zero": (["parallel.tp=0"], "parallel.tp=0 must be at least 1"),
     "dp_shard over the world": (["parallel.dp_shard=2"], "pp x dp_replicate x dp_shard x tp = 1 x 1 x 2 x 1 = 2 do not multiply to the world size 1"),
+    "cp zero": (["parallel.cp=0"], "parallel.cp=0 must be at least 1"),
+    "cp over the world": (["parallel.cp=2", "--check", "--world-size", "3"],
+                          "parallel sizes pp x dp_replicate x cp x tp = 1 x 1 x 2 x 1 = 2 do not divide the world size 3"),
+    "seq_len and cp": (["parallel.cp=4", "training.seq_len=100", "--check", "--world-size", "4"],
+                       "training.seq_len=100 does not split into 2 x parallel.cp = 8 equal chunks (each cp rank holds two, "
+                       "for load balance); use a multiple of 8, e.g. 96"),
+    "data attention": (["data.attention=sliding"], "data.attention='sliding' is not one of: auto, causal, document"),
     "pp schedule": (["parallel.pp_schedule=zb"], "parallel.pp_schedule='zb' is not one of: gpipe, 1f1b, interleaved_1f1b"),
     "activation checkpoint mode": (["activation_checkpoint.mode=some"], "activation_checkpoint.mode='some' is not one of"),
     "async tp on cpu": (["parallel.async_tp=true"], "parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true"),
@@ -144,6 +151,8 @@ CASES = {
     "distill teacher quantize": (["distill.teacher_quantize=int4"], "distill.teacher_quantize='int4' is not one of: none, nf4, bnb_nf4, hqq"),
     "distill with pipeline stages": (["parallel.pp=2", "distill.teacher={run}/checkpoints/step-2", "--check", "--world-size", "2"],
                                      "distill.teacher runs with data parallelism (FSDP2, HSDP) only, not with parallel.pp=2"),
+    "distill with context parallelism": (["parallel.cp=2", "distill.teacher={run}/checkpoints/step-2", "--check",
+                                          "--world-size", "2"], "parallel.cp=2: the teacher reads each microbatch's inputs"),
     "adapters over a full checkpoint": (["adapters.kind=lora"], "it is from a different model (another run in this output_dir?); start fresh with checkpoint.resume_from=none"),
     # tokenizer and data
     "tokenizer missing": (["tokenizer.kind=auto", "tokenizer.path=/nope/tok.model"], "tokenizer.path: no such file or directory: /nope/tok.model"),

@@ -90,3 +90,19 @@ def test_teacher_estimate_is_what_the_built_teacher_holds(shared):
                 held += sum(_bytes(t) for t in (state.absmax, state.state2.absmax, state.code, state.state2.code))
             held += sum(_bytes(t) for t in getattr(module, "meta", {}).values() if torch.is_tensor(t))
         assert abs(estimate - held) / held < 0.03, (kind, estimate, held)
+
+
+def test_context_parallelism_splits_activations_and_states_and_counts_what_it_gathers():
+    """cp2: each rank computes half of every sequence (half the activations) and FSDP shards over the cp
+    ranks too (half the states); each layer keeps the other half's keys and values, and the boolean mask
+    of its queries against every key."""
+    states, acts = _estimate(1)
+    cp_states, cp_acts = _estimate(2, "parallel.cp=2")
+    assert cp_states == states / 2 and cp_acts == acts / 2
+    cfg = load_config("configs/debug.yaml", ["model.n_layers=8", "training.global_batch_size=-1", "parallel.cp=2"])
+    memory = estimate_memory(make_plan(cfg, 2), FP32)
+    kv = 128 // 4 * 2  # debug: dim 128 over 4 heads, 2 kv heads
+    # 4 sequences x 256 tokens, the half held elsewhere, keys and values, fp32, 8 layers.
+    assert memory["keys and values gathered over cp=2, every layer"] == 4 * 256 / 2 * 2 * kv * 4 * 8
+    assert memory["attention mask (queries x keys, bool)"] == 4 * 128 * 256
+    assert "attention mask (queries x keys, bool)" not in estimate_memory(make_plan(load_config("configs/debug.yaml"), 1), FP32)
