@@ -26,7 +26,10 @@ PRIVATE_NAMES = {
     "torch.ops.aten._scaled_dot_product_flash_attention": "parallel/ac.py: attention outputs selective AC keeps",
     "torch.ops.aten._scaled_dot_product_efficient_attention": "parallel/ac.py: likewise",
     "torch.ops.aten._scaled_dot_product_cudnn_attention": "parallel/ac.py: likewise",
-    "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu": "parallel/ac.py: likewise",
+    "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu":
+        "parallel/ac.py: likewise; models/common/causal_runs.py: the log-sum-exp public SDPA does not return",
+    "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward":
+        "models/common/causal_runs.py: each block's gradient against the merged output",
     "torch.ops._c10d_functional.reduce_scatter_tensor":
         "parallel/ac.py: TP's reduce-scatter output is kept, not communicated again in recompute",
     "torch.ops._c10d_functional.all_gather_into_tensor": "float8_all_gather_over_gloo below",

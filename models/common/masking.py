@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models.common.causal_runs import causal_runs_attention, runs_of
+
 # A sequence slice's keys and values -> the whole sequence's, in the order of `kv_index`.
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,6 +39,10 @@ class WindowMask:
     kernel: str  # "sdpa" or "flex"
     gather: Gather | None = None  # context parallelism: a rank's keys/values -> every rank's
     block_mask: object = None  # FlexAttention's BlockMask, made once per forward for every block
+    # Causal attention of a cp rank's chunks on CPU, with no mask (models/common/causal_runs.py): the
+    # runs of consecutive positions the queries are, and the order that sorts the gathered keys.
+    runs: list[tuple[int, int, int]] | None = None
+    key_order: torch.Tensor | None = None
 
     @classmethod
     def build(cls, documents: torch.Tensor | None, *, seq: int, kernel: str = "sdpa", q_index: torch.Tensor | None = None,
@@ -54,6 +60,8 @@ class WindowMask:
         mask = cls(q_index, kv_index, positions, documents, kernel, gather)
         if kernel == "flex":
             mask.block_mask = _block_mask(mask)
+        elif documents is None and q_index.device.type == "cpu":
+            mask.runs, mask.key_order = runs_of(q_index), torch.argsort(kv_index)
         return mask
 
     def rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +82,8 @@ class WindowMask:
         """q (batch, heads, q, head_dim); k, v (batch, kv_heads, this rank's keys, head_dim) after RoPE."""
         if self.gather is not None:
             k, v = self.gather(k), self.gather(v)
+        if self.runs is not None:
+            return causal_runs_attention(q, k[:, :, self.key_order], v[:, :, self.key_order], self.runs)
         gqa = q.shape[1] != k.shape[1]
         if self.kernel == "flex":
             from torch.nn.attention.flex_attention import flex_attention

@@ -42,3 +42,28 @@ def test_a_ranks_queries_over_gathered_keys_equal_the_whole_sequences_rows(docum
         # RoPE: the queries' positions in the whole window, restarting at each document.
         want = (document_positions(docs) if docs is not None else torch.arange(64).unsqueeze(0))[:, mine]
         assert torch.equal(mask.positions, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_runs_without_a_mask_equal_masked_attention_forward_and_backward(dtype):
+    """On CPU a cp rank's causal chunks attend through two flash calls each (prefix, causal block) merged
+    by log-sum-exp, no mask: the same outputs and gradients as SDPA with the boolean mask."""
+    from models.common.causal_runs import causal_runs_attention, runs_of
+
+    generator = torch.Generator().manual_seed(1)
+    q0 = torch.randn(2, 8, 32, 16, generator=generator).to(dtype)
+    k0, v0 = (torch.randn(2, 2, 64, 16, generator=generator).to(dtype) for _ in range(2))
+    mine = chunk_index(64, 0, 2)  # positions 0-15 and 48-63
+    results = []
+    for way in ("runs", "mask"):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        if way == "runs":
+            out = causal_runs_attention(q, k, v, runs_of(mine))
+        else:
+            allowed = mine[:, None] >= torch.arange(64)[None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        out.float().square().sum().backward()
+        results.append((out, q.grad, k.grad, v.grad))
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(*results):
+        assert (a.float() - b.float()).abs().max() < tolerance * max(1.0, b.float().abs().max().item())
