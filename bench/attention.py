@@ -72,7 +72,7 @@ def measure(way: str, *, batch: int, seq: int, heads: int, kv_heads: int, head_d
     return row
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]):
     parser = Parser(prog="python -m bench.attention", description=__doc__.split("\n\n")[1])
     parser.add_argument("--seq", type=at_least(16), default=2048)
     parser.add_argument("--batch", type=at_least(1), default=1)
@@ -80,7 +80,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kv-heads", type=at_least(1), default=8)
     parser.add_argument("--head-dim", type=at_least(8), default=64)
     parser.add_argument("--repeats", type=at_least(1), default=5)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ways = ["repeated, causal", "enable_gqa, causal", "repeated, document (sdpa mask)", "enable_gqa, document (sdpa mask)"]
     if device.type == "cuda":

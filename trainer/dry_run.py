@@ -75,7 +75,9 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
         kv = args.n_kv_heads * args.head_dim / dims.tp
         gathered = micro_batch * cfg.training.seq_len * (dims.cp - 1) / dims.cp * 2 * kv * compute_bytes
         extra[f"keys and values gathered over cp={dims.cp}, every layer"] = gathered * layers * in_flight
-    if (dims.cp > 1 or plan.attention == "document") and plan.attention_kernel == "sdpa":
+    # Causal cp chunks need no mask on CPU (models/common/causal_runs.py); FlexAttention's block mask is small.
+    masked = plan.attention == "document" or (dims.cp > 1 and torch.cuda.is_available())
+    if masked and plan.attention_kernel == "sdpa":
         # One boolean mask per microbatch, shared by every layer (SDPA keeps it for the backward).
         extra["attention mask (queries x keys, bool)"] = micro_tokens * cfg.training.seq_len * in_flight
     if compute_bytes < 4 and dims.fsdp_shards * dims.dp_replicate == 1:

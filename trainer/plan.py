@@ -4,6 +4,7 @@ the converted model on the meta device (built once: the trainer materializes thi
 --check, --dry-run and training all read the same Plan."""
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +84,11 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     attention = cfg.data.attention
     if attention == "auto":
         attention = "document" if cfg.data.task == "sft" else "causal"
-    # FlexAttention is fast only compiled, and has no backward on CPU; SDPA's boolean mask serves elsewhere.
-    kernel = "flex" if attention == "document" and cfg.compile.enabled and torch.cuda.is_available() else "sdpa"
+    check_blocks_take_masks(meta, family.name, attention, dims.cp)
+    # FlexAttention is fast only compiled, and has no backward on CPU; SDPA's boolean mask (or, for causal
+    # cp chunks on CPU, no mask at all) serves elsewhere.
+    masked = attention == "document" or dims.cp > 1
+    kernel = "flex" if masked and cfg.compile.enabled and torch.cuda.is_available() else "sdpa"
     return Plan(cfg=cfg, dims=dims, accum_steps=accum_steps, pp_microbatches=pp_microbatches,
                 num_stages=dims.num_stages(stages_per_rank(cfg.parallel)), tokenizer=tokenizer, family=family,
                 model_args=model_args, base_shapes=base_shapes, meta=meta, converters=converters,
@@ -122,6 +126,17 @@ def decide_chunked_loss(setting: str, dims: ParallelDims, meta: nn.Module, *, di
     if why_not and setting == "always":
         raise ConfigError(f"training.chunked_loss=always cannot apply here: {why_not}; use auto or never")
     return why_not is None and setting != "never"
+
+
+def check_blocks_take_masks(meta: nn.Module, family: str, attention: str, cp: int) -> None:
+    """Document attention and context parallelism hand each block a WindowMask (models/common/masking.py)."""
+    if attention == "causal" and cp == 1:
+        return
+    block = next(iter(meta.layers.values()))
+    if "mask" not in inspect.signature(block.forward).parameters:
+        what = "data.attention=document" if attention == "document" else f"parallel.cp={cp}"
+        raise ConfigError(f"{what} needs attention masks, which the {family} family's blocks do not take (no mask= "
+                          f"keyword, docs/architecture.md); use data.attention=causal and parallel.cp=1 with this model")
 
 
 def check_context_parallel(dims: ParallelDims, seq_len: int) -> None:

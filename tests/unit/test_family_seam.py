@@ -98,6 +98,9 @@ def test_a_family_from_outside_plans_trains_with_lora_and_resumes(tmp_path, toy_
     assert "resumed from" in capsys.readouterr().out
     assert train.main(["--config", "configs/debug.yaml", "--dry-run", *toy, "model.ffn_hidden_dim=64"]) == 2
     assert "model.ffn_hidden_dim is not a field of the toy family's shape: remove it" in capsys.readouterr().err
+    # Its blocks take no attention mask: document attention is refused before any work, not a TypeError.
+    assert train.main(["--config", "configs/debug.yaml", "--dry-run", *toy, "data.attention=document"]) == 2
+    assert "data.attention=document needs attention masks, which the toy family's blocks do not take" in capsys.readouterr().err
     from trainer.build import load_run
 
     model = load_run(tmp_path)  # the base rebuilt, the adapters from the checkpoint

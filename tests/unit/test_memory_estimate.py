@@ -99,10 +99,13 @@ def test_context_parallelism_splits_activations_and_states_and_counts_what_it_ga
     states, acts = _estimate(1)
     cp_states, cp_acts = _estimate(2, "parallel.cp=2")
     assert cp_states == states / 2 and cp_acts == acts / 2
-    cfg = load_config("configs/debug.yaml", ["model.n_layers=8", "training.global_batch_size=-1", "parallel.cp=2"])
+    cfg = load_config("configs/debug.yaml", ["model.n_layers=8", "training.global_batch_size=-1", "parallel.cp=2",
+                                             "data.attention=document"])
     memory = estimate_memory(make_plan(cfg, 2), FP32)
     kv = 128 // 4 * 2  # debug: dim 128 over 4 heads, 2 kv heads
     # 4 sequences x 256 tokens, the half held elsewhere, keys and values, fp32, 8 layers.
     assert memory["keys and values gathered over cp=2, every layer"] == 4 * 256 / 2 * 2 * kv * 4 * 8
+    # Document masks: each rank's 128 queries of 4 sequences against all 256 keys.
     assert memory["attention mask (queries x keys, bool)"] == 4 * 128 * 256
-    assert "attention mask (queries x keys, bool)" not in estimate_memory(make_plan(load_config("configs/debug.yaml"), 1), FP32)
+    causal_cp = load_config("configs/debug.yaml", ["parallel.cp=2"])  # on CPU, causal chunks need no mask
+    assert "attention mask (queries x keys, bool)" not in estimate_memory(make_plan(causal_cp, 2), FP32)

@@ -4,7 +4,7 @@ import pytest
 
 import train
 
-PRESETS = {"debug": 1, "llama3_2_1b": 8, "llama3_2_3b": 8, "llama3_1_8b": 8, "llama3_1_70b": 64, "llama3_1_70b_qlora": 2}
+PRESETS = {"debug": 1, "llama3_2_1b": 8, "llama3_2_1b_32k": 8, "llama3_2_3b": 8, "llama3_1_8b": 8, "llama3_1_70b": 64, "llama3_1_70b_qlora": 2}
 PARAMS = {"llama3_2_1b": "1,235,814,400", "llama3_2_3b": "3,212,749,824", "llama3_1_8b": "8,030,261,248", "llama3_1_70b": "70,553,706,496"}
 
 
