@@ -189,7 +189,16 @@ def test_every_export_generates_what_transformers_and_peft_generate(walkthrough)
         else:
             theirs = AutoModelForCausalLM.from_pretrained(export / folder)
         with torch.no_grad():
-            out = theirs.eval().generate(ids, do_sample=False, max_new_tokens=24, pad_token_id=tokenizer.eos_id)
-        assert out[0, ids.shape[1]:].tolist()[:len(ours)] == ours and len(ours) > 5, folder
+            # In float32 as ours computes (the export holds bf16 weights, which both read alike).
+            out = theirs.float().eval().generate(ids, do_sample=False, max_new_tokens=24, pad_token_id=tokenizer.eos_id)
+            # On their whole greedy sequence, both models give the same next-token logits...
+            their_logits, our_logits = theirs(out).logits[0].float(), model(out)[0].float()
+        assert (their_logits - our_logits).abs().max() < 1e-4, folder
+        # ...and the same greedy tokens, up to a near tie (peft adds the adapter's product to the base's,
+        # we merge it into the weights first: the two round differently, by ~1e-6).
+        theirs_new, start = out[0, ids.shape[1]:].tolist(), ids.shape[1] - 1
+        agree = next((i for i, (a, b) in enumerate(zip(ours, theirs_new)) if a != b), min(len(ours), len(theirs_new)))
+        assert len(ours) > 5 and agree >= min(len(ours), len(theirs_new)) or \
+            float(our_logits[start + agree].topk(2).values.diff().abs()) < 1e-4, (folder, agree, ours, theirs_new)
         for path in (export / folder).iterdir():  # readable by the others on a shared machine (umask 022)
             assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
