@@ -123,6 +123,25 @@ def read_float8(out: Path) -> list[Figure]:
     return figures
 
 
+def read_variants(out: Path) -> list[Figure]:
+    """Tokens/s and peak memory of each variant row, and each row against the group's first."""
+    results = _bench_json(out)
+    reference = next(iter(results.values()), None)
+    figures = []
+    for entry in results.values():
+        if not entry["runs"]:
+            figures.append(Figure(f"{entry['label']} tokens/s", f"failed: {entry['errors'][0]}", "runs", False))
+            continue
+        s = _summary(entry)
+        figures.append(Figure(f"{entry['label']} tokens/s", round(s["tokens_per_sec"])))
+        peak = s.get("peak_allocated_gib") or s["peak_gib"]
+        figures.append(Figure(f"{entry['label']} peak memory GiB", round(peak, 2)))
+        if entry is not reference and reference["runs"]:
+            ratio = s["tokens_per_sec"] / _summary(reference)["tokens_per_sec"]
+            figures.append(Figure(f"{entry['label']} / {reference['label']}", f"{ratio:.2f}x"))
+    return figures
+
+
 def _bench(preset: str, *extra: str) -> list[str]:
     return ["bench", "--preset", preset, "--pairs", "1", "--no-memory-runs", "--out", "{out}", *extra]
 
@@ -138,6 +157,12 @@ STEPS = [
          _bench("8b-qlora-nf4", "--steps", "8", "--warmup", "3"), read_comparison),
     Step("8b-bf16", "Llama 3.1 8B full finetune, seq 8192, bf16 + compile + full AC: ours", 240,
          _bench("8b-seeded", "--steps", "6", "--warmup", "3"), read_comparison),
+    Step("1b-8k-attention", "Llama 3.2 1B, seq 8192, bf16 + compile + full AC: document attention (FlexAttention) "
+         "against causal SDPA", 200, _bench("1b-seeded", "--variants", "attention", "--steps", "8", "--warmup", "3"),
+         read_variants),
+    Step("1b-32k-attention", "Llama 3.2 1B, seq 32768, bf16 + compile + full AC: document attention (FlexAttention) "
+         "against causal SDPA", 240, _bench("1b-32k", "--variants", "attention", "--steps", "5", "--warmup", "2"),
+         read_variants),
 ]
 MIN_STEP_SECONDS = 60
 
@@ -184,7 +209,9 @@ def fake_outputs(step: Step, out: Path) -> None:
         return
     run = {"runs": [{"summary": {"tokens_per_sec": 1000.0, "mfu": 40.0, "mfu_mixed": 30.0, "peak_gib": 8.0,
                                   "peak_allocated_gib": 6.0}}], "errors": [], "dry_run_gib": 6.3}
-    if step.read is read_float8:
+    if step.read is read_variants:
+        results = {"attention/causal": {**run, "label": "causal"}, "attention/document": {**run, "label": "document"}}
+    elif step.read is read_float8:
         results = {"float8/high precision + compile": {**run, "label": "high precision + compile"},
                    "float8/float8 tensorwise": {**run, "label": "float8 tensorwise + compile"}}
     else:

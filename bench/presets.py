@@ -38,6 +38,11 @@ PRESETS = {
                           dtype="bfloat16", checkpointing=True, compile=True, methods=("full",)),
     "8b-seeded": Preset(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256, seq=8192, batch=1,
                         dtype="bfloat16", checkpointing=True, compile=True, methods=("full",), flavor="llama3_1_8b"),
+    # Long context, ours alone from the seeded init (the flavor's 131,072 positions): 8K and 32K tokens.
+    "1b-seeded": Preset(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192, vocab=128256, seq=8192, batch=1,
+                        dtype="bfloat16", checkpointing=True, compile=True, methods=("full",), flavor="llama3_2_1b"),
+    "1b-32k": Preset(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192, vocab=128256, seq=32768, batch=1,
+                     dtype="bfloat16", checkpointing=True, compile=True, methods=("full",), flavor="llama3_2_1b"),
     # Ours alone, from the seeded init (drawn on the GPU in seconds): no 16 GB checkpoint to write first.
     "8b-qlora-nf4": Preset(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn=14336, vocab=128256, seq=2048, batch=2,
                            dtype="bfloat16", checkpointing=True, compile=True, methods=("qlora_nf4",), flavor="llama3_1_8b"),

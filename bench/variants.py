@@ -25,6 +25,8 @@ GROUPS = {
                ("float8 tensorwise + float8 all-gather + compile", 0,
                 ["fp8.enabled=true", "fp8.recipe=tensorwise", "fp8.fsdp_float8_all_gather=true", "compile.enabled=true"]),
                ("float8 rowwise + compile", 0, ["fp8.enabled=true", "fp8.recipe=rowwise", "compile.enabled=true"])],
+    # Packed documents kept apart (FlexAttention when compiled on CUDA, SDPA's mask elsewhere) against causal.
+    "attention": [("causal", 0, ["data.attention=causal"]), ("document", 0, ["data.attention=document"])],
     "checkpoint": [("synchronous save", 0, ["checkpoint.async_save=false"]),
                    ("asynchronous save", 0, ["checkpoint.async_save=true"])],
 }
