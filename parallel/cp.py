@@ -18,6 +18,10 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
 
+# all_gather_single_autograd from torch 2.13 on; the name it replaced before (the GPU machine has 2.11).
+_all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
 def chunk_index(window: int, rank: int, cp: int, device=None) -> torch.Tensor:
     """Positions in the window that rank `rank` holds: chunks rank and 2cp-1-rank of 2 x cp."""
     chunk = window // (2 * cp)
@@ -47,7 +51,7 @@ class ContextParallel:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, heads, this rank's tokens, head_dim) -> every rank's tokens, rank after rank. Through
         functional collectives: differentiable (the backward reduce-scatters) and traceable by compile."""
-        return funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=2, group=self.mesh.get_group())
+        return _all_gather(x.contiguous(), gather_dim=2, group=self.mesh.get_group())
 
 
 def apply_cp(model, mesh: DeviceMesh) -> None:

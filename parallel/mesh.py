@@ -123,11 +123,12 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     dp = world[("dp_replicate", "dp_shard")]._flatten("dp") if dims.dp_size > 1 else None
     fsdp = None
     if dims.dp_size * dims.cp > 1:
-        shard_name = "dp_shard"
-        if dims.cp > 1:
-            world[("dp_shard", "cp")]._flatten("dp_shard_cp")
-            shard_name = "dp_shard_cp"
-        fsdp = world[("dp_replicate", shard_name)] if dims.dp_replicate > 1 else world[shard_name]
+        if dims.cp == 1:
+            fsdp = world[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else world["dp_shard"]
+        else:  # the flattened mesh as _flatten returns it (slicing it from the root again is deprecated)
+            fsdp = world[("dp_shard", "cp")]._flatten("dp_shard_cp")
+            if dims.dp_replicate > 1:
+                fsdp = world[("dp_replicate", "dp_shard_cp")]
     return Meshes(
         world=world, dp=SubMesh(dp), fsdp=SubMesh(fsdp), tp=SubMesh(world["tp"] if dims.tp > 1 else None),
         pp=SubMesh(world["pp"] if dims.pp > 1 else None), cp=SubMesh(world["cp"] if dims.cp > 1 else None),

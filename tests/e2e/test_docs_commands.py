@@ -6,7 +6,7 @@ that cannot rot. Each command is read from the Markdown (code blocks and inline 
   written when it is a --dry-run; a command the doc follows with an `error:` line must print that line;
 - benchmark commands: parsed by the benchmark's own parser (presets, methods, variant groups; the CPU
   benchmark itself runs in tests/e2e/test_bench.py; bench.attention and bench.long_context are measured
-  in docs/long-context.md); the GPU acceptance script: its --dry plan;
+  in docs/long-context.md); the GPU acceptance script: its --dry plan; example scripts: they parse;
 - pytest commands: the files exist and a -k expression selects tests; make targets exist;
 - templates (`N`, `X`, `...`, `[--flag]`, `a|b`): every flag they show is one the command accepts;
 - the README's ```sh walkthrough runs for real in tests/e2e/test_readme.py; others' tools (tensorboard,
@@ -160,6 +160,10 @@ def test_documented_command(where, command, error, tmp_path, capsys, monkeypatch
         import importlib
 
         importlib.import_module(program).parse_args(words[words.index(program) + 1:])
+    elif words[0] == "bash" and words[1].startswith("examples/"):  # an example script: it exists and parses
+        import subprocess
+
+        assert subprocess.run(["bash", "-n", words[1]], cwd=REPO).returncode == 0, words[1]
     elif words[:2] == ["bash", "scripts/gpu_acceptance.sh"]:
         from bench.acceptance import main as acceptance
 
