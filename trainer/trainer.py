@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor.parallel import loss_parallel
 
+from parallel.cp import shard_sequence
 from parallel.distributed import Runtime
 from parallel.library_patches import async_tp_compile
-from parallel.cp import shard_sequence
 from parallel.mesh import build_meshes, device_type
 from trainer.build import build_model
 from trainer.checkpoint.manager import CheckpointManager

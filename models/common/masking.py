@@ -7,7 +7,8 @@ A `WindowMask` is built once per forward by the decoder and handed to every bloc
 it for the RoPE angles of its queries and for the attention itself. Two kernels give the same numbers
 (tested within 1e-6): SDPA with a boolean mask, on every device and with gradients everywhere; and
 FlexAttention with a block mask, which skips whole masked blocks and is fast only when compiled (it has
-no backward on CPU, so training takes it only on CUDA with compile on).
+no backward on CPU, so training takes it only on CUDA with compile on). A context-parallel rank's causal
+chunks on CPU need no mask at all (models/common/causal_runs.py).
 """
 
 from collections.abc import Callable
@@ -39,6 +40,9 @@ class WindowMask:
     kernel: str  # "sdpa" or "flex"
     gather: Gather | None = None  # context parallelism: a rank's keys/values -> every rank's
     block_mask: object = None  # FlexAttention's BlockMask, made once per forward for every block
+    # SDPA's (batch or 1, 1, q, kv) boolean mask, made once per forward: every layer shares it (and the
+    # one copy autograd keeps for the backward).
+    dense: torch.Tensor | None = None
     # Causal attention of a cp rank's chunks on CPU, with no mask (models/common/causal_runs.py): the
     # runs of consecutive positions the queries are, and the order that sorts the gathered keys.
     runs: list[tuple[int, int, int]] | None = None
@@ -62,6 +66,8 @@ class WindowMask:
             mask.block_mask = _block_mask(mask)
         elif documents is None and q_index.device.type == "cpu":
             mask.runs, mask.key_order = runs_of(q_index), torch.argsort(kv_index)
+        else:
+            mask.dense = mask.allowed()
         return mask
 
     def rope(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +95,7 @@ class WindowMask:
             from torch.nn.attention.flex_attention import flex_attention
 
             return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed(), enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, enable_gqa=gqa)
 
 
 def _block_mask(mask: WindowMask):
