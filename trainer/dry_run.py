@@ -78,8 +78,10 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     # Causal cp chunks need no mask on CPU (models/common/causal_runs.py); FlexAttention's block mask is small.
     masked = plan.attention == "document" or (dims.cp > 1 and torch.cuda.is_available())
     if masked and plan.attention_kernel == "sdpa":
-        # One boolean mask per microbatch, shared by every layer (SDPA keeps it for the backward).
-        extra["attention mask (queries x keys, bool)"] = micro_tokens * cfg.training.seq_len * in_flight
+        # One boolean mask per microbatch, shared by every layer (SDPA keeps it for the backward), and the
+        # copy in the compute dtype SDPA's kernels turn it into while a layer attends.
+        extra["attention mask (queries x keys: bool, and a compute-dtype copy while attending)"] = \
+            micro_tokens * cfg.training.seq_len * (in_flight + compute_bytes)
     if compute_bytes < 4 and dims.fsdp_shards * dims.dp_replicate == 1:
         # Without FSDP, autocast casts each float32 weight a matmul reads and keeps the copy until the step's
         # backward is done (the embedding lookup reads its weight as it is, unless the head shares it).

@@ -105,7 +105,8 @@ def test_context_parallelism_splits_activations_and_states_and_counts_what_it_ga
     kv = 128 // 4 * 2  # debug: dim 128 over 4 heads, 2 kv heads
     # 4 sequences x 256 tokens, the half held elsewhere, keys and values, fp32, 8 layers.
     assert memory["keys and values gathered over cp=2, every layer"] == 4 * 256 / 2 * 2 * kv * 4 * 8
-    # Document masks: each rank's 128 queries of 4 sequences against all 256 keys.
-    assert memory["attention mask (queries x keys, bool)"] == 4 * 128 * 256
+    # Document masks: each rank's 128 queries of 4 sequences against all 256 keys, bool and an fp32 copy.
+    mask = "attention mask (queries x keys: bool, and a compute-dtype copy while attending)"
+    assert memory[mask] == 4 * 128 * 256 * (1 + 4)
     causal_cp = load_config("configs/debug.yaml", ["parallel.cp=2"])  # on CPU, causal chunks need no mask
-    assert "attention mask (queries x keys, bool)" not in estimate_memory(make_plan(causal_cp, 2), FP32)
+    assert mask not in estimate_memory(make_plan(causal_cp, 2), FP32)
