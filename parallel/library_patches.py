@@ -35,6 +35,7 @@ PRIVATE_NAMES = {
     "torch.ops._c10d_functional.all_gather_into_tensor": "float8_all_gather_over_gloo below",
     "torch.distributed._functional_collectives.all_gather_single_autograd":
         "parallel/cp.py: a differentiable, compile-traceable all-gather of keys and values (no public one)",
+    "torch._grouped_mm": "models/common/moe.py: one matmul over every expert's tokens (no public grouped matmul)",
     "torch._inductor.config._micro_pipeline_tp": "async_tp_compile below",
     "torch.distributed._symmetric_memory.enable_symm_mem_for_group": "async_tp_compile below",
     "torch.distributed.tensor.parallel.ColwiseParallel._prepare_input_fn":
