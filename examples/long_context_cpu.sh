@@ -14,12 +14,13 @@ ARGS=(--config configs/debug.yaml training.steps=2 metrics.log_every=1 checkpoin
       model.max_seq_len=16384 training.seq_len=16384 training.local_batch_size=1 training.global_batch_size=1
       training.cpu_malloc=system data.prefetch=0 metrics.progress=off)
 export MALLOC_MMAP_THRESHOLD_=65536
+mkdir -p "$OUT"
 
 echo "== 1. One rank, 16,384 tokens, 1 GiB: expected to run out of memory"
-if prlimit --data="$BUDGET" "$PY" train.py "${ARGS[@]}" job.output_dir="$OUT/cp1" > "$OUT.cp1.log" 2>&1; then
+if prlimit --data="$BUDGET" "$PY" train.py "${ARGS[@]}" job.output_dir="$OUT/cp1" > "$OUT/cp1.log" 2>&1; then
   echo "it fit: this machine's allocator needs less than measured in docs/long-context.md"
 else
-  grep -m1 -o "can't allocate memory[^.]*" "$OUT.cp1.log" || tail -n 3 "$OUT.cp1.log"
+  grep -m1 -o "can't allocate memory[^.]*" "$OUT/cp1.log" || tail -n 3 "$OUT/cp1.log"
 fi
 
 echo "== 2. Two context-parallel ranks, each with half of every sequence, the same 1 GiB each"
