@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 QUANT_SHAPE = ["model.dim=256", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_hidden_dim=768", "model.n_layers=2"]
 
 
+def document_attention() -> list[str]:
+    """Overrides that train on Tiny Shakespeare's speeches (several to a window) with each attending only
+    to itself: runs in which document masks matter. Skips (fails under CI) without ../shared/data."""
+    from tests.conftest import _shared
+
+    text = _shared("text/tinyshakespeare/input.txt")
+    return [f"data.source={text}", "data.text_sample_by=paragraph", "data.attention=document"]
+
+
 def stories260k_args(shared) -> list[str]:
     """Overrides that start from karpathy's pretrained stories260K with its own tokenizer."""
     return [

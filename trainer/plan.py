@@ -42,7 +42,7 @@ class Plan:
     teacher_args: DecoderArgs | None = None  # the distillation teacher's shape (None: no distillation)
     chunked_loss: bool = False  # the loss projects the final hidden states itself, chunk by chunk
     attention: str = "causal"  # data.attention resolved: causal or document
-    attention_kernel: str = "sdpa"  # for document masks: sdpa, or flex (CUDA with compile on)
+    attention_kernel: str = "sdpa"  # for document masks and cp: sdpa, or flex (CUDA with compile on)
 
     @property
     def trainable_only(self) -> bool:

@@ -7,23 +7,16 @@ import os
 
 import pytest
 
-from tests.conftest import _shared
-from tests.helpers import QUANT_SHAPE, REPO, run_train, tensorboard_scalars
+from tests.helpers import QUANT_SHAPE, REPO, document_attention, run_train, tensorboard_scalars
 
 COMMON = ["--config", "configs/debug.yaml", "training.steps=4", "metrics.log_every=1"]
 QDORA = [*QUANT_SHAPE, "adapters.kind=dora", "adapters.quantize_base=nf4", "optimizer.lr=1e-2", "checkpoint.enabled=false"]
 
 
-def _documents() -> list[str]:
-    """Tiny Shakespeare's speeches, several to a window, each attending only to itself."""
-    text = _shared("text/tinyshakespeare/input.txt")
-    return [f"data.source={text}", "data.text_sample_by=paragraph", "data.attention=document"]
-
-
 @pytest.mark.parametrize("name,method", [("full", []), ("QDoRA over NF4, document attention, cp=2", QDORA)])
 def test_compiled_checkpointed_sharded_matches_eager(tmp_path, name, method):
     if "document" in name:
-        method = [*method, *_documents()]
+        method = [*method, *document_attention()]
     eager = run_train([*COMMON, *method, f"job.output_dir={tmp_path / 'eager'}"])
     assert eager.returncode == 0, eager.stderr[-3000:]
     # A cache directory that outlives the test: later runs on the same machine skip most compilation.

@@ -20,8 +20,7 @@ linears compose with document masks.
 
 import pytest
 
-from tests.conftest import _shared
-from tests.helpers import run_train, tensorboard_scalars
+from tests.helpers import document_attention, run_train, tensorboard_scalars
 
 pytest.importorskip("torchao")
 
@@ -36,15 +35,10 @@ LAYOUTS = {
 }
 
 
-def _documents() -> list[str]:
-    text = _shared("text/tinyshakespeare/input.txt")
-    return [f"data.source={text}", "data.text_sample_by=paragraph", "data.attention=document"]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    result = run_train([*COMMON, f"job.output_dir={out}", *_documents()])
+    result = run_train([*COMMON, f"job.output_dir={out}", *document_attention()])
     assert result.returncode == 0, result.stderr[-3000:]
     return tensorboard_scalars(out, "loss/train")
 
@@ -52,7 +46,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_float8_layout_matches_one_float8_process(reference, tmp_path, layout):
     nproc, overrides, first_bound, bound = LAYOUTS[layout]
-    result = run_train([*COMMON, *overrides, f"job.output_dir={tmp_path}", *_documents()], nproc=nproc)
+    result = run_train([*COMMON, *overrides, f"job.output_dir={tmp_path}", *document_attention()], nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "28 of 29 linear layers convert" in result.stdout
     loss = tensorboard_scalars(tmp_path, "loss/train")

@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import _shared
-from tests.helpers import run_train, tensorboard_scalars
+from tests.helpers import document_attention, run_train, tensorboard_scalars
 from trainer.config import load_config
 from trainer.data import PackedLoader, load_documents
 from trainer.data.held_out import training_and_eval_documents
@@ -47,11 +46,7 @@ LAYOUTS = {
 
 
 def _attention(layout: str) -> list[str]:
-    """Document layouts: speeches of Tiny Shakespeare, several to a window, each attending to itself."""
-    if not layout.endswith("document"):
-        return []
-    text = _shared("text/tinyshakespeare/input.txt")
-    return [f"data.source={text}", "data.text_sample_by=paragraph", "data.attention=document"]
+    return document_attention() if layout.endswith("document") else []
 
 
 @pytest.fixture(scope="module")

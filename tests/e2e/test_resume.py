@@ -10,8 +10,7 @@ import signal
 
 import pytest
 
-from tests.conftest import _shared
-from tests.helpers import kill_tree, run_train, start_train, tensorboard_scalars, wait_until
+from tests.helpers import document_attention, kill_tree, run_train, start_train, tensorboard_scalars, wait_until
 
 STEPS = 20
 BASE = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=10",
@@ -22,8 +21,7 @@ CP2 = ["parallel.cp=2"]
 
 
 def _common() -> list[str]:
-    text = _shared("text/tinyshakespeare/input.txt")
-    return [*BASE, f"data.source={text}", "data.text_sample_by=paragraph", "data.attention=document"]
+    return [*BASE, *document_attention()]
 
 
 def _samples(output_dir, world):
