@@ -40,20 +40,35 @@ RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def write_checkpoint(p: Preset, out: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(hidden_size=p.dim, num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads,
-                         num_key_value_heads=p.n_kv_heads, intermediate_size=p.ffn, vocab_size=p.vocab,
-                         max_position_embeddings=p.seq, tie_word_embeddings=False)
+    shape = dict(hidden_size=p.dim, num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads,
+                 num_key_value_heads=p.n_kv_heads, intermediate_size=p.ffn, vocab_size=p.vocab,
+                 max_position_embeddings=p.seq, tie_word_embeddings=False)
+    if p.experts:
+        config = transformers.Qwen3MoeConfig(**shape, head_dim=p.dim // p.n_heads, num_experts=p.experts,
+                                             num_experts_per_tok=p.top_k, moe_intermediate_size=p.moe_ffn,
+                                             norm_topk_prob=True, router_aux_loss_coef=0.001)
+        model = transformers.Qwen3MoeForCausalLM
+    else:
+        config, model = transformers.LlamaConfig(**shape), transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(getattr(torch, p.dtype)).save_pretrained(out)
+    model(config).to(getattr(torch, p.dtype)).save_pretrained(out)
+
+
+def theirs_sides(p: Preset) -> list[tuple[str, str | None]]:
+    """(side name, transformers' experts implementation) of transformers' runs: one per implementation
+    compared for a mixture of experts."""
+    if not p.experts:
+        return [("theirs", None)]
+    return [(f"theirs, {impl} experts", impl) for impl in p.theirs_experts]
 
 
 def run_theirs(p: Preset, checkpoint: Path, method: str, steps: int, adamw: str, env: dict | None = None,
-               profile_step: int = 0) -> dict | str:
+               profile_step: int = 0, experts: str | None = None) -> dict | str:
     cmd = [sys.executable, "-m", "bench.theirs", "--checkpoint", str(checkpoint), "--method", method, "--seq", str(p.seq),
            "--batch", str(p.batch), "--dtype", p.dtype, "--steps", str(steps), "--adamw", adamw,
-           "--profile-step", str(profile_step)]
+           "--profile-step", str(profile_step), *(["--experts", experts] if experts else [])]
     if p.checkpointing:
         cmd.append("--checkpointing")
     result = subprocess.run(cmd, cwd=ours.REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -111,8 +126,9 @@ def compare(args, p: Preset, checkpoint: Path | None, methods: list[str]) -> dic
         for method in methods:
             sides = [("ours", lambda m=method: ours.run(p, checkpoint, m, args.steps))]
             if METHODS[method][1] and checkpoint is not None:
-                sides.append(("theirs", lambda m=method: run_theirs(p, checkpoint, METHODS[m][1], args.steps,
-                                                                    args.theirs_adamw)))
+                sides += [(side, lambda m=method, e=impl: run_theirs(p, checkpoint, METHODS[m][1], args.steps,
+                                                                     args.theirs_adamw, experts=e))
+                          for side, impl in theirs_sides(p)]
             for side, go in sides:
                 run = go()
                 entry = results.setdefault(f"{method}/{side}", {"method": method, "side": side, "runs": [], "errors": []})
@@ -131,17 +147,22 @@ def compare(args, p: Preset, checkpoint: Path | None, methods: list[str]) -> dic
             memory = ours.run(p, checkpoint, method, 2, env=RETURN_FREED, extra=["training.cpu_malloc=system"])
             if mine and isinstance(memory, dict):
                 mine["live_peak_gib"] = memory["peak_gib"]
-            theirs_entry = results.get(f"{method}/theirs")
-            if theirs_entry:
-                memory = run_theirs(p, checkpoint, METHODS[method][1], 2, args.theirs_adamw, env=RETURN_FREED)
-                if isinstance(memory, dict):
-                    theirs_entry["live_peak_gib"] = memory["peak_gib"]
+            for side, impl in theirs_sides(p):
+                theirs_entry = results.get(f"{method}/{side}")
+                if theirs_entry:
+                    memory = run_theirs(p, checkpoint, METHODS[method][1], 2, args.theirs_adamw, env=RETURN_FREED,
+                                        experts=impl)
+                    if isinstance(memory, dict):
+                        theirs_entry["live_peak_gib"] = memory["peak_gib"]
         if args.profile:  # separate runs: the profiler slows the step it watches
             step = args.warmup + 1
-            for side, entry in (("ours", mine), ("theirs", results.get(f"{method}/theirs"))):
+            side, impl = theirs_sides(p)[0]
+            for entry, go in ((mine, lambda: ours.run(p, checkpoint, method, step, profile_step=step)),
+                              (results.get(f"{method}/{side}"),
+                               lambda: run_theirs(p, checkpoint, METHODS[method][1], step, args.theirs_adamw,
+                                                  profile_step=step, experts=impl))):
                 if entry and entry["runs"]:
-                    run = (ours.run(p, checkpoint, method, step, profile_step=step) if side == "ours" else
-                           run_theirs(p, checkpoint, METHODS[method][1], step, args.theirs_adamw, profile_step=step))
+                    run = go()
                     entry["ops"] = run["ops"] if isinstance(run, dict) else []
     return results
 

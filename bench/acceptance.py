@@ -157,6 +157,9 @@ STEPS = [
          _bench("8b-qlora-nf4", "--steps", "8", "--warmup", "3"), read_comparison),
     Step("8b-bf16", "Llama 3.1 8B full finetune, seq 8192, bf16 + compile + full AC: ours", 240,
          _bench("8b-seeded", "--steps", "6", "--warmup", "3"), read_comparison),
+    Step("30b-a3b-moe", "Qwen3-30B-A3B's layers (8 of 48: 128 experts, 8 per token), seq 4096, bf16 + compile + full "
+         "AC, one GPU: ours, MFU of the active parameters", 200, _bench("moe-30b-a3b-8l", "--steps", "8", "--warmup", "3"),
+         read_comparison),
     Step("1b-8k-attention", "Llama 3.2 1B, seq 8192, bf16 + compile + full AC: document attention (FlexAttention) "
          "against causal SDPA", 200, _bench("1b-seeded", "--variants", "attention", "--steps", "8", "--warmup", "3"),
          read_variants),

@@ -16,7 +16,8 @@ PHASES = ("data", "forward", "backward", "optimizer", "other")
 
 
 def overrides(p: Preset, checkpoint: Path | None, method: str, steps: int, extra: list[str] = ()) -> list[str]:
-    model = [f"model.flavor={p.flavor}"] if checkpoint is None else ["model.flavor=null", f"model.init_from={checkpoint}"]
+    model = [f"model.flavor={p.flavor}", *p.model_overrides] if checkpoint is None else \
+        ["model.flavor=null", f"model.init_from={checkpoint}"]
     return [
         "--config", "configs/debug.yaml", *model, "tokenizer.kind=byte",
         "data.source=stdlib", f"training.seq_len={p.seq}", f"training.local_batch_size={p.batch}",

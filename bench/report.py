@@ -19,9 +19,16 @@ def _live(entry: dict) -> float:
     return entry.get("live_peak_gib") or _peak(entry)
 
 
+def _theirs(results: dict, method: str) -> list[dict]:
+    """transformers' entries of a method (one per experts implementation for a mixture of experts)."""
+    return [e for e in results.values() if e["method"] == method and e["side"].startswith("theirs")]
+
+
 def describe(preset, args) -> str:
-    return (f"shape dim {preset.dim}, {preset.n_layers} layers, heads {preset.n_heads}/{preset.n_kv_heads}, ffn {preset.ffn}, "
-            f"vocab {preset.vocab}; seq {preset.seq} x batch {preset.batch} per rank, {preset.dtype}; activation checkpointing "
+    experts = (f" ({preset.experts} experts of hidden {preset.moe_ffn}, {preset.top_k} per token, in every layer)"
+               if preset.experts else "")
+    return (f"shape dim {preset.dim}, {preset.n_layers} layers, heads {preset.n_heads}/{preset.n_kv_heads}, ffn {preset.ffn}"
+            f"{experts}, vocab {preset.vocab}; seq {preset.seq} x batch {preset.batch} per rank, {preset.dtype}; activation checkpointing "
             f"{'full' if preset.checkpointing else 'off'}, compile {'on' if preset.compile else 'off'} (unless a row says "
             f"otherwise); {args.steps} steps per run, the first {args.warmup} not timed; {args.pairs} interleaved round(s)")
 
@@ -51,14 +58,18 @@ def tables(header: str, preset, args, results: dict) -> str:
                      f"{step:.1f} [{low:.1f} - {high:.1f}] | {mfu:.1f} | {_peak(entry):.2f} | {live} | {est} |")
 
     lines += ["", "Ours against theirs (tokens/s ratio per interleaved pair; peak memory ratios):", "",
-              "| method | tokens/s ratio: median [min - max] | peak as run ratio | live peak ratio |", "|---|---|---|---|"]
+              "| method | against | tokens/s ratio: median [min - max] | peak as run ratio | live peak ratio |",
+              "|---|---|---|---|---|"]
     for key, entry in results.items():
-        theirs = results.get(f"{entry['method']}/theirs")
-        if entry["side"] != "ours" or not theirs or not theirs["runs"] or not entry["runs"]:
+        if entry["side"] != "ours" or not entry["runs"]:
             continue
-        ratios = [a["summary"]["tokens_per_sec"] / b["summary"]["tokens_per_sec"] for a, b in zip(entry["runs"], theirs["runs"])]
-        lines.append(f"| {entry['method']} | {statistics.median(ratios):.2f}x [{min(ratios):.2f} - {max(ratios):.2f}] | "
-                     f"{_peak(entry) / _peak(theirs):.2f}x | {_live(entry) / _live(theirs):.2f}x |")
+        for theirs in _theirs(results, entry["method"]):
+            if not theirs["runs"]:
+                continue
+            ratios = [a["summary"]["tokens_per_sec"] / b["summary"]["tokens_per_sec"]
+                      for a, b in zip(entry["runs"], theirs["runs"])]
+            lines.append(f"| {entry['method']} | {theirs['side']} | {statistics.median(ratios):.2f}x [{min(ratios):.2f} - "
+                         f"{max(ratios):.2f}] | {_peak(entry) / _peak(theirs):.2f}x | {_live(entry) / _live(theirs):.2f}x |")
 
     lines += ["", "Where a step's time goes (medians of the timed steps, ms; other = the step minus the phases; "
               "tail = the slowest timed step over the median):", "",
@@ -81,7 +92,7 @@ def _ops_tables(results: dict, rows: int = 15) -> list[str]:
     for entry in results.values():
         if entry["side"] != "ours" or not entry.get("ops"):
             continue
-        theirs = {op["name"]: op for op in (results.get(f"{entry['method']}/theirs") or {}).get("ops", [])}
+        theirs = {op["name"]: op for op in next(iter(_theirs(results, entry["method"])), {}).get("ops", [])}
         mine = {op["name"]: op for op in entry["ops"]}
         names = sorted(set(mine) | set(theirs), key=lambda n: -max(mine.get(n, {}).get("self_ms", 0),
                                                                     theirs.get(n, {}).get("self_ms", 0)))[:rows]

@@ -1,11 +1,13 @@
-"""The other side of a row: a plain training loop over transformers' LlamaForCausalLM (+ peft LoRA,
-+ bitsandbytes NF4 for QLoRA), the way their users write one, in a fresh process. The same checkpoint,
+"""The other side of a row: a plain training loop over transformers' model of the checkpoint
+(LlamaForCausalLM, Qwen3MoeForCausalLM; + peft LoRA, + bitsandbytes NF4 for QLoRA), the way their users
+write one, in a fresh process. A mixture of experts adds its load-balancing loss as transformers does when
+given labels, with the experts implementation asked for (--experts). The same checkpoint,
 the same batches (our data pipeline, which is not what is measured: its time is the data phase), the
 same AdamW (torch's default implementation unless --adamw says otherwise), learning rate, clipping and
 precision. Prints its figures as one JSON line.
 
     python -m bench.theirs --checkpoint DIR --method full|lora|qlora --seq S --batch B --dtype D --steps N
-        [--checkpointing] [--adamw default|foreach|fused] [--profile-step K]
+        [--checkpointing] [--adamw default|foreach|fused] [--profile-step K] [--experts eager|grouped_mm|batched_mm]
 """
 
 import argparse
@@ -25,9 +27,11 @@ def main() -> None:
     parser.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
                         help="torch's default implementation for the device (the for-loop on CPU), or foreach / fused")
     parser.add_argument("--profile-step", type=int, default=0, help="profile this step (torch.profiler): its top ops")
+    parser.add_argument("--experts", choices=("eager", "grouped_mm", "batched_mm"),
+                        help="a mixture of experts: transformers' experts implementation (default: its own choice)")
     args = parser.parse_args()
 
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from trainer.config import load_config
     from trainer.data import PackedLoader, load_documents
@@ -41,7 +45,10 @@ def main() -> None:
     if args.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = LlamaForCausalLM.from_pretrained(args.checkpoint, **kwargs).train()
+    if args.experts:
+        kwargs["experts_implementation"] = args.experts
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, **kwargs).train()
+    aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0) if hasattr(model.config, "num_experts") else 0.0
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.method != "full":
@@ -69,8 +76,10 @@ def main() -> None:
         t0 = now()
         inputs, labels, _ = (t.to(device) for t in loader.next_batch())
         t1 = now()
-        logits = model(input_ids=inputs).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        out = model(input_ids=inputs, output_router_logits=True) if aux_coef else model(input_ids=inputs)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten())
+        if aux_coef:  # what transformers adds when given labels
+            loss = loss + aux_coef * out.aux_loss
         t2 = now()
         loss.backward()
         t3 = now()
@@ -78,7 +87,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t4 = now()
-        record["loss"].append(loss.item())
+        record["loss"].append((loss - aux_coef * out.aux_loss).item() if aux_coef else loss.item())
         t5 = now()
         for key, ms in zip(("data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms"),
                            (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):

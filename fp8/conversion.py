@@ -37,6 +37,9 @@ def keep_reason(name: str, module: nn.Module, cfg: Float8Config) -> str | None:
     matched = next((f for f in cfg.filter_fqns if f in name), None)
     if matched is not None:
         return f"fp8.filter_fqns has {matched!r}"
+    if name.endswith(".router"):
+        # Its scores choose each token's experts: a float8 rounding flips close choices (torchtitan keeps it too).
+        return "a mixture-of-experts router (its scores choose the experts)"
     out_features, in_features = module.weight.shape
     if out_features % 16 or in_features % 16:
         return f"its sizes {in_features} -> {out_features} are not multiples of 16 (float8 matmuls need that)"

@@ -10,11 +10,11 @@ import json
 
 import torch
 
-from models import llama, qwen3
+from models import llama, qwen3, qwen3_moe
 from models.common.args import DecoderArgs
 from models.family import Decoder, ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (llama.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (llama.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY)}
 
 
 def family_of(args: DecoderArgs) -> ModelFamily:

@@ -43,6 +43,15 @@ class HFFormat:
     config: Callable[..., dict]  # (args, *, dtype, bos_id, eos_id) -> config.json
     to_hf: Callable[[str], str]  # our parameter name -> the Hugging Face one
     from_hf: Callable[[str], str | None]  # and back (None: a tensor we do not keep)
+    # Tensors of ours that HF files hold as several (one per expert) or fused with another: an object with
+    # claims(hf_name), sources(name, shape, available hf names), join(name, parts) and split(name, tensor)
+    # (models/common/hf.py: StackedExperts). None: every tensor maps to one of the same shape.
+    joined: object | None = None
+
+    def hf_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The (HF name, tensor) pairs one of our parameters is written as."""
+        pieces = self.joined.split(name, tensor) if self.joined is not None else None
+        return pieces if pieces is not None else [(self.to_hf(name), tensor)]
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class ModelFamily:
     activation_elements: Callable[[DecoderArgs, str, int], float]
     tp_sizes: Callable[[DecoderArgs], dict[str, int]]  # sizes tensor parallelism splits, by model.* name
     adapter_targets: dict[str, str]  # adapters.targets short names -> module-name patterns
+    # (args, parallel dims) -> why this family's blocks cannot run in that layout, or None
+    check_layout: Callable[..., str | None] = lambda args, dims: None
 
 
 def dense_family(*, name: str, args, model, flavors: dict, hf, tp_plan=None) -> "ModelFamily":

@@ -4,6 +4,11 @@ The mesh's dimensions are (pp, dp_replicate, dp_shard, cp, tp), outermost first:
 the most, so its ranks are neighbours (the same node); context parallelism (a key/value all-gather per
 layer) next; pipeline stages talk the least. FSDP shards over dp_shard x cp, as torchtitan does: cp ranks
 hold different tokens of the same sequences, so for the parameters they are data-parallel ranks.
+
+Expert parallelism is formed from the data-parallel ranks, as torchtitan forms it: dp_shard splits into
+(dp_shard / ep, ep), ep the innermost data dimension, inside cp (neighbours: its all-to-all moves every
+routed token twice per layer). Each ep rank holds num_experts / ep experts, which FSDP shards further
+over the rest of dp_shard x cp; every other parameter is sharded over dp_shard x cp as without ep.
 """
 
 from dataclasses import dataclass
@@ -25,9 +30,11 @@ class ParallelDims:
     pp: int
     world_size: int
     cp: int = 1
+    ep: int = 1
 
     @classmethod
-    def from_sizes(cls, *, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int, cp: int = 1) -> "ParallelDims":
+    def from_sizes(cls, *, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int, cp: int = 1,
+                   ep: int = 1) -> "ParallelDims":
         """`dp_shard=-1` takes what the world leaves over. The messages name the sizes as the config's
         `parallel.*` keys, which is where every caller takes them from."""
         for name, value in (("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp), ("pp", pp)):
@@ -50,7 +57,10 @@ class ParallelDims:
                 f"parallel sizes pp x dp_replicate x dp_shard{cp_name} x tp = {pp} x {dp_replicate} x {dp_shard}{cp_size} x {tp} = "
                 f"{others * dp_shard} do not multiply to the world size {world_size}; set parallel.dp_shard=-1 to use the rest"
             )
-        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, pp=pp, world_size=world_size, cp=cp)
+        if ep < 1 or dp_shard % ep:
+            raise LayoutError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard}: expert parallelism is formed "
+                              f"from the data-parallel ranks that shard the model (FSDP)")
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, pp=pp, world_size=world_size, cp=cp, ep=ep)
 
     @property
     def dp_size(self) -> int:
@@ -62,9 +72,15 @@ class ParallelDims:
         """How many pieces FSDP cuts each parameter into: dp_shard x cp."""
         return self.dp_shard * self.cp
 
+    @property
+    def expert_fsdp_shards(self) -> int:
+        """How many pieces FSDP cuts each of an ep rank's experts into: the rest of dp_shard x cp."""
+        return self.dp_shard // self.ep * self.cp
+
     def describe(self) -> str:
         cp = f" x cp {self.cp}" if self.cp > 1 else ""
-        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{cp} x tp {self.tp}"
+        ep = f" (ep {self.ep} of it)" if self.ep > 1 else ""
+        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{ep}{cp} x tp {self.tp}"
 
     def num_stages(self, stages_per_rank: int) -> int:
         """Pipeline stages in all: `stages_per_rank` of them on each pipeline rank (interleaved schedules)."""
@@ -112,13 +128,24 @@ class Meshes:
     tp: SubMesh
     pp: SubMesh
     cp: SubMesh = SubMesh()  # ranks holding slices of the same sequences: loss and token sums
+    ep: SubMesh = SubMesh()  # ranks that split the experts among them and exchange tokens (all-to-all)
+    # What fully_shard shards each ep rank's experts over: the rest of dp_shard x cp (dp_replicate first for
+    # HSDP). Active exactly when ep is, even of size 1, so that FSDP averages the experts' gradients too.
+    expert_fsdp: SubMesh = SubMesh()
 
 
 def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     if dims.world_size == 1:
         return Meshes(world=None, dp=SubMesh(), fsdp=SubMesh(), tp=SubMesh(), pp=SubMesh())
-    names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-    world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp), mesh_dim_names=names)
+    if dims.ep > 1:  # dp_shard as (dp_shard / ep, ep) around cp, flattened back for all but the experts
+        names = ("pp", "dp_replicate", "dp_shard_out_ep", "cp", "ep", "tp")
+        world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard // dims.ep, dims.cp, dims.ep,
+                                               dims.tp), mesh_dim_names=names)
+        world[("dp_shard_out_ep", "ep")]._flatten("dp_shard")
+    else:
+        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+        world = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp),
+                                 mesh_dim_names=names)
     # Flattened meshes are kept here: slicing them from the root again is deprecated.
     dp = world[("dp_replicate", "dp_shard")]._flatten("dp") if dims.dp_size > 1 else None
     fsdp = None
@@ -126,12 +153,21 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
         if dims.cp == 1:
             fsdp = world[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else world["dp_shard"]
         else:  # the flattened mesh as _flatten returns it (slicing it from the root again is deprecated)
-            fsdp = world[("dp_shard", "cp")]._flatten("dp_shard_cp")
+            # With ep, dp_shard and cp interleave: (dp_shard / ep, cp, ep).
+            shard_cp = ("dp_shard_out_ep", "cp", "ep") if dims.ep > 1 else ("dp_shard", "cp")
+            fsdp = world[shard_cp]._flatten("dp_shard_cp")
             if dims.dp_replicate > 1:
                 fsdp = world[("dp_replicate", "dp_shard_cp")]
+    ep = expert_fsdp = None
+    if dims.ep > 1:
+        ep = world["ep"]
+        expert_fsdp = world["dp_shard_out_ep"] if dims.cp == 1 else world[("dp_shard_out_ep", "cp")]._flatten("dp_shard_out_ep_cp")
+        if dims.dp_replicate > 1:
+            expert_fsdp = world[("dp_replicate", expert_fsdp.mesh_dim_names[0])]
     return Meshes(
         world=world, dp=SubMesh(dp), fsdp=SubMesh(fsdp), tp=SubMesh(world["tp"] if dims.tp > 1 else None),
         pp=SubMesh(world["pp"] if dims.pp > 1 else None), cp=SubMesh(world["cp"] if dims.cp > 1 else None),
+        ep=SubMesh(ep), expert_fsdp=SubMesh(expert_fsdp),
     )
 
 

@@ -1,7 +1,7 @@
 """Spreads one model (or one pipeline stage) over the mesh, in the order that matters:
 
-TP first (it turns parameters into DTensors that FSDP must see); CP (the attention over sequence slices,
-no parameters touched); AC next (wrapping the TP'd block);
+TP first (it turns parameters into DTensors that FSDP must see); EP (the experts sharded over their
+ranks, DTensors too); CP (the attention over sequence slices, no parameters touched); AC next (wrapping the TP'd block);
 compile after AC (so the compiled graph contains the recomputation); FSDP last (it shards whatever
 parameters the others leave and hooks around the compiled, checkpointed blocks).
 """
@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from parallel.ac import apply_ac
 from parallel.compile import apply_compile
 from parallel.cp import apply_cp
+from parallel.ep import apply_ep
 from parallel.fsdp import apply_fsdp
 from parallel.tp import TPPlan, apply_tp
 
@@ -23,13 +24,16 @@ def parallelize(
     model: nn.Module, *, tp_mesh: DeviceMesh | None, tp_plan: TPPlan | None, ac_mode: str, ac_every: int,
     compile: bool, fsdp_mesh: DeviceMesh | None, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
     reshard_after_forward: str, cpu_offload: bool, materialize: Callable[[nn.Module, str], None] | None = None,
-    cp_mesh: DeviceMesh | None = None,
+    cp_mesh: DeviceMesh | None = None, ep_mesh: DeviceMesh | None = None, expert_fsdp_mesh: DeviceMesh | None = None,
 ) -> None:
     """`tp_plan` (the model family's, with the styles of the modules converters created) is needed with a
     tp_mesh. `materialize(unit, unit_name)`, if given, brings each block and then the root's own modules
-    off the meta device, each just before FSDP shards it (a model without it is materialized afterwards)."""
+    off the meta device, each just before FSDP shards it (a model without it is materialized afterwards).
+    With an ep_mesh, FSDP shards the experts over expert_fsdp_mesh."""
     if tp_mesh is not None:
         apply_tp(model, tp_mesh=tp_mesh, plan=tp_plan)
+    if ep_mesh is not None:
+        apply_ep(model, ep_mesh)
     if cp_mesh is not None:
         apply_cp(model, cp_mesh)
     apply_ac(model, mode=ac_mode, every=ac_every)
@@ -39,6 +43,7 @@ def parallelize(
         apply_fsdp(
             model, mesh=fsdp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
             reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload, before_shard=materialize,
+            expert_mesh=expert_fsdp_mesh,
         )
     elif materialize is not None:
         materialize_units(model, materialize)

@@ -118,6 +118,24 @@ def kill_9_and_resume(args: list[str], out: Path, reference: Path, *, nproc: int
     return resumed
 
 
+def layout_runner(tmp_path_factory, layouts: dict, common: list[str]):
+    """layout name -> its run's output directory, each run once: `layouts` maps a name to (ranks,
+    overrides); a name ending in "document" trains with document attention."""
+    runs = {}
+
+    def run(layout: str):
+        if layout not in runs:
+            nproc, overrides = layouts[layout]
+            out = tmp_path_factory.mktemp("layout")
+            attention = document_attention() if layout.endswith("document") else []
+            result = run_train([*common, f"job.output_dir={out}", *overrides, *attention], nproc=nproc)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[layout] = out
+        return runs[layout]
+
+    return run
+
+
 def flavor_args(name: str, **overrides):
     """The shape of a named flavor (its family's args dataclass), with single fields changed."""
     from models import find_flavor

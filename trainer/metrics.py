@@ -137,7 +137,7 @@ class MetricsLogger:
     def maybe_log(
         self, step: int, *, loss: float, lr: float, grad_norm: float, local_tokens: int, step_time: float,
         tokens_seen: int = 0, window_ids: list[tuple[int, int]] = (), loss_parts: dict[str, float] | None = None,
-        data_time: float = 0.0, phases: dict[str, float] | None = None,
+        data_time: float = 0.0, phases: dict[str, float] | None = None, extra: dict[str, float] | None = None,
     ) -> None:
         """`loss_parts`: named terms of a loss made of several (distillation's ce and kl), per label token.
         `data_time`: the part of step_time spent waiting for the step's batches. `phases`: seconds of the
@@ -173,10 +173,14 @@ class MetricsLogger:
             print("\r" + " " * 80 + "\r", end="")
         parts = f" ({', '.join(f'{k} {v:.4f}' for k, v in loss_parts.items())})" if loss_parts else ""
         mixed = f" | mfu_mixed {self.fast.mixed(mfu):5.2f}%" if self.fast else ""
+        shown = {tag: v for tag, v in (extra or {}).items() if tag.count("/") == 1}
+        groups = {tag.split("/")[0] for tag in shown}
+        more = "".join(f" | {g} " + " ".join(f"{t.split('/')[1]} {v:.4f}" for t, v in shown.items() if t.startswith(g + "/"))
+                       for g in sorted(groups))
         print(
             f"step {step:>6} | loss {loss:8.4f}{parts} | lr {lr:.3e} | grad_norm {grad_norm:8.4f} | "
             f"tok/s/device {tokens_per_sec:9.1f} | mfu {mfu:5.2f}%{mixed} | mem {memory:6.2f} GiB | "
-            f"step {step_avg * 1000:7.1f} ms (data {data_percent:4.1f}%) | tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}",
+            f"step {step_avg * 1000:7.1f} ms (data {data_percent:4.1f}%) | tokens {tokens_label(tokens_seen)} | elapsed {clock(elapsed)} | eta {clock(eta)}{more}",
             flush=True,
         )
         scalars = {
@@ -188,6 +192,7 @@ class MetricsLogger:
         if self.device.type == "cuda":  # what tensors held at most, beside what the caching allocator reserved
             scalars["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         scalars.update({f"loss/{name}": value for name, value in loss_parts.items()})
+        scalars.update(extra or {})
         scalars.update({f"time/phase_{name}_ms": value for name, value in phase_ms.items()})
         if self.fast:
             scalars["throughput/mfu_mixed_percent"] = self.fast.mixed(mfu)

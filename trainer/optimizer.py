@@ -17,11 +17,11 @@ from trainer.config.schema import Config, LRSchedulerConfig, OptimizerConfig
 
 def _adamw(module: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
-    # Norm gains (1-D) are not decayed: decay would pull them toward zero, not toward simplicity.
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    # Norm gains (1-D) are not decayed: decay would pull them toward zero, not toward simplicity. Parameters
+    # on different meshes (expert parallelism's experts beside the rest) go to groups of their own: the
+    # foreach and fused kernels take one group's tensors in one call, which DTensor allows on one mesh only.
+    groups = [{"params": same_mesh, "weight_decay": cfg.weight_decay if decayed else 0.0}
+              for decayed in (True, False) for same_mesh in by_mesh([p for p in params if (p.ndim >= 2) == decayed])]
     # An empty group (LoRA trains no 1-D parameters) cannot be restored: DCP's optimizer state dict
     # locates each group by its first parameter.
     groups = [g for g in groups if g["params"]]
@@ -109,13 +109,23 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -
     norms are summed over the pipeline group. Every rank then clips by the same, global, norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+    groups = by_mesh(grads) or [[]]  # one norm per mesh (DTensor reduces each over its own), then their squares summed
+    norms = [torch.nn.utils.get_total_norm(group, norm_type=2.0) for group in groups]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+    norm = norms[0] if len(norms) == 1 else torch.stack([n**2 for n in norms]).sum().sqrt()
     if pp_group is not None:
         squared = norm**2
         dist.all_reduce(squared, group=pp_group)
         norm = squared.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+        for group in groups:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return norm
+
+
+def by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`tensors` split by the DeviceMesh of each (plain tensors together), in order of first appearance."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    return list(groups.values())

@@ -19,6 +19,7 @@ from trainer.converters import ConverterInfo, ModelConverter, build_converters
 from trainer.data import check_enough_tokens, load_documents
 from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
 from trainer.distill.teacher import check_teacher
+from trainer.expert_balance import check_moe_settings
 from trainer.tokenizer import build_tokenizer
 from trainer.tokenizer.base import Tokenizer
 from trainer.weights.load import read_checkpoint_args
@@ -54,7 +55,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     p = cfg.parallel
     try:
         dims = ParallelDims.from_sizes(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, cp=p.cp,
-                                       world_size=world_size)
+                                       ep=p.ep, world_size=world_size)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
     accum_steps = check_batch(cfg.training, dims.dp_size)
@@ -66,6 +67,9 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     check_context_parallel(dims, cfg.training.seq_len)
     family = family_of(model_args)
     check_layout_fits_model(dims, model_args, cfg.parallel)
+    why = check_moe_settings(cfg.moe, model_args, dims)
+    if why is not None:
+        raise ConfigError(why)
     converters = build_converters(cfg)
     meta = build_meta_model(model_args)  # on meta: costs nothing
     base_shapes = {name: p.shape for name, p in meta.named_parameters()}
@@ -79,6 +83,11 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         raise ConfigError(
             "exports with parallel.pp > 1 are assembled from the final checkpoint: set checkpoint.enabled=true"
         )
+    if cfg.export.hf or cfg.export.peft:
+        try:
+            family.hf.config(model_args, dtype=torch.float32)
+        except ValueError as e:
+            raise ConfigError(f"export.hf / export.peft: {e}; set them to false (checkpoints keep the model)") from None
     if cfg.parallel.async_tp and not (cfg.compile.enabled and dims.tp > 1 and torch.cuda.is_available()):
         raise ConfigError("parallel.async_tp needs CUDA, parallel.tp > 1 and compile.enabled=true")
     attention = cfg.data.attention
@@ -155,6 +164,12 @@ def stages_per_rank(cfg: ParallelConfig) -> int:
 
 def check_layout_fits_model(dims: ParallelDims, args: DecoderArgs, cfg: ParallelConfig) -> None:
     """Layout constraints that depend on the model's shape."""
+    why = family_of(args).check_layout(args, dims)
+    if why is not None:
+        raise ConfigError(why)
+    if dims.ep > 1 and not hasattr(args, "num_experts"):
+        raise ConfigError(f"parallel.ep={dims.ep} splits a model's experts, and the {args.family} model has none: "
+                          f"set parallel.ep=1")
     if dims.tp > 1:
         sizes = family_of(args).tp_sizes(args)
         for name, size in sizes.items():
@@ -182,7 +197,7 @@ def check_layout_fits_model(dims: ParallelDims, args: DecoderArgs, cfg: Parallel
 
 _OVERRIDABLE = (
     "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "max_seq_len", "rope_theta",
-    "norm_eps", "tie_embeddings",
+    "norm_eps", "tie_embeddings", "num_experts", "top_k", "moe_hidden_dim",
 )
 
 

@@ -27,6 +27,8 @@ def start_lines(plan: Plan, *, device: torch.device, peak: float, peak_source: s
         kernel = "FlexAttention, compiled" if plan.attention_kernel == "flex" else "SDPA with a boolean mask"
         lines.append(f"attention: document (each token sees only its own document in a packed window, RoPE positions "
                      f"restarting at each; {kernel})")
+    if hasattr(plan.model_args, "num_experts"):
+        lines.append(moe_line(plan))
     if plan.teacher_args is not None:
         teacher = sum(p.numel() for p in build_meta_model(plan.teacher_args).parameters())
         lines.append(f"distilling from {cfg.distill.teacher} ({teacher:,} frozen parameters, forward only, sharded like "
@@ -39,3 +41,22 @@ def start_lines(plan: Plan, *, device: torch.device, peak: float, peak_source: s
                      f"FLOPs are the model's); mfu_mixed counts them at the {fast.format} peak, {fast.peak_ratio:g}x "
                      f"({fast.source})")
     return lines
+
+
+def moe_line(plan: Plan) -> str:
+    """What a mixture of experts trains: its experts, its routing and balancing, what a token uses."""
+    a, cfg, d = plan.model_args, plan.cfg.moe, plan.dims
+    coef = a.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
+    balancing = []
+    if coef > 0:
+        balancing.append(f"load-balancing loss x {coef:g} over each round of every data-parallel rank's microbatches")
+    if a.expert_bias:
+        balancing.append(f"expert bias moving {cfg.bias_update_rate:g} a step toward even load")
+    routing = a.score_func + (f", {a.topk_groups} of {a.groups} groups" if a.groups > 1 else "")
+    shared = f" + {a.shared_experts} shared" if a.shared_experts else ""
+    # MFU counts these: the matmul weights a token meets (flops_per_token's own count) and its embedding row.
+    active = (plan.family.flops_per_token(a, 0) // 6 + a.vocab_size * a.dim) / 1e6
+    ep = f"; ep {d.ep}: {a.num_experts // d.ep} experts of each layer per rank" if d.ep > 1 else ""
+    return (f"experts: {a.num_experts}{shared} in {len(a.moe_layers)} of {a.n_layers} layers, {a.top_k} per token "
+            f"({routing}; {', '.join(balancing) or 'no balancing'}); {active:,.1f}M parameters active per token, "
+            f"mfu counts those{ep}")

@@ -31,6 +31,7 @@ from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
 from trainer.export import export_run
 from trainer.host_memory import retain_freed_memory
+from trainer.expert_balance import expert_balance
 from trainer.loss import TokenLoss
 from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.optimizer import Optimizers, clip_grad_norm, schedule_change
@@ -81,6 +82,8 @@ class Trainer:
         self.model_parts, self.schedule = build_model(plan, meshes=self.meshes, precision=self.precision,
                                                       device=runtime.device, loss_fn=self.loss_fn)
         self.params = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
+        # Mixtures of experts: the load-balancing loss and bias, and the expert-load metrics (None: dense).
+        self.balance = expert_balance(plan, self.model_parts, runtime.device)
         self.optimizers = Optimizers(self.model_parts, cfg.optimizer, cfg.lr_scheduler, cfg.training.steps, runtime.device)
         self.counters = CounterState()
         record = RunRecord(self.output_dir / "metrics.jsonl" if runtime.is_main else None)
@@ -222,6 +225,7 @@ class Trainer:
             self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens // self.dims.cp,
             step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
             loss_parts=self.loss_parts, data_time=data_time, phases=self.phases.of_step(step_time),
+            extra=self.balance.scalars if self.balance is not None else None,
         )
         return loss, grad_norm
 
@@ -261,6 +265,9 @@ class Trainer:
         # FSDP averages gradients over the data-parallel and context-parallel ranks (each cp rank's gradient
         # is that of its slice of the tokens); scaling by their number undoes that mean.
         self.loss_fn.start(scale=self.dims.dp_size * self.dims.cp / global_tokens, device=self.runtime.device)
+        if self.balance is not None:
+            per_round = self.plan.pp_microbatches if self.schedule is not None else 1
+            self.balance.start_step(accum=len(microbatches), forwards=len(microbatches) * per_round)
         for batch in microbatches:
             self.forward_backward(batch)
         with self.phases.phase("optimizer"):
@@ -273,11 +280,14 @@ class Trainer:
         # Both figures are reduced over every rank (the loss over dp and pp, the norm over the whole mesh),
         # so every rank takes the same decision. A non-finite step leaves the weights, the optimizer's
         # moments and the schedule as they were.
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied:
             with self.phases.phase("optimizer"):
                 self.optimizers.step()
                 for converter in self.converters:
                     converter.after_optimizer_step(self.model_parts)
+        if self.balance is not None:
+            self.balance.after_step(applied)
         return loss, grad_norm
 
     def forward_backward(self, batch: Batch, loss_fn: TokenLoss | None = None, backward: bool = True) -> None:

@@ -49,6 +49,7 @@ class Decoder(nn.Module):
         with torch.no_grad():
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+        init_block_buffers(self.layers)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,3 +92,11 @@ class Decoder(nn.Module):
         """The output projection's weight (the embedding's when tied). Read right after forward, under
         FSDP it is the gathered weight: the root unit, which holds it, keeps it until backward."""
         return self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
+
+
+def init_block_buffers(module: nn.Module) -> None:
+    """Sets the buffers of the blocks' modules that keep state of their own (a MoE layer's expert bias) to
+    their initial values: to_empty() leaves them uninitialised, and no weight source holds them."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "init_buffers"):
+            m.init_buffers()

@@ -89,9 +89,9 @@ def dense_fields_from_hf(cfg: dict) -> dict:
 
 
 def dense_hf_config(args, *, config_class: str, architecture: str, dtype: torch.dtype, bos_id: int | None,
-                    eos_id: int | None) -> dict:
+                    eos_id: int | None, **extra) -> dict:
     """config.json of a dense decoder, written by the installed transformers' own config class (whose
-    version decides the file's layout)."""
+    version decides the file's layout); `extra`: the family's own fields of that class."""
     import transformers
 
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
@@ -106,8 +106,54 @@ def dense_hf_config(args, *, config_class: str, architecture: str, dtype: torch.
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
         head_dim=args.head_dim, max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
         tie_word_embeddings=args.tie_embeddings, rope_parameters=rope, bos_token_id=bos_id, eos_token_id=eos_id,
+        **extra,
     )
     config.architectures = [architecture]
     out = config.to_dict()
     out["dtype"] = str(dtype).removeprefix("torch.")
     return out
+
+
+class StackedExperts:
+    """Expert weights that we stack (experts first, one tensor per projection) and Hugging Face checkpoints
+    store one per expert (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`: what the Hub holds and what
+    transformers' save_pretrained writes); transformers' in-memory fused layout (`mlp.experts.gate_up_proj`,
+    gate rows then up rows, and `mlp.experts.down_proj`) is read as well. The many-to-one seam of an
+    HFFormat (its `joined`)."""
+
+    _PER_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+    _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+    _OURS = re.compile(r"layers\.(\d+)\.moe\.experts\.(w1|w2|w3)")
+    _HF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+    def claims(self, hf_name: str) -> bool:
+        """Whether an HF tensor is one of the pieces of ours (and so needs no name of its own)."""
+        return bool(self._PER_EXPERT.fullmatch(hf_name) or self._FUSED.fullmatch(hf_name))
+
+    def sources(self, name: str, shape: torch.Size, available) -> list[str] | None:
+        """The HF tensors our `name` is made of (the per-expert ones unless only the fused one is there);
+        None when `name` is not a stacked expert weight."""
+        m = self._OURS.fullmatch(name)
+        if m is None:
+            return None
+        layer, ours = m.groups()
+        per_expert = [f"model.layers.{layer}.mlp.experts.{e}.{self._HF[ours]}.weight" for e in range(shape[0])]
+        fused = f"model.layers.{layer}.mlp.experts.{'down_proj' if ours == 'w2' else 'gate_up_proj'}"
+        return [fused] if per_expert[0] not in available and fused in available else per_expert
+
+    def join(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        if len(parts) > 1 or parts[0].dim() == 2:  # one tensor per expert
+            return torch.stack(parts)
+        fused = parts[0]
+        if name.endswith("w2"):
+            return fused
+        gate, up = fused.chunk(2, dim=1)
+        return gate if name.endswith("w1") else up
+
+    def split(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+        """(HF name, tensor) per expert for a stacked weight of ours; None for any other tensor."""
+        m = self._OURS.fullmatch(name)
+        if m is None:
+            return None
+        layer, ours = m.groups()
+        return [(f"model.layers.{layer}.mlp.experts.{e}.{self._HF[ours]}.weight", tensor[e]) for e in range(tensor.shape[0])]

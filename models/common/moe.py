@@ -6,9 +6,10 @@ are sorted by expert so that each expert's tokens are contiguous, and each proje
 matmul over all experts (`torch._grouped_mm`, which runs on CPU and CUDA in torch 2.13) rather than a
 Python loop of small matmuls; the loop stays as the reference the tests hold the grouped path to.
 
-Routing follows Qwen3-MoE (as transformers computes it): softmax over the experts in float32, top-k, and
-with norm_topk_prob the k weights renormalised to sum to 1. Each forward leaves its routing statistics on
-the module (`last_stats`) for the load-balancing loss and the expert-load metrics.
+Two routings (models/common/router.py), each as its reference computes it: Qwen3-MoE's softmax top-k,
+balanced by an auxiliary loss, and DeepSeek-V3's sigmoid scores with group-limited choice, shared experts
+and a per-expert bias that balances the load without a loss. Each forward leaves its routing statistics
+on the module (`last_stats`) for the loss, the bias update and the expert-load metrics.
 """
 
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.common.dense import FeedForward
+from models.common.router import Routing, route
 
 
 @dataclass
@@ -25,17 +29,25 @@ class RouterStats:
     probs_sum: torch.Tensor  # (experts,) float32 router probabilities summed over tokens (differentiable)
     counts: torch.Tensor  # (experts,) how many of the tokens' top-k choices went to each expert
     tokens: int  # the tokens routed
+    entropy_sum: torch.Tensor  # () the router distributions' entropies summed over tokens (no gradient)
 
 
-def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+def load_balancing_loss(stats: list[RouterStats], num_experts: int, counts: torch.Tensor | None = None,
+                        rows: int | None = None) -> torch.Tensor:
     """The Switch Transformer auxiliary loss as transformers computes it for Qwen3-MoE: over all layers
     together, num_experts x sum over experts of (share of top-k choices) x (mean router probability), each
     averaged over every layer's tokens. Even load gives top_k; the gradient reaches the router through the
-    probabilities."""
-    rows = sum(s.tokens for s in stats)
-    chosen = torch.stack([s.counts.float() for s in stats]).sum(0) / rows
+    probabilities.
+
+    `counts` and `rows` (the choices per expert and the rows of every rank whose tokens are balanced
+    together: data- and context-parallel ranks) make each rank's part of the loss, from its own
+    probabilities; the parts sum to the loss of all those tokens, value and gradient."""
+    if rows is None:
+        rows = sum(s.tokens for s in stats)
+    if counts is None:
+        counts = torch.stack([s.counts.float() for s in stats]).sum(0)
     probs = torch.stack([s.probs_sum for s in stats]).sum(0) / rows
-    return num_experts * (chosen * probs).sum()
+    return num_experts * (counts.float() / rows * probs).sum()
 
 
 class GroupedExperts(nn.Module):
@@ -45,27 +57,65 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, grouped: bool = True):
         super().__init__()
         self.num_experts, self.grouped = num_experts, grouped
+        # What the weights' gradients are multiplied by on their way back (parallel/fsdp.py sets it under
+        # expert parallelism, where FSDP averages them over fewer ranks than the rest of the model).
+        self.grad_scale = 1.0
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (routed tokens, dim), sorted by expert, counts[e] of them for expert e -> (routed tokens, dim)."""
-        if self.grouped and _grouped_mm_fits(x, self.w1):
-            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-            gate = torch._grouped_mm(x, self.w1.transpose(-2, -1), offs=offsets)
-            up = torch._grouped_mm(x, self.w3.transpose(-2, -1), offs=offsets)
-            return torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offsets)
-        return self.loop(x, counts)
+        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+            # torch 2.13 traces the grouped matmul for bfloat16 only (its fake kernel refuses other dtypes):
+            # other dtypes run it eagerly, a graph break in the compiled block.
+            return _eager(self._compute, x, counts)
+        return self._compute(x, counts)
 
-    def loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
+        if self.grad_scale != 1.0:
+            w1, w2, w3 = (_ScaleGrad.apply(w, self.grad_scale) for w in (w1, w2, w3))
+        # No rows (an expert-parallel rank nobody sent tokens to): the loop, whose empty matmuls still give
+        # the weights their (zero) gradients, which the grouped kernel's backward cannot.
+        if self.grouped and x.shape[0] > 0 and _grouped_mm_fits(x, w1):
+            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            gate = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets)
+            up = torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+        return self.loop(x, counts, (w1, w2, w3))
+
+    def loop(self, x: torch.Tensor, counts: torch.Tensor, weights=None) -> torch.Tensor:
         """The reference: one expert at a time."""
+        w1, w2, w3 = weights or (self.w1, self.w2, self.w3)
         out, start = [], 0
         for e, n in enumerate(counts.tolist()):
             xe = x[start : start + n]
-            out.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
+            out.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
             start += n
         return torch.cat(out)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+@torch.compiler.disable
+def _eager(fn, *args):
+    return fn(*args)
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """A weight as this rank computes with it: expert parallelism makes the stacked weights DTensors
+    sharded over the experts, and each rank runs the experts it holds on the tokens sent to it."""
+    return w.to_local() if hasattr(w, "to_local") else w
 
 
 def _grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -75,22 +125,35 @@ def _grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class MoE(nn.Module):
-    """router (experts x dim, as transformers' gate) and the experts; forward (batch, seq, dim) -> the same."""
+    """router (experts x dim, as transformers' gate), the routed experts, and DeepSeek-V3's shared experts
+    (a dense SwiGLU every token passes through) when routing.shared_experts > 0; forward (batch, seq, dim)
+    -> the same. With routing.expert_bias, `expert_bias` (a saved buffer, trained by the load-balancing
+    update rather than by gradients) is added to the scores for the choice of experts only."""
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, norm_topk_prob: bool,
-                 grouped: bool = True):
+    def __init__(self, dim: int, hidden_dim: int, routing: Routing, grouped: bool = True):
         super().__init__()
-        self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
-        self.router = nn.Linear(dim, num_experts, bias=False)
-        self.experts = GroupedExperts(num_experts, dim, hidden_dim, grouped)
+        self.routing = routing
+        self.num_experts, self.top_k = routing.num_experts, routing.top_k
+        self.router = nn.Linear(dim, routing.num_experts, bias=False)
+        self.experts = GroupedExperts(routing.num_experts, dim, hidden_dim, grouped)
+        self.shared = FeedForward(dim, hidden_dim * routing.shared_experts) if routing.shared_experts else None
+        if routing.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(routing.num_experts))
+        else:
+            self.expert_bias = None
+        # Expert parallelism (parallel/ep.py) replaces this with the all-to-all exchange of tokens between
+        # the ranks that hold the experts: (tokens sorted by expert, counts per expert) -> expert outputs.
+        self.dispatch = None
         self.last_stats: RouterStats | None = None
+
+    def init_buffers(self) -> None:
+        if self.expert_bias is not None:
+            with torch.no_grad():
+                self.expert_bias.zero_()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (tokens, dim) -> (weights (tokens, k) in x's dtype, experts (tokens, k), probabilities (tokens, experts))."""
-        probs = F.softmax(self.router(x).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, experts, probs = route(self.router, x, self.routing, self.expert_bias)
         return weights.to(x.dtype), experts, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +164,13 @@ class MoE(nn.Module):
         order = torch.argsort(flat, stable=True)  # every (token, choice) pair, grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts)
         token = order // self.top_k
-        routed = self.experts(x[token], counts) * weights.flatten()[order].unsqueeze(-1)
+        grouped = x[token]
+        expert_out = self.experts(grouped, counts) if self.dispatch is None else self.dispatch(self.experts, grouped, counts)
+        routed = expert_out * weights.flatten()[order].unsqueeze(-1)
         out = torch.zeros_like(x).index_add_(0, token, routed)
-        self.last_stats = RouterStats(probs_sum=probs.sum(0), counts=counts, tokens=x.shape[0])
+        if self.shared is not None:
+            out = out + self.shared(x)
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum()
+        self.last_stats = RouterStats(probs_sum=probs.sum(0), counts=counts, tokens=x.shape[0], entropy_sum=entropy)
         return out.reshape(shape)

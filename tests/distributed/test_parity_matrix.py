@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import document_attention, run_train, tensorboard_scalars
+from tests.helpers import document_attention, layout_runner, run_train, tensorboard_scalars
 from trainer.config import load_config
 from trainer.data import PackedLoader, load_documents
 from trainer.data.held_out import training_and_eval_documents
@@ -90,19 +90,7 @@ def _check_eval_loss(out, dp: int) -> None:
 
 @pytest.fixture(scope="module")
 def layout_run(tmp_path_factory):
-    """layout name -> its run's output directory, each layout run once per module."""
-    runs = {}
-
-    def run(layout: str):
-        if layout not in runs:
-            nproc, overrides = LAYOUTS[layout]
-            out = tmp_path_factory.mktemp("layout")
-            result = run_train([*COMMON, f"job.output_dir={out}", *overrides, *_attention(layout)], nproc=nproc)
-            assert result.returncode == 0, result.stderr[-3000:]
-            runs[layout] = out
-        return runs[layout]
-
-    return run
+    return layout_runner(tmp_path_factory, LAYOUTS, COMMON)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

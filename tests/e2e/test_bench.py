@@ -46,3 +46,22 @@ def test_bench_variant_rows_report_checkpoint_saves(tmp_path):
         assert size > 0 and 0 < blocked and 0 < written, row  # two saves per run (steps 2 and 4)
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [len(e["runs"][0]["saves"]) for e in results.values()] == [2, 2]
+
+
+def test_bench_moe_runs_ours_and_both_transformers_experts_implementations(tmp_path):
+    """A mixture of experts against transformers' Qwen3-MoE loop, once per experts implementation (eager and
+    grouped_mm): the same losses step after step on all three (the load-balancing loss included in both
+    sides' gradients), and a ratio row against each."""
+    result = subprocess.run([sys.executable, "-m", "bench", "--preset", "moe-tiny", "--steps", "4", "--warmup", "2",
+                             "--pairs", "1", "--no-memory-runs", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    print(result.stdout[-3000:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "bench.md").read_text()
+    for line in ("| full | theirs, eager experts |", "| full | theirs, grouped_mm experts |", "8 experts of hidden 64"):
+        assert line in table, table
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    ours = results["full/ours"]["runs"][0]["steps"]["loss"]
+    for side in ("theirs, eager experts", "theirs, grouped_mm experts"):
+        theirs = results[f"full/{side}"]["runs"][0]["steps"]["loss"]
+        assert len(theirs) == 4 and max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3, (side, ours, theirs)

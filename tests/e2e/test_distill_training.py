@@ -64,3 +64,17 @@ def test_a_lora_student_learns_from_a_4bit_teacher_on_two_ranks(shared, tmp_path
     kl = tensorboard_scalars(tmp_path, "loss/kl")
     print(f"\nDISTILL LoRA student, NF4 teacher, reverse KL: step 1 {kl[1]:.4f}, step 20 {kl[20]:.4f}")
     assert kl[20] < kl[1] - 0.3, kl
+
+
+def test_a_dense_teacher_distills_into_a_mixture_of_experts_student_on_expert_parallel_ranks(shared, tmp_path):
+    """stories260K (dense) teaching a Qwen3-MoE student whose experts are split over 2 ranks (ep 2): the
+    load-balancing loss rides along in the backward, and the KL to the teacher falls."""
+    teacher = [f"distill.teacher={shared('models/stories260K/stories260K.bin')}", "distill.kd_ratio=0.5"]
+    student = ["model.flavor=qwen3_moe_debug", "model.dim=64", "model.n_heads=2", "model.n_kv_heads=1", "parallel.ep=2",
+               "training.steps=20", "eval.every=0"]
+    run = run_train([*_args(shared, tmp_path, *teacher), *student], nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "experts: 8 in 2 of 2 layers" in run.stdout and "(ep 2 of it)" in run.stdout
+    kl, aux = tensorboard_scalars(tmp_path, "loss/kl"), tensorboard_scalars(tmp_path, "moe/aux_loss")
+    print(f"\nDISTILL into a MoE student on ep 2: kl {kl[1]:.4f} -> {kl[20]:.4f}, aux loss {aux[20]:.4f}")
+    assert kl[20] < 0.5 * kl[1] and sorted(aux) == list(range(1, 21))

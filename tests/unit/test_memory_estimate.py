@@ -110,3 +110,54 @@ def test_context_parallelism_splits_activations_and_states_and_counts_what_it_ga
     assert memory[mask] == 4 * 128 * 256 * (1 + 4)
     causal_cp = load_config("configs/debug.yaml", ["parallel.cp=2"])  # on CPU, causal chunks need no mask
     assert mask not in estimate_memory(make_plan(causal_cp, 2), FP32)
+
+
+def _saved_elements_per_token(args) -> float:
+    """What one block of `args` keeps for its backward, per token: the bytes of every distinct tensor autograd
+    saves in a forward (weights aside), counted with torch's saved-tensor hooks, over 4 bytes."""
+    from models import build_meta_model
+    from trainer.weights.placement import fill_from
+    from trainer.weights.seeded_init import SeededInit
+
+    model = build_meta_model(args)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    fill_from(model, SeededInit(args, 0, {n: p.shape for n, p in model.named_parameters()}))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(4, 256, args.dim, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model.layers["1"](x, model.rope_cos, model.rope_sin)
+    return sum(saved.values()) / x[..., 0].numel() / 4
+
+
+def test_a_mixture_of_experts_block_saves_what_the_estimate_counts():
+    """The MoE family's activation count (per token: the gathered rows, the grouped matmuls' outputs and
+    SwiGLU's products per chosen expert, the router's scores, shared experts) against what autograd
+    really keeps, for Qwen3-MoE's routing, DeepSeek-V3's, and Qwen3-30B-A3B's proportions (8 of 64)."""
+    from models import family_of
+    from tests.helpers import flavor_args
+
+    for flavor, fields in (("qwen3_moe_debug", {}), ("qwen3_moe_debug_dsv3", {}),
+                           ("qwen3_moe_debug", {"num_experts": 64, "top_k": 8, "moe_hidden_dim": 48})):
+        args = flavor_args(flavor, vocab_size=512, **fields)
+        measured = _saved_elements_per_token(args)
+        estimate = family_of(args).activation_elements(args, "none", 1)
+        print(f"\nMoE block {flavor} {fields}: saves {measured:.0f} elements per token, estimate {estimate:.0f}")
+        assert abs(estimate - measured) / measured < 0.1
+
+
+def test_expert_parallelism_gathers_a_rank_s_own_experts_only():
+    cfg = load_config("configs/debug.yaml", ["model.flavor=qwen3_moe_debug", "training.global_batch_size=-1"])
+    ep1 = estimate_memory(make_plan(cfg, 4), FP32)
+    cfg = load_config("configs/debug.yaml", ["model.flavor=qwen3_moe_debug", "training.global_batch_size=-1", "parallel.ep=4"])
+    ep4 = estimate_memory(make_plan(cfg, 4), FP32)
+    gathered = "gathered parameters in flight"
+    assert ep4[gathered] < 0.5 * ep1[gathered]  # the experts are most of a block
+    assert {k: v for k, v in ep4.items() if k != gathered} == {k: v for k, v in ep1.items() if k != gathered}

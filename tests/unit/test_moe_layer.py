@@ -1,6 +1,6 @@
 """The mixture-of-experts layer (models/common/moe.py) against transformers' own Qwen3-MoE block and its
-load-balancing loss (the oracle), and its grouped-matmul path against the per-expert loop. The Qwen3-MoE
-family built on it (HF import/export, training, expert parallelism) is issue 24's next step."""
+load-balancing loss (the oracle), and its grouped-matmul path against the per-expert loop. The family
+built on it: tests/unit/test_qwen3_moe.py."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock, load_balancing_loss_func
 
 from models.common.moe import MoE, _grouped_mm_fits, load_balancing_loss
+from models.common.router import Routing
 
 DIM, HIDDEN, EXPERTS, TOP_K = 64, 48, 8, 2
 
@@ -21,7 +22,7 @@ def _pair(norm_topk_prob: bool):
     with torch.no_grad():
         for p in theirs.parameters():
             p.normal_(0, 0.2)
-    ours = MoE(DIM, HIDDEN, EXPERTS, TOP_K, norm_topk_prob)
+    ours = MoE(DIM, HIDDEN, Routing(num_experts=EXPERTS, top_k=TOP_K, norm_topk_prob=norm_topk_prob))
     with torch.no_grad():
         ours.router.weight.copy_(theirs.gate.weight)
         gate, up = theirs.experts.gate_up_proj.chunk(2, dim=1)  # (experts, 2 x hidden, dim): gate rows, then up

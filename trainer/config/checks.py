@@ -65,6 +65,7 @@ def check_choices(cfg: Config) -> None:
     _require(cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch, "must be 0 (no background thread) or more")
     _check_eval(cfg.eval)
     _check_distill(cfg.distill)
+    _check_moe(cfg.moe)
     _check_paths(cfg.job, cfg.data)
 
 
@@ -124,6 +125,14 @@ def _check_distill(d: DistillConfig) -> None:
     _require(d.temperature > 0 and math.isfinite(d.temperature), "distill.temperature", d.temperature,
              "must be a positive, finite number")
     _require(d.chunk_tokens >= 1, "distill.chunk_tokens", d.chunk_tokens, "must be at least 1")
+
+
+def _check_moe(m) -> None:
+    if m.aux_loss_coef is not None:
+        _require(m.aux_loss_coef >= 0 and math.isfinite(m.aux_loss_coef), "moe.aux_loss_coef", m.aux_loss_coef,
+                 "must be a finite number >= 0 (0 turns the load-balancing loss off)")
+    _require(m.bias_update_rate >= 0 and math.isfinite(m.bias_update_rate), "moe.bias_update_rate", m.bias_update_rate,
+             "must be a finite number >= 0 (0 freezes the expert bias)")
 
 
 def _check_fp8(f: Float8Config, adapters: AdaptersConfig) -> None:

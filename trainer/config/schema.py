@@ -41,6 +41,10 @@ class ModelConfig:
     rope_theta: float | None = None
     norm_eps: float | None = None
     tie_embeddings: bool | None = None
+    # Mixture-of-experts shapes: experts per layer, experts per token, each expert's hidden size.
+    num_experts: int | None = None
+    top_k: int | None = None
+    moe_hidden_dim: int | None = None
 
 
 @dataclass
@@ -148,6 +152,10 @@ class ParallelConfig:
     # gathered for attention), for sequences longer than one device's activations allow. FSDP shards
     # parameters over dp_shard x cp. training.seq_len must be a multiple of 2 x cp.
     cp: int = 1
+    # Expert parallel degree (models with experts): each MoE layer's experts split over ep ranks, tokens sent
+    # to their experts' ranks and back (all-to-all). Formed from the data-parallel ranks: ep divides dp_shard,
+    # and FSDP shards each rank's experts over the rest of dp_shard x cp.
+    ep: int = 1
     # Vocabulary-sharded cross-entropy (with tp > 1): the full logits are never gathered.
     loss_parallel: bool = True
     # Overlap TP communication with matmuls (CUDA with compile.enabled only).
@@ -238,6 +246,20 @@ class DistillConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Training a mixture of experts (a model whose family has them). The routing itself is
+    part of the model's shape (model.flavor / its HF config)."""
+
+    # The load-balancing loss's weight (transformers' router_aux_loss_coef). Empty: the model's own
+    # (0.001 in the published configs that have one); 0 turns it off.
+    aux_loss_coef: float | None = None
+    # Models with an expert bias (DeepSeek-V3-style routing): after each step every expert's bias moves
+    # by this much toward even load (up if the expert got fewer tokens than the mean, down if more: the
+    # DeepSeek-V3 paper's gamma, 0.001). 0 freezes the bias.
+    bias_update_rate: float = 0.001
+
+
+@dataclass
 class MetricsConfig:
     log_every: int = 10
     tensorboard: bool = True
@@ -303,6 +325,7 @@ class Config:
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

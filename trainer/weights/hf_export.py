@@ -23,8 +23,9 @@ def write_hf(
     they fill (under temporary names, since the final names carry the shard count), so at most one
     shard is held in CPU memory."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     hf = family_of(args).hf
+    config = hf.config(args, dtype=dtype, bos_id=bos_id, eos_id=eos_id)  # first: it refuses shapes HF cannot hold
+    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str], int]] = []
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -37,12 +38,13 @@ def write_hf(
         shard, shard_bytes = {}, 0
 
     for name, full in tensors:
-        tensor = full.to(device="cpu", dtype=dtype).contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + nbytes > max_shard_bytes:
-            flush()
-        shard[hf.to_hf(name)] = tensor
-        shard_bytes += nbytes
+        for hf_name, piece in hf.hf_tensors(name, full):
+            tensor = piece.to(device="cpu", dtype=dtype).contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + nbytes > max_shard_bytes:
+                flush()
+            shard[hf_name] = tensor
+            shard_bytes += nbytes
     flush()
     count = len(written)
     weight_map = {}
@@ -54,7 +56,7 @@ def write_hf(
     if count > 1:
         index = {"metadata": {"total_size": sum(size for _, _, size in written)}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out_dir / "config.json").write_text(json.dumps(hf.config(args, dtype=dtype, bos_id=bos_id, eos_id=eos_id), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 @torch.no_grad()

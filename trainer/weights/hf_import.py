@@ -60,29 +60,53 @@ class HFWeights:
     def __init__(self, path: Path, args: DecoderArgs, shapes: dict[str, torch.Size]):
         self.path, self.where = path, {}
         known = self.names = set(shapes)
-        from_hf = family_of(args).hf.from_hf
-        own_head = None
+        hf = family_of(args).hf
+        files: dict[str, Path] = {}  # every tensor of the checkpoint -> its file
         for file in _safetensors_files(path):
             try:
                 with safe_open(str(file), framework="pt") as handle:
-                    hf_names = list(handle.keys())
+                    files.update(dict.fromkeys(handle.keys(), file))
             except Exception as e:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-            for hf_name in hf_names:
-                name = from_hf(hf_name)
-                if name == "output.weight" and args.tie_embeddings:
-                    own_head = (file, hf_name)  # some tied checkpoints also store it: the same tensor, or else
-                    continue
-                if name is None:
-                    continue
-                if name not in known:
-                    raise CheckpointError(f"{file}: tensor {hf_name} has no place in this model")
-                self.where[name] = (file, hf_name)
+        own_head = None
+        for hf_name, file in files.items():
+            if hf.joined is not None and hf.joined.claims(hf_name):
+                continue  # a piece of one of ours: assembled below
+            name = hf.from_hf(hf_name)
+            if name == "output.weight" and args.tie_embeddings:
+                own_head = (file, hf_name)  # some tied checkpoints also store it: the same tensor, or else
+                continue
+            if name is None:
+                continue
+            if name not in known:
+                raise CheckpointError(f"{file}: tensor {hf_name} has no place in this model")
+            self.where[name] = (file, hf_name)
+        if hf.joined is not None:
+            self._find_joined(hf.joined, shapes, files)
         missing = sorted(known - set(self.where))
         if missing:
             raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]}")
         if own_head is not None:
             self._check_tied_head(*own_head)
+        self.joined = hf.joined
+
+    def _find_joined(self, joined, shapes: dict[str, torch.Size], files: dict[str, Path]) -> None:
+        """Our tensors that the checkpoint holds in pieces (one per expert, or fused with another)."""
+        used = set()
+        for name, shape in shapes.items():
+            parts = joined.sources(name, shape, files)
+            if parts is None:
+                continue
+            absent = [p for p in parts if p not in files]
+            if absent:
+                raise CheckpointError(f"{self.path}: checkpoint lacks tensor {absent[0]} (part of our {name}; "
+                                      f"{len(absent)} of its {len(parts)} parts are missing)")
+            self.where[name] = [(files[p], p) for p in parts]
+            used.update(parts)
+        extra = sorted(n for n in files if joined.claims(n) and n not in used)
+        if extra:
+            raise CheckpointError(f"{files[extra[0]]}: tensor {extra[0]} has no place in this model (more experts "
+                                  f"than the model's? {len(extra)} such tensors)")
 
     def _check_tied_head(self, file: Path, hf_name: str) -> None:
         """Tied embeddings beside a head of their own that differs: tying would drop a trained head."""
@@ -95,11 +119,19 @@ class HFWeights:
                 f"the head, or remove {hf_name} to tie them")
 
     def label(self, name: str) -> str:
-        file, hf_name = self.where[name]
-        return f"{file}: tensor {hf_name}"
+        where = self.where[name]
+        if isinstance(where, list):
+            return f"{where[0][0]}: tensors {where[0][1]} .. {where[-1][1]}"
+        return f"{where[0]}: tensor {where[1]}"
 
     def get(self, name: str) -> torch.Tensor:
-        file, hf_name = self.where[name]
+        where = self.where[name]
+        if isinstance(where, list):
+            return self.joined.join(name, [self._read(file, hf_name) for file, hf_name in where])
+        return self._read(*where)
+
+    @staticmethod
+    def _read(file: Path, hf_name: str) -> torch.Tensor:
         with safe_open(str(file), framework="pt") as handle:
             return handle.get_tensor(hf_name)
 

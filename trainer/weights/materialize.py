@@ -5,6 +5,7 @@ FSDP). No rank ever holds more than one block whole, whatever the weights come f
 import torch
 from torch import nn
 
+from models.common.decoder import init_block_buffers
 from trainer.weights.placement import fill_from
 
 
@@ -21,5 +22,6 @@ def materialize_unit(unit: nn.Module, unit_name: str, *, device: torch.device, w
         unit.init_buffers()
     for piece_name, piece in pieces:
         piece.to_empty(device=device)
+        init_block_buffers(piece)
         fill_from(piece, weights, prefix=f"{piece_name}.")
     return pieces
