@@ -11,10 +11,12 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 _aten = torch.ops.aten
-# Outputs worth keeping: the expensive ops (matmuls, attention) and the TP reduce-scatter, which would
-# otherwise be communicated again during recomputation. Everything else (norms, SiLU, RoPE) is cheap.
+# Outputs worth keeping: the expensive ops (matmuls, the experts' grouped matmuls, attention), the TP
+# reduce-scatter and expert parallelism's all-to-all, which would otherwise be communicated again during
+# recomputation. Everything else (norms, SiLU, RoPE, routing) is cheap.
 _SAVE_OPS = {
     _aten.mm.default,
+    _aten._grouped_mm.default,
     _aten.addmm.default,
     _aten.bmm.default,
     _aten._scaled_dot_product_flash_attention.default,
@@ -22,6 +24,7 @@ _SAVE_OPS = {
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops._c10d_functional_autograd.all_to_all_single.default,
     torch.ops.higher_order.flex_attention,  # document attention on CUDA with compile
 }
 

@@ -36,6 +36,14 @@ PRIVATE_NAMES = {
     "torch.distributed._functional_collectives.all_gather_single_autograd":
         "parallel/cp.py: a differentiable, compile-traceable all-gather of keys and values (no public one)",
     "torch._grouped_mm": "models/common/moe.py: one matmul over every expert's tokens (no public grouped matmul)",
+    "torch.ops.aten._grouped_mm": "parallel/ac.py: the experts' matmul outputs selective AC keeps",
+    "torch.ops._c10d_functional_autograd.all_to_all_single":
+        "parallel/ac.py: expert parallelism's all-to-all output is kept, not communicated again in recompute",
+    "torch.distributed._functional_collectives.all_to_all_single_autograd":
+        "parallel/ep.py: a differentiable all-to-all with variable splits (no public one)",
+    "torch.utils.checkpoint.SAC_IGNORED_OPS": "sac_ignores_profiler_ranges below",
+    "torch.ops.profiler._record_function_enter_new": "sac_ignores_profiler_ranges below",
+    "torch.ops.profiler._record_function_exit": "sac_ignores_profiler_ranges below",
     "torch._inductor.config._micro_pipeline_tp": "async_tp_compile below",
     "torch.distributed._symmetric_memory.enable_symm_mem_for_group": "async_tp_compile below",
     "torch.distributed.tensor.parallel.ColwiseParallel._prepare_input_fn":
@@ -92,6 +100,25 @@ def async_tp_compile(group):
         yield
     finally:
         inductor_config._micro_pipeline_tp = before
+
+
+@contextlib.contextmanager
+def sac_ignores_profiler_ranges():
+    """Selective activation checkpointing replays a block's ops in its backward and requires the same ops
+    in the same order. Under expert parallelism each block holds an FSDP unit of its own (its experts),
+    whose hooks open profiler ranges (record_function) inside the checkpointed region, a different number
+    of times in the recompute than in the forward; those ranges compute nothing, so while this is entered
+    SAC lets them run uncounted, as it already does the detaches it inserts itself."""
+    from torch.utils.checkpoint import SAC_IGNORED_OPS
+
+    ranges = {resolve("torch.ops.profiler._record_function_enter_new").default,
+              resolve("torch.ops.profiler._record_function_exit")._RecordFunction}
+    added = ranges - SAC_IGNORED_OPS
+    SAC_IGNORED_OPS.update(added)
+    try:
+        yield
+    finally:
+        SAC_IGNORED_OPS.difference_update(added)
 
 
 @contextlib.contextmanager

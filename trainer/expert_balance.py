@@ -52,8 +52,11 @@ class ExpertBalance:
         self.ranks = ranks
         # The loss spans every MoE layer of a forward: a pipeline stage sees only its own.
         self.whole_model = pp == 1
-        self.layers: dict[int, MoE] = {int(i): block.moe for part in parts for i, block in part.layers.items()
-                                        if hasattr(block, "moe")}
+        # Each part's MoE layers by layer id: a part's hook reads its own only (a recompute of activation
+        # checkpointing in another part's backward may have left statistics on that part's layers).
+        self.part_layers: list[dict[int, MoE]] = [
+            {int(i): block.moe for i, block in part.layers.items() if hasattr(block, "moe")} for part in parts]
+        self.layers: dict[int, MoE] = {i: m for own in self.part_layers for i, m in own.items()}
         self.device = torch.device(device)
         self.scalars: dict[str, float] = {}
         self.accum, self.forwards = 1, 1
@@ -79,7 +82,7 @@ class ExpertBalance:
         loss's gradient attached to its output."""
         if not (module.training and torch.is_grad_enabled()):
             return None
-        held = [(i, m) for i, m in self.layers.items() if m.last_stats is not None]
+        held = [(i, m) for i, m in self.part_layers[index].items() if m.last_stats is not None]
         stats = [m.last_stats for _, m in held]
         record = torch.zeros(self.args.n_layers, self.num_experts + 2, dtype=torch.float64, device=self.device)
         for (i, m), s in zip(held, stats):

@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.cp import shard_sequence
 from parallel.distributed import Runtime
-from parallel.library_patches import async_tp_compile
+from parallel.library_patches import async_tp_compile, sac_ignores_profiler_ranges
 from parallel.mesh import build_meshes, device_type
 from trainer.build import build_model
 from trainer.checkpoint.manager import CheckpointManager
@@ -69,6 +69,8 @@ class Trainer:
             self.patches.enter_context(patch())
         if cfg.parallel.async_tp:
             self.patches.enter_context(async_tp_compile(self.meshes.tp.group))
+        if self.dims.ep > 1 and cfg.activation_checkpoint.mode == "selective_op":
+            self.patches.enter_context(sac_ignores_profiler_ranges())
         set_determinism(cfg.job.seed, cfg.job.deterministic)
         self.loader = self._loader(docs)
         if cfg.data.prefetch > 0:

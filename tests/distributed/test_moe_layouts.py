@@ -19,9 +19,10 @@ COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.
 MOE, DSV3 = ["model.flavor=qwen3_moe_debug"], ["model.flavor=qwen3_moe_debug_dsv3", "moe.bias_update_rate=0.01"]
 # name -> (ranks, overrides). The global batch stays 8 sequences; the single process takes it whole.
 LAYOUTS = {
-    "ep=2": (2, [*MOE, "parallel.ep=2"]),
-    "dp_shard=4 x ep=2 (experts FSDP-sharded over 2)": (4, [*MOE, "parallel.ep=2", "training.local_batch_size=2"]),
-    "cp=2 x dp_shard=2 x ep=2, document": (4, [*MOE, "parallel.cp=2", "parallel.ep=2"]),
+    "ep=2": (2, [*MOE, "parallel.ep=2", "export.hf=true", "export.dtype=float32"]),
+    "dp_shard=4 x ep=2 (experts FSDP-sharded over 2), selective_op AC": (
+        4, [*MOE, "parallel.ep=2", "training.local_batch_size=2", "activation_checkpoint.mode=selective_op"]),
+    "cp=2 x dp_shard=2 x ep=2, full AC, document": (4, [*MOE, "parallel.cp=2", "parallel.ep=2", "activation_checkpoint.mode=full"]),
     "pp=2, dsv3": (2, [*DSV3, "parallel.pp=2", "training.local_batch_size=8"]),
 }
 
@@ -99,3 +100,21 @@ def test_kill_9_on_ep2_resumes_bitwise_and_its_checkpoint_reshards_to_one_rank(t
     worst = max(abs(one[s] - ref_loss[s]) for s in range(5, 13))
     print(f"\nMOE RESUME ep2 -> one process: max |loss diff| steps 5-12 = {worst:.2e}")
     assert worst < 1e-5
+
+
+def test_an_ep2_run_exports_what_transformers_loads(layout_run):
+    """export.hf from expert-parallel ranks: each stacked expert weight gathered whole and written one tensor
+    per expert; transformers' Qwen3MoeForCausalLM loads it and gives the logits of the run's last checkpoint."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from trainer.build import load_run
+
+    out = layout_run("ep=2")
+    exported = next(p for p in (out / "export").rglob("config.json")).parent
+    theirs = Qwen3MoeForCausalLM.from_pretrained(exported).float().eval()
+    ours = load_run(out)
+    tokens = torch.randint(0, ours.args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (theirs(tokens).logits - ours(tokens)).abs().max().item()
+    print(f"\nMOE EXPORT from ep 2: max |transformers - ours| = {diff:.2e}")
+    assert diff < 1e-5

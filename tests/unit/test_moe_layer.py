@@ -87,3 +87,17 @@ def test_no_token_is_dropped_however_uneven_the_load():
             h = torch.nn.functional.silu(xt @ ours.experts.w1[e].T) * (xt @ ours.experts.w3[e].T)
             expected[t] += weights[t, j] * (h @ ours.experts.w2[e].T)[0]
     assert (out.reshape(-1, DIM) - expected).abs().max() < 1e-5
+
+
+def test_expert_parallel_regrouping_puts_every_row_with_its_expert():
+    """parallel/ep.py: rows arrive grouped by source rank, then by the receiving rank's experts; the
+    regrouping orders them by expert, then source, and its inverse restores arrival order. Simulated for
+    3 source ranks and 4 local experts with uneven (and empty) chunks."""
+    from parallel.ep import _by_expert
+
+    received = torch.tensor([[2, 0, 1, 3], [0, 0, 2, 1], [1, 4, 0, 0]])  # received[source, expert]
+    arrived = [(r, e) for r in range(3) for e in range(4) for _ in range(int(received[r, e]))]  # row labels in arrival order
+    order = _by_expert(received)
+    regrouped = [arrived[i] for i in order.tolist()]
+    assert regrouped == sorted(arrived, key=lambda label: (label[1], label[0]))
+    assert [regrouped[i] for i in torch.argsort(order).tolist()] == arrived  # the experts' outputs sent back
