@@ -94,11 +94,10 @@ class ExpertBalance:
         if not stats or not self.whole_model:
             return None
         counts = torch.stack([s.counts for s in stats]).sum(0).float()
-        rows = torch.tensor(float(sum(s.tokens for s in stats)), device=counts.device)
-        if self.ranks > 1:  # the choices and rows of the whole round
-            dist.all_reduce(counts)
-            dist.all_reduce(rows)
-        aux = load_balancing_loss(stats, self.num_experts, counts=counts, rows=rows)
+        both = torch.cat([counts, counts.new_tensor([float(sum(s.tokens for s in stats))])])
+        if self.ranks > 1:  # the choices and rows of the whole round, in one reduction
+            dist.all_reduce(both)
+        aux = load_balancing_loss(stats, self.num_experts, counts=both[:-1], rows=both[-1])
         self.aux_sum += aux.detach()
         if self.coef == 0:
             return None

@@ -61,6 +61,7 @@ class HFWeights:
         self.path, self.where = path, {}
         known = self.names = set(shapes)
         hf = family_of(args).hf
+        self.joined = hf.joined
         files: dict[str, Path] = {}  # every tensor of the checkpoint -> its file
         for file in _safetensors_files(path):
             try:
@@ -88,7 +89,6 @@ class HFWeights:
             raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]}")
         if own_head is not None:
             self._check_tied_head(*own_head)
-        self.joined = hf.joined
 
     def _find_joined(self, joined, shapes: dict[str, torch.Size], files: dict[str, Path]) -> None:
         """Our tensors that the checkpoint holds in pieces (one per expert, or fused with another)."""
