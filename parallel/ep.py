@@ -60,7 +60,7 @@ def _by_expert(received: torch.Tensor) -> torch.Tensor:
 
 
 def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Shards every MoE layer's stacked expert weights over the ep ranks by expert (on the meta device,
+    """Shards every MoE layer's stacked expert tensors over the ep ranks by expert (on the meta device,
     before materialization, so each rank only ever allocates its own experts), and gives each layer the
     all-to-all dispatch."""
     for block in model.layers.values():
@@ -68,8 +68,8 @@ def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
         if moe is None:
             continue
         experts = moe.experts
-        for name in ("w1", "w2", "w3"):
-            param = getattr(experts, name)
+        # Every tensor stacked over the experts: the weights, and adapters' tensors over them.
+        for name, param in list(experts.named_parameters(recurse=False)):
             sharded = distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None)
             setattr(experts, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         moe.dispatch = ExpertParallel(mesh)

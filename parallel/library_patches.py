@@ -105,7 +105,7 @@ def async_tp_compile(group):
 @contextlib.contextmanager
 def sac_ignores_profiler_ranges():
     """Selective activation checkpointing replays a block's ops in its backward and requires the same ops
-    in the same order. Under expert parallelism each block holds an FSDP unit of its own (its experts),
+    in the same order. Under expert or tensor parallelism a MoE block holds FSDP units of its own,
     whose hooks open profiler ranges (record_function) inside the checkpointed region, a different number
     of times in the recompute than in the forward; those ranges compute nothing, so while this is entered
     SAC lets them run uncounted, as it already does the detaches it inserts itself."""

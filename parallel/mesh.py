@@ -9,6 +9,14 @@ Expert parallelism is formed from the data-parallel ranks, as torchtitan forms i
 (dp_shard / ep, ep), ep the innermost data dimension, inside cp (neighbours: its all-to-all moves every
 routed token twice per layer). Each ep rank holds num_experts / ep experts, which FSDP shards further
 over the rest of dp_shard x cp; every other parameter is sharded over dp_shard x cp as without ep.
+
+Under tensor parallelism a mixture-of-experts layer runs on each rank's own slice of the sequence (the
+residual stream is split along it between blocks; models/qwen3_moe/parallel.py), so the tp ranks route
+different tokens, exactly as data-parallel ranks do. They then split the experts further, as torchtitan
+borrows them for expert parallelism: the experts are split over ep x tp ranks (adjacent in the mesh, so the
+all-to-all stays among neighbours), each holding num_experts / (ep x tp) of them whole. The layer's other
+parameters (router, shared experts) are sharded by FSDP over the fsdp ranks x tp, which sums their
+gradients over all those tokens.
 """
 
 from dataclasses import dataclass
@@ -68,14 +76,15 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def expert_split(self) -> int:
+        """How many ranks split a mixture-of-experts layer's experts among them: ep x tp."""
+        return self.ep * self.tp
+
+    @property
     def fsdp_shards(self) -> int:
         """How many pieces FSDP cuts each parameter into: dp_shard x cp."""
         return self.dp_shard * self.cp
 
-    @property
-    def expert_fsdp_shards(self) -> int:
-        """How many pieces FSDP cuts each of an ep rank's experts into: the rest of dp_shard x cp."""
-        return self.dp_shard // self.ep * self.cp
 
     def describe(self) -> str:
         cp = f" x cp {self.cp}" if self.cp > 1 else ""
@@ -128,13 +137,28 @@ class Meshes:
     tp: SubMesh
     pp: SubMesh
     cp: SubMesh = SubMesh()  # ranks holding slices of the same sequences: loss and token sums
-    ep: SubMesh = SubMesh()  # ranks that split the experts among them and exchange tokens (all-to-all)
-    # What fully_shard shards each ep rank's experts over: the rest of dp_shard x cp (dp_replicate first for
-    # HSDP). Active exactly when ep is, even of size 1, so that FSDP averages the experts' gradients too.
+    # The ranks that split the experts among them and exchange tokens (all-to-all): ep, x tp under tensor
+    # parallelism (a MoE model's only; a dense model's is inactive).
+    ep: SubMesh = SubMesh()
+    # What fully_shard shards each expert-splitting rank's experts over: the rest of dp_shard x cp
+    # (dp_replicate first for HSDP). Active exactly when ep is, even of size 1, so that the experts are a unit
+    # of their own, whose gradients FSDP reduces too.
     expert_fsdp: SubMesh = SubMesh()
+    # Under tp, what fully_shard shards a MoE layer's other parameters (router, shared experts) over: the
+    # fsdp ranks x tp, whose tokens all pass through them.
+    moe_fsdp: SubMesh = SubMesh()
 
 
-def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
+def _flat(world: DeviceMesh, names: tuple[str, ...], size: dict[str, int], replicate: int = 1) -> DeviceMesh:
+    """The ranks of the dimensions `names` (those of size 1 left out, the first kept if all are) as one
+    dimension; with `replicate` > 1, dp_replicate in front of it (HSDP: it only all-reduces)."""
+    names = tuple(n for n in names if size[n] > 1) or names[:1]
+    flat = world[names[0]] if len(names) == 1 else world[names]._flatten("_".join(names))
+    return world[("dp_replicate", flat.mesh_dim_names[0])] if replicate > 1 else flat
+
+
+def build_meshes(dims: ParallelDims, device_type: str, moe: bool = False) -> Meshes:
+    """`moe`: the model has mixture-of-experts layers (the tp ranks split their experts too)."""
     if dims.world_size == 1:
         return Meshes(world=None, dp=SubMesh(), fsdp=SubMesh(), tp=SubMesh(), pp=SubMesh())
     if dims.ep > 1:  # dp_shard as (dp_shard / ep, ep) around cp, flattened back for all but the experts
@@ -148,26 +172,31 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
                                  mesh_dim_names=names)
     # Flattened meshes are kept here: slicing them from the root again is deprecated.
     dp = world[("dp_replicate", "dp_shard")]._flatten("dp") if dims.dp_size > 1 else None
+    # The dimensions FSDP shards over; with ep, dp_shard and cp interleave: (dp_shard / ep, cp, ep).
+    shard = ("dp_shard_out_ep", "cp", "ep") if dims.ep > 1 else ("dp_shard", "cp")
     fsdp = None
     if dims.dp_size * dims.cp > 1:
         if dims.cp == 1:
             fsdp = world[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else world["dp_shard"]
         else:  # the flattened mesh as _flatten returns it (slicing it from the root again is deprecated)
-            # With ep, dp_shard and cp interleave: (dp_shard / ep, cp, ep).
-            shard_cp = ("dp_shard_out_ep", "cp", "ep") if dims.ep > 1 else ("dp_shard", "cp")
-            fsdp = world[shard_cp]._flatten("dp_shard_cp")
+            fsdp = world[shard]._flatten("dp_shard_cp")
             if dims.dp_replicate > 1:
                 fsdp = world[("dp_replicate", "dp_shard_cp")]
-    ep = expert_fsdp = None
-    if dims.ep > 1:
-        ep = world["ep"]
-        expert_fsdp = world["dp_shard_out_ep"] if dims.cp == 1 else world[("dp_shard_out_ep", "cp")]._flatten("dp_shard_out_ep_cp")
-        if dims.dp_replicate > 1:
-            expert_fsdp = world[("dp_replicate", expert_fsdp.mesh_dim_names[0])]
+    size = {"dp_shard": dims.dp_shard, "dp_shard_out_ep": dims.dp_shard // dims.ep, "cp": dims.cp, "ep": dims.ep,
+            "tp": dims.tp}
+    ep = expert_fsdp = moe_fsdp = None
+    if moe and dims.expert_split > 1:
+        ep = _flat(world, ("ep", "tp"), size)
+        if dims.ep > 1:
+            expert_fsdp = _flat(world, ("dp_shard_out_ep", "cp"), size, dims.dp_replicate)
+        else:  # the ranks of the rest of the model (or one: the experts are a unit of their own all the same)
+            expert_fsdp = fsdp if fsdp is not None else world["dp_shard"]
+    if moe and dims.tp > 1:
+        moe_fsdp = _flat(world, (*shard, "tp"), size, dims.dp_replicate)
     return Meshes(
         world=world, dp=SubMesh(dp), fsdp=SubMesh(fsdp), tp=SubMesh(world["tp"] if dims.tp > 1 else None),
         pp=SubMesh(world["pp"] if dims.pp > 1 else None), cp=SubMesh(world["cp"] if dims.cp > 1 else None),
-        ep=SubMesh(ep), expert_fsdp=SubMesh(expert_fsdp),
+        ep=SubMesh(ep), expert_fsdp=SubMesh(expert_fsdp), moe_fsdp=SubMesh(moe_fsdp),
     )
 
 

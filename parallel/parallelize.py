@@ -25,11 +25,13 @@ def parallelize(
     compile: bool, fsdp_mesh: DeviceMesh | None, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
     reshard_after_forward: str, cpu_offload: bool, materialize: Callable[[nn.Module, str], None] | None = None,
     cp_mesh: DeviceMesh | None = None, ep_mesh: DeviceMesh | None = None, expert_fsdp_mesh: DeviceMesh | None = None,
+    moe_fsdp_mesh: DeviceMesh | None = None,
 ) -> None:
     """`tp_plan` (the model family's, with the styles of the modules converters created) is needed with a
     tp_mesh. `materialize(unit, unit_name)`, if given, brings each block and then the root's own modules
     off the meta device, each just before FSDP shards it (a model without it is materialized afterwards).
-    With an ep_mesh, FSDP shards the experts over expert_fsdp_mesh."""
+    With an ep_mesh, FSDP shards the experts over expert_fsdp_mesh; with moe_fsdp_mesh (tensor parallelism
+    over a mixture of experts) each MoE layer over it."""
     if tp_mesh is not None:
         apply_tp(model, tp_mesh=tp_mesh, plan=tp_plan)
     if ep_mesh is not None:
@@ -39,11 +41,11 @@ def parallelize(
     apply_ac(model, mode=ac_mode, every=ac_every)
     if compile:
         apply_compile(model)
-    if fsdp_mesh is not None:
+    if fsdp_mesh is not None or moe_fsdp_mesh is not None:
         apply_fsdp(
             model, mesh=fsdp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
             reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload, before_shard=materialize,
-            expert_mesh=expert_fsdp_mesh,
+            expert_mesh=expert_fsdp_mesh, moe_mesh=moe_fsdp_mesh,
         )
     elif materialize is not None:
         materialize_units(model, materialize)

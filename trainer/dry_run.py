@@ -66,9 +66,12 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     # Chunked: one chunk's fp32 logits and their gradient at a time, recomputed in backward.
     logit_tokens = min(micro_tokens, cfg.training.loss_chunk_tokens) if plan.chunked_loss else micro_tokens
     logits = logit_tokens * vocab * (compute_bytes + 8)
-    # Under expert parallelism a rank gathers only its own experts of a block.
+    # A rank gathers only its own experts of a block (1 / (ep x tp) of them) and the rest of a MoE layer
+    # whole: tensor parallelism runs it on each rank's own tokens rather than splitting its matmuls.
+    moe = sum(p.numel() for part in parts for n, p in part.named_parameters() if ".moe." in n)
     experts = sum(p.numel() for part in parts for n, p in part.named_parameters() if ".moe.experts." in n)
-    block = (params - experts * (1 - 1 / dims.ep) - args.vocab_size * args.dim) / max(1, layers) / dims.tp
+    dense = params - moe - args.vocab_size * args.dim
+    block = (dense / dims.tp + moe - experts * (1 - 1 / dims.expert_split)) / max(1, layers)
     # With FSDP's CPU offload the sharded parameters, their gradients and the optimizer live in host memory.
     host = HOST if cfg.parallel.cpu_offload and dims.fsdp_shards * dims.dp_replicate > 1 else ""
     extra = dict(estimate.extra)

@@ -67,7 +67,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     check_context_parallel(dims, cfg.training.seq_len)
     family = family_of(model_args)
     check_layout_fits_model(dims, model_args, cfg.parallel)
-    why = check_moe_settings(cfg.moe, model_args, dims)
+    why = check_moe_settings(cfg.moe, model_args, dims, compiled=cfg.compile.enabled)
     if why is not None:
         raise ConfigError(why)
     converters = build_converters(cfg)

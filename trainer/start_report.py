@@ -56,7 +56,8 @@ def moe_line(plan: Plan) -> str:
     shared = f" + {a.shared_experts} shared" if a.shared_experts else ""
     # MFU counts these: the matmul weights a token meets (flops_per_token's own count) and its embedding row.
     active = (plan.family.flops_per_token(a, 0) // 6 + a.vocab_size * a.dim) / 1e6
-    ep = f"; ep {d.ep}: {a.num_experts // d.ep} experts of each layer per rank" if d.ep > 1 else ""
+    split = f"ep {d.ep}" if d.tp == 1 else f"ep {d.ep} x tp {d.tp}"
+    ep = f"; {split}: {a.num_experts // d.expert_split} experts of each layer per rank" if d.expert_split > 1 else ""
     return (f"experts: {a.num_experts}{shared} in {len(a.moe_layers)} of {a.n_layers} layers, {a.top_k} per token "
             f"({routing}; {', '.join(balancing) or 'no balancing'}); {active:,.1f}M parameters active per token, "
             f"mfu counts those{ep}")

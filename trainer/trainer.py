@@ -61,7 +61,7 @@ class Trainer:
         if runtime.device.type == "cpu" and cfg.training.cpu_malloc == "retain":
             retain_freed_memory()  # before the data and the model allocate anything
         docs, held_out = load_data(plan)
-        self.meshes = build_meshes(self.dims, device_type())
+        self.meshes = build_meshes(self.dims, device_type(), moe=hasattr(plan.model_args, "num_experts"))
         self.uses_fsdp = self.meshes.fsdp.active  # FSDP casts parameters itself; without it, autocast does
         # Library state the run needs while it is built and trains, undone by close().
         self.patches = contextlib.ExitStack()
@@ -69,7 +69,9 @@ class Trainer:
             self.patches.enter_context(patch())
         if cfg.parallel.async_tp:
             self.patches.enter_context(async_tp_compile(self.meshes.tp.group))
-        if self.dims.ep > 1 and cfg.activation_checkpoint.mode == "selective_op":
+        # Blocks that hold FSDP units of their own (experts under ep, MoE layers under tp).
+        nested_units = self.meshes.expert_fsdp.active or self.meshes.moe_fsdp.active
+        if nested_units and cfg.activation_checkpoint.mode == "selective_op":
             self.patches.enter_context(sac_ignores_profiler_ranges())
         set_determinism(cfg.job.seed, cfg.job.deterministic)
         self.loader = self._loader(docs)

@@ -30,8 +30,8 @@ def dense_tp_plan(model: nn.Module, *, loss_parallel: bool, styles: LinearStyles
         )
 
     def block(block: nn.Module) -> dict[str, ParallelStyle]:
-        attn, ffn = block.attention, block.feed_forward
-        return {
+        attn = block.attention
+        plan = {
             "attention_norm": SequenceParallel(),
             # cos and sin are plain tensors, the same on every rank: passed through untouched.
             "attention": prepare_input(
@@ -43,12 +43,17 @@ def dense_tp_plan(model: nn.Module, *, loss_parallel: bool, styles: LinearStyles
             "attention.wv": colwise(attn.wv),
             "attention.wo": rowwise(attn.wo, output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": prepare_input(
-                ffn, ["w1", "w3"], input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-            ),
-            "feed_forward.w1": colwise(ffn.w1),
-            "feed_forward.w2": rowwise(ffn.w2, output_layouts=Shard(1)),
-            "feed_forward.w3": colwise(ffn.w3),
         }
+        ffn = getattr(block, "feed_forward", None)  # a mixture-of-experts block's is its family's to plan
+        if ffn is not None:
+            plan.update({
+                "feed_forward": prepare_input(
+                    ffn, ["w1", "w3"], input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+                "feed_forward.w1": colwise(ffn.w1),
+                "feed_forward.w2": rowwise(ffn.w2, output_layouts=Shard(1)),
+                "feed_forward.w3": colwise(ffn.w3),
+            })
+        return plan
 
     return TPPlan(top=top, block=block)

@@ -150,6 +150,11 @@ class StackedExperts:
         gate, up = fused.chunk(2, dim=1)
         return gate if name.endswith("w1") else up
 
+    def hf_module(self, name: str) -> str:
+        """transformers' experts module (what peft's target_parameters name) of our `layers.{i}.moe.experts`."""
+        layer = re.fullmatch(r"layers\.(\d+)\.moe\.experts", name).group(1)
+        return f"model.layers.{layer}.mlp.experts"
+
     def split(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
         """(HF name, tensor) per expert for a stacked weight of ours; None for any other tensor."""
         m = self._OURS.fullmatch(name)

@@ -57,12 +57,13 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, grouped: bool = True):
         super().__init__()
         self.num_experts, self.grouped = num_experts, grouped
-        # What the weights' gradients are multiplied by on their way back (parallel/fsdp.py sets it under
-        # expert parallelism, where FSDP averages them over fewer ranks than the rest of the model).
-        self.grad_scale = 1.0
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w2, w3) of the experts this rank runs (adapters fold their updates in here)."""
+        return local(self.w1), local(self.w2), local(self.w3)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (routed tokens, dim), sorted by expert, counts[e] of them for expert e -> (routed tokens, dim)."""
@@ -73,9 +74,7 @@ class GroupedExperts(nn.Module):
         return self._compute(x, counts)
 
     def _compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
-        if self.grad_scale != 1.0:
-            w1, w2, w3 = (_ScaleGrad.apply(w, self.grad_scale) for w in (w1, w2, w3))
+        w1, w2, w3 = self.weights()
         # No rows (an expert-parallel rank nobody sent tokens to): the loop, whose empty matmuls still give
         # the weights their (zero) gradients, which the grouped kernel's backward cannot.
         if self.grouped and x.shape[0] > 0 and _grouped_mm_fits(x, w1):
@@ -87,7 +86,7 @@ class GroupedExperts(nn.Module):
 
     def loop(self, x: torch.Tensor, counts: torch.Tensor, weights=None) -> torch.Tensor:
         """The reference: one expert at a time."""
-        w1, w2, w3 = weights or (self.w1, self.w2, self.w3)
+        w1, w2, w3 = weights or self.weights()
         out, start = [], 0
         for e, n in enumerate(counts.tolist()):
             xe = x[start : start + n]
@@ -96,23 +95,12 @@ class GroupedExperts(nn.Module):
         return torch.cat(out)
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
-
-
 @torch.compiler.disable
 def _eager(fn, *args):
     return fn(*args)
 
 
-def _local(w: torch.Tensor) -> torch.Tensor:
+def local(w: torch.Tensor) -> torch.Tensor:
     """A weight as this rank computes with it: expert parallelism makes the stacked weights DTensors
     sharded over the experts, and each rank runs the experts it holds on the tokens sent to it."""
     return w.to_local() if hasattr(w, "to_local") else w
@@ -167,10 +155,13 @@ class MoE(nn.Module):
         grouped = x[token]
         expert_out = self.experts(grouped, counts) if self.dispatch is None else self.dispatch(self.experts, grouped, counts)
         routed = expert_out * weights.flatten()[order].unsqueeze(-1)
-        out = torch.zeros_like(x).index_add_(0, token, routed)
+        # Filled through a flat view, so the layer returns a tensor of its own rather than a view (an FSDP unit's
+        # output must not be one: an in-place op on it would skip its backward hook).
+        out = x.new_zeros(shape)
+        out.view_as(x).index_add_(0, token, routed)
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + self.shared(x).view(shape)
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum()
         self.last_stats = RouterStats(probs_sum=probs.sum(0), counts=counts, tokens=x.shape[0], entropy_sum=entropy)
-        return out.reshape(shape)
+        return out

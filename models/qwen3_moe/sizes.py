@@ -5,8 +5,10 @@ memory, and the sizes tensor parallelism splits. Dense layers answer as the dens
 from models.common import dense
 from models.qwen3_moe.args import Qwen3MoEArgs
 
-# adapters.targets short names: the dense ones (attention, and the dense layers' MLPs), plus the router.
-ADAPTER_TARGETS = {**dense.ADAPTER_TARGETS, "router": r"layers\.\d+\.moe\.router"}
+# adapters.targets short names: the dense ones (attention, and the dense layers' MLPs), plus the router, the
+# routed experts (every expert's projections: trainer/adapters/experts.py) and the shared experts' linears.
+ADAPTER_TARGETS = {**dense.ADAPTER_TARGETS, "router": r"layers\.\d+\.moe\.router",
+                   "experts": r"layers\.\d+\.moe\.experts", "shared": r"layers\.\d+\.moe\.shared\.w[123]"}
 
 
 def init_std(name: str, args: Qwen3MoEArgs) -> float | None:
@@ -64,11 +66,8 @@ def tp_sizes(a: Qwen3MoEArgs) -> dict[str, int]:
 
 
 def check_layout(a: Qwen3MoEArgs, dims) -> str | None:
-    if dims.tp > 1:
-        return ("parallel.tp > 1 does not split mixture-of-experts layers yet (their experts would need their own "
-                "tensor-parallel plan); use data parallelism (dp_shard), pipeline stages or context parallelism "
-                "with this model")
-    if a.num_experts % dims.ep:
-        return (f"parallel.ep={dims.ep} does not divide the model's {a.num_experts} experts: pick an ep that "
-                f"divides num_experts")
+    if a.num_experts % dims.expert_split:
+        split = f"parallel.ep={dims.ep}" if dims.tp == 1 else f"parallel.ep x tp = {dims.ep} x {dims.tp}"
+        return (f"{split} does not divide the model's {a.num_experts} experts (the ranks that split them: the tp "
+                f"ranks split an ep rank's experts further): pick sizes whose product divides num_experts")
     return None

@@ -6,7 +6,8 @@ balancing, trainer/expert_balance.py), so the single process takes the global ba
 microbatch and every layout's round is the same 8. DeepSeek-V3-style routing (sigmoid, groups, a shared
 expert, a first dense layer, the balancing bias) runs its own reference: its bias moves after every step
 from the loads of all ranks, so the layouts must agree on those too. On ep 2 it is held to one process by
-the resume test below (its checkpoint resumed on one process)."""
+the resume test below (its checkpoint resumed on one process). The ep 2 run trains LoRA over the experts,
+the router and attention (its own reference) and exports it, merged and as peft's adapter."""
 
 import pytest
 import torch
@@ -17,18 +18,21 @@ from tests.helpers import (document_attention, kill_9_and_resume, layout_runner,
 STEPS = 4
 COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=2"]
 MOE, DSV3 = ["model.flavor=qwen3_moe_debug"], ["model.flavor=qwen3_moe_debug_dsv3", "moe.bias_update_rate=0.01"]
+LORA = ["adapters.kind=lora", "adapters.targets=[experts,router,q,v]", "adapters.dropout=0"]
 # name -> (ranks, overrides). The global batch stays 8 sequences; the single process takes it whole.
 LAYOUTS = {
-    "ep=2": (2, [*MOE, "parallel.ep=2", "export.hf=true", "export.dtype=float32"]),
-    "dp_shard=4 x ep=2 (experts FSDP-sharded over 2), selective_op AC": (
-        4, [*MOE, "parallel.ep=2", "training.local_batch_size=2", "activation_checkpoint.mode=selective_op"]),
+    "ep=2, LoRA over the experts": (
+        2, [*MOE, *LORA, "parallel.ep=2", "export.hf=true", "export.peft=true", "export.dtype=float32"]),
+    "dp_shard=2 x ep=2 x tp=2 (experts over 4 ranks), selective_op AC": (
+        4, [*MOE, "parallel.ep=2", "parallel.tp=2", "training.local_batch_size=4", "activation_checkpoint.mode=selective_op"]),
     "cp=2 x dp_shard=2 x ep=2, full AC, document": (4, [*MOE, "parallel.cp=2", "parallel.ep=2", "activation_checkpoint.mode=full"]),
     "pp=2, dsv3": (2, [*DSV3, "parallel.pp=2", "training.local_batch_size=8"]),
 }
 
 
 def _reference_key(layout: str) -> tuple[str, bool]:
-    return ("dsv3" if "dsv3" in layout else "moe", layout.endswith("document"))
+    flavor = "dsv3" if "dsv3" in layout else "lora" if "LoRA" in layout else "moe"
+    return (flavor, layout.endswith("document"))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def references(tmp_path_factory):
         key = _reference_key(layout)
         if key not in runs:
             out = tmp_path_factory.mktemp(f"single-{key[0]}")
-            flavor = DSV3 if key[0] == "dsv3" else MOE
+            flavor = {"dsv3": DSV3, "lora": [*MOE, *LORA], "moe": MOE}[key[0]]
             result = run_train([*COMMON, f"job.output_dir={out}", *flavor, "training.local_batch_size=8",
                                 *(document_attention() if key[1] else [])])
             assert result.returncode == 0, result.stderr[-3000:]
@@ -102,19 +106,27 @@ def test_kill_9_on_ep2_resumes_bitwise_and_its_checkpoint_reshards_to_one_rank(t
     assert worst < 1e-5
 
 
-def test_an_ep2_run_exports_what_transformers_loads(layout_run):
-    """export.hf from expert-parallel ranks: each stacked expert weight gathered whole and written one tensor
-    per expert; transformers' Qwen3MoeForCausalLM loads it and gives the logits of the run's last checkpoint."""
+def test_an_ep2_run_exports_what_transformers_and_peft_load(layout_run):
+    """export.hf and export.peft from expert-parallel ranks (each stacked expert tensor gathered whole): the
+    merged export, one tensor per expert, loads in transformers' Qwen3MoeForCausalLM, and peft's adapter
+    (LoRA over every expert as its target_parameters) loads over the base export; both give the logits of
+    the run's last checkpoint."""
+    from peft import PeftModel
     from transformers import Qwen3MoeForCausalLM
 
     from trainer.build import load_run
 
-    out = layout_run("ep=2")
-    exported = next(p for p in (out / "export").rglob("config.json")).parent
-    theirs = Qwen3MoeForCausalLM.from_pretrained(exported).float().eval()
+    out = layout_run("ep=2, LoRA over the experts")
+    export = out / "export"
     ours = load_run(out)
     tokens = torch.randint(0, ours.args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    merged = Qwen3MoeForCausalLM.from_pretrained(export / "hf").float().eval()
+    base = Qwen3MoeForCausalLM.from_pretrained(export / "base").float().eval()
     with torch.no_grad():
-        diff = (theirs(tokens).logits - ours(tokens)).abs().max().item()
-    print(f"\nMOE EXPORT from ep 2: max |transformers - ours| = {diff:.2e}")
-    assert diff < 1e-5
+        logits = ours(tokens)
+        diffs = {"merged": (merged(tokens).logits - logits).abs().max().item(),
+                 "base": (base(tokens).logits - logits).abs().max().item()}  # before peft wraps `base` in place
+        diffs["peft"] = (PeftModel.from_pretrained(base, export / "peft").eval()(tokens).logits - logits).abs().max().item()
+    print(f"\nMOE EXPORT from ep 2 with LoRA over the experts: max |transformers - ours| = {diffs}")
+    assert diffs["merged"] < 1e-5 and diffs["peft"] < 1e-5
+    assert diffs["base"] > 1e-3  # the adapters trained

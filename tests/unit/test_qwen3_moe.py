@@ -227,3 +227,55 @@ def test_the_expert_bias_moves_loads_toward_even():
           f"{frozen[-1]:.2f} (rate 0)")
     assert moving[0] >= 2.0 and moving[-1] < 0.7 * moving[0]
     assert frozen[-1] == frozen[0]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_adapters_over_the_experts_match_peft_and_merge(tmp_path, kind):
+    """LoRA over every expert (adapters.targets experts) and attention, with nonzero updates, against peft's
+    own `target_parameters` LoRA on transformers' model (the oracle): our PEFT export loads in peft over our
+    base export and gives our logits; the merged export (LoRA and DoRA) loads in transformers and gives them
+    too; the grouped path with adapters equals the per-expert loop, values and gradients."""
+    from peft import PeftModel
+
+    from trainer.adapters import apply_adapters, finish_unit
+    from trainer.adapters.experts import LoRAExperts
+    from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
+    from trainer.config.schema import AdaptersConfig
+
+    hf = _hf_qwen3_moe(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    cfg = AdaptersConfig(kind=kind, rank=4, alpha=8.0, dropout=0.0, targets=["experts", "q"])
+    apply_adapters(ours, cfg)
+    finish_unit([("", ours)], cfg=cfg, shards=1, seed=0, frozen_dtype=torch.float32)
+    experts = [m for m in ours.modules() if isinstance(m, LoRAExperts)]
+    assert len(experts) == 3 and all(not m.w1.requires_grad for m in experts)
+    with torch.no_grad():  # updates that move every expert, differently
+        for name, p in ours.named_parameters():
+            if "lora_b" in name or "magnitude" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    tokens = torch.randint(0, VOCAB, (2, 50), generator=torch.Generator().manual_seed(1))
+    logits = ours(tokens)
+    logits.sum().backward()
+    grouped = {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
+    ours.zero_grad()
+    for m in experts:
+        m.grouped = False
+    looped = ours(tokens)
+    looped.sum().backward()
+    assert (looped - logits).abs().max().item() < 1e-6
+    assert max((p.grad - grouped[n]).abs().max().item() / grouped[n].abs().max().item()
+               for n, p in ours.named_parameters() if p.requires_grad) < 1e-6
+
+    export_hf(ours, tmp_path / "merged", dtype=torch.float32, tensors=merged_named_weights(ours))
+    merged = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    with torch.no_grad():
+        diffs = {"merged": (merged(tokens).logits - logits).abs().max().item()}
+    if kind == "lora":
+        export_hf(ours, tmp_path / "base", dtype=torch.float32, tensors=base_named_weights(ours))
+        export_peft(ours, cfg, tmp_path / "peft")
+        base = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "base").float().eval()
+        with torch.no_grad():
+            diffs["peft"] = (PeftModel.from_pretrained(base, tmp_path / "peft").eval()(tokens).logits - logits).abs().max().item()
+    print(f"\nADAPTERS OVER EXPERTS ({kind}): max |theirs - ours| = {diffs}")
+    assert all(d < 1e-5 for d in diffs.values())
+    assert (hf(tokens).logits - logits).abs().max().item() > 1e-2  # the adapters did change the model

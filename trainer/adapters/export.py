@@ -2,7 +2,8 @@
 
 PEFT's format: adapter_config.json + adapter_model.safetensors with keys
 base_model.model.<HF module>.lora_A.weight / lora_B.weight / lora_magnitude_vector, which
-peft.PeftModel.from_pretrained loads onto the Hugging Face export of the base model.
+peft.PeftModel.from_pretrained loads onto the Hugging Face export of the base model; adapters over a
+mixture's experts as peft's `target_parameters` (trainer/adapters/experts.py: peft_tensors).
 """
 
 import json
@@ -16,6 +17,7 @@ from torch import nn
 
 from models import family_of
 from parallel.placement import gather_full
+from trainer.adapters.experts import LoRAExperts, peft_tensors
 from trainer.adapters.lora import LoRALinear
 from trainer.config.schema import AdaptersConfig
 from trainer.weights.files import readable
@@ -37,30 +39,39 @@ def merged_weight(module: LoRALinear) -> torch.Tensor:
     return merged
 
 
-def _named_weights(model: nn.Module, adapted_weight) -> Iterator[tuple[str, torch.Tensor]]:
-    adapters = {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+def _named_weights(model: nn.Module, adapted_weight, adapted_experts) -> Iterator[tuple[str, torch.Tensor]]:
+    adapters = {name: module for name, module in model.named_modules() if isinstance(module, (LoRALinear, LoRAExperts))}
     for name, param in model.named_parameters():
         if name.rpartition(".")[0] not in adapters and name.removesuffix(".quantized.codes") not in adapters:
             yield name, gather_full(param)
     for name, module in adapters.items():
-        yield f"{name}.weight", adapted_weight(module)
+        if isinstance(module, LoRAExperts):
+            yield from ((f"{name}.{w}", tensor) for w, tensor in adapted_experts(module).items())
+        else:
+            yield f"{name}.weight", adapted_weight(module)
 
 
 def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor) of every base parameter, adapters merged into their layers' weights."""
-    return _named_weights(model, merged_weight)
+    return _named_weights(model, merged_weight, LoRAExperts.merged)
 
 
 def base_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor) of the frozen base alone, dequantized where it is 4-bit."""
-    return _named_weights(model, lambda module: gather_full(module.base_weight()).float())
+    return _named_weights(model, lambda module: gather_full(module.base_weight()).float(),
+                          lambda module: {w: gather_full(getattr(module, w)).float() for w in ("w1", "w2", "w3")})
 
 
 @torch.no_grad()
 def export_peft(model: nn.Module, cfg: AdaptersConfig, out_dir: Path, base_model: str | None = None) -> None:
     """`base_model`: where the base it belongs on is (adapter_config.json's base_model_name_or_path)."""
-    tensors, targets = {}, []
+    tensors, targets, target_parameters = {}, [], []
     for name, module in model.named_modules():
+        if isinstance(module, LoRAExperts):
+            hf = family_of(model.args).hf.joined.hf_module(name)
+            target_parameters += [f"{hf}.gate_up_proj", f"{hf}.down_proj"]  # in this order: see peft_tensors
+            tensors.update(peft_tensors(module, hf))
+            continue
         if not isinstance(module, LoRALinear):
             continue
         hf = _hf_module(model, name)
@@ -82,4 +93,6 @@ def export_peft(model: nn.Module, cfg: AdaptersConfig, out_dir: Path, base_model
         "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model,
         "target_modules": sorted(targets),  # exact module names: peft matches them as name suffixes
     }
+    if target_parameters:
+        config["target_parameters"] = target_parameters
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))

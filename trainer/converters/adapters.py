@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.common.moe import GroupedExperts
 from parallel.mesh import ParallelDims
 from trainer.adapters import apply_adapters, finish_unit, target_names
 from trainer.adapters.export import base_named_weights, export_peft, merged_named_weights
 from trainer.adapters.lora import LoRALinear
 from trainer.adapters.quantize import bytes_per_weight, check_4bit_setting
 from trainer.adapters.tp import ADAPTER_STYLES
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.config.schema import AdaptersConfig, ExportConfig
 from trainer.converters.base import ConverterInfo, FixedEntry, MemoryEstimate, MemoryShape, ModelConverter
 from trainer.weights.hf_export import export_hf
@@ -38,12 +39,30 @@ class AdapterConverter(ModelConverter):
 
     def convert(self, meta: nn.Module, dims: ParallelDims) -> None:
         names = target_names(meta, self.cfg.targets)
+        experts = [name for name in names if isinstance(meta.get_submodule(name), GroupedExperts)]
+        if experts:
+            self._check_experts(experts[0])
+            names = [name for name in names if name not in experts]
         q = self.cfg.quantize_base
         if q != "none":
             check_4bit_setting("adapters.quantize_base", q, {name: meta.get_submodule(name).weight.shape for name in names},
                                dims=dims, hqq_group_size=self.cfg.hqq_group_size,
                                fix="leave this layer out of adapters.targets, change parallel.dp_shard, or use another quantize_base")
         apply_adapters(meta, self.cfg)
+
+    def _check_experts(self, first: str) -> None:
+        """What adapters over stacked experts (trainer/adapters/experts.py) cannot do, refused by name."""
+        cfg, where = self.cfg, f"adapters.targets={self.cfg.targets} takes in {first} (stacked experts)"
+        if cfg.dropout > 0:
+            raise ConfigError(f"{where}, whose updates are folded into the weights, where adapters.dropout={cfg.dropout} "
+                              f"cannot apply: set adapters.dropout=0 or leave the experts out of adapters.targets")
+        if cfg.quantize_base != "none":
+            raise ConfigError(f"{where}, which adapters.quantize_base={cfg.quantize_base} does not quantize: set "
+                              f"adapters.quantize_base=none or leave the experts out of adapters.targets")
+        if cfg.kind == "dora" and self.exports.peft:
+            raise ConfigError(f"{where} with adapters.kind=dora, which peft loads over linear layers only (its "
+                              f"target_parameters take LoRA): set export.peft=false (export.hf writes the merged model) "
+                              f"or adapters.kind=lora")
 
     def info(self, model: nn.Module) -> ConverterInfo:
         # What the adapters were trained over. Checkpoints hold only the adapters and the base is rebuilt
