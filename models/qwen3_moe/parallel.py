@@ -3,10 +3,11 @@ runs whole on each rank's own slice of the sequence.
 
 Between blocks the residual stream is split along the sequence over the tp ranks, and a MoE layer is
 token-wise (each token is routed and transformed alone), so it needs no gather: each rank routes its own
-tokens and runs them through the experts (or sends them to the experts' ranks under ep) with the layer's
-whole weights, as a data-parallel rank does, and FSDP shards those weights over the tp ranks and sums
-their gradients (parallel/mesh.py, parallel/fsdp.py). Splitting each expert's matmuls over tp instead
-would need the whole sequence gathered and every expert cut into tp slivers, too small to run well.
+tokens, as a data-parallel rank does, and sends them to the ranks holding their experts, which the tp
+ranks split further (ep x tp of them); the router and shared experts are FSDP-sharded over the
+data-parallel ranks x tp, which sums their gradients (parallel/mesh.py, parallel/fsdp.py). Splitting each
+expert's matmuls over tp instead would need the whole sequence gathered and every expert cut into tp
+slivers, too small to run well.
 """
 
 from torch import nn

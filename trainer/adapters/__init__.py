@@ -2,8 +2,8 @@
 
 Applied on the meta device, before parallelization: the chosen nn.Linear layers are replaced in place
 by LoRALinear (a mixture of experts' stacked experts, by LoRAExperts), every base parameter is frozen, and
-only adapter parameters train (so the optimizer holds only them). Adapter weights are initialised after the base weights are in place, since DoRA's magnitude
-starts as the norm of the base rows.
+only adapter parameters train (so the optimizer holds only them). Adapter weights are initialised after
+the base weights are in place, since DoRA's magnitude starts as the norm of the base rows.
 """
 
 import math
@@ -92,9 +92,7 @@ def finish_unit(pieces: list[tuple[str, nn.Module]], *, cfg: AdaptersConfig, sha
                 if not param.requires_grad and param.dtype != frozen_dtype:
                     setattr(module, name, nn.Parameter(param.detach().to(frozen_dtype), requires_grad=False))
         for name, module in piece.named_modules(prefix=piece_name):
-            if isinstance(module, LoRALinear):
-                if cfg.quantize_base != "none":
-                    module.quantize_base(cfg.quantize_base, shards=shards, hqq_group_size=cfg.hqq_group_size)
-                init_adapter(module, name, seed)
-            elif isinstance(module, LoRAExperts):
+            if isinstance(module, LoRALinear) and cfg.quantize_base != "none":  # experts never are (refused)
+                module.quantize_base(cfg.quantize_base, shards=shards, hqq_group_size=cfg.hqq_group_size)
+            if isinstance(module, (LoRALinear, LoRAExperts)):
                 init_adapter(module, name, seed)

@@ -25,7 +25,7 @@ from parallel.placement import gather_full
 
 class LoRAExperts(GroupedExperts):
     def __init__(self, base: GroupedExperts, *, rank: int, alpha: float, rslora: bool, dora: bool):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not GroupedExperts': the weights are the base's, not new ones
         self.num_experts, self.grouped = base.num_experts, base.grouped
         self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3  # the frozen base, under its own names
         experts, hidden, dim = base.w1.shape
