@@ -1,4 +1,4 @@
-"""python -m bench --preset NAME [--methods full,lora] [--steps 20] [--warmup 5] [--pairs 3] [--out DIR] [--profile]
+"""python -m bench --preset NAME [--methods full,lora] [--steps 20] [--warmup 5] [--pairs 3] [--out DIR] [--profile] [--ours "KEY=VALUE ..."]
 
 For each method of the preset (full finetuning, LoRA, QLoRA per backend), our trainer and the plain
 transformers (+ peft, + bitsandbytes) loop run alternately, --pairs times (ours, theirs, ours, theirs,
@@ -10,7 +10,8 @@ runs' peak reserved memory; on CPU two figures, the process's peak RSS in the sp
 machine must hold, freed memory that malloc keeps included: ours keeps it on purpose, see
 trainer/host_memory.py) and the live peak, from one more short run per side with freed memory returned
 at once (MALLOC_MMAP_THRESHOLD_=65536, training.cpu_malloc=system: slow, hence separate runs). Our
---dry-run estimate is printed beside our live peak.
+--dry-run estimate is printed beside our live peak (on CPU with the process's own memory added: the
+interpreter and the libraries, measured by importing train.py in a fresh process, 0.3 GiB).
 
 --profile adds a run per side that profiles one step after the warm-up (torch.profiler): the top ops by
 self time, ours beside theirs.
@@ -114,6 +115,13 @@ def run_variants(args, p: Preset, checkpoint: Path | None, method: str) -> dict:
             entry.setdefault("dry_run_gib", ours.dry_run_gib(p, checkpoint, method, ranks, extra))
             print(f"round {round_ + 1} {group} / {label}: {entry['runs'][-1]['summary']['tokens_per_sec']:,.0f} tokens/s "
                   f"per device", flush=True)
+    if not torch.cuda.is_available() and not args.no_memory_runs:
+        for group, label, ranks, extra in chosen:
+            if group in variants.LIVE_PEAK:
+                memory = ours.run(p, checkpoint, method, 2, nproc=ranks, env=RETURN_FREED,
+                                  extra=[*extra, "training.cpu_malloc=system"])
+                if isinstance(memory, dict):
+                    results[f"{group}/{label}"]["live_peak_gib"] = memory["peak_gib"]
     return results
 
 
@@ -121,10 +129,11 @@ def compare(args, p: Preset, checkpoint: Path | None, methods: list[str]) -> dic
     """Ours and theirs per method, interleaved --pairs times; then the memory and profile runs."""
     cpu = not torch.cuda.is_available()
     tokens_per_step = p.batch * p.seq
+    ours_extra = args.ours.split() if args.ours else []
     results: dict[str, dict] = {}
     for pair in range(args.pairs):  # interleaved: ours, theirs, ours, theirs, ...
         for method in methods:
-            sides = [("ours", lambda m=method: ours.run(p, checkpoint, m, args.steps))]
+            sides = [("ours", lambda m=method: ours.run(p, checkpoint, m, args.steps, extra=ours_extra))]
             if METHODS[method][1] and checkpoint is not None:
                 sides += [(side, lambda m=method, e=impl: run_theirs(p, checkpoint, METHODS[m][1], args.steps,
                                                                      args.theirs_adamw, experts=e))
@@ -142,9 +151,9 @@ def compare(args, p: Preset, checkpoint: Path | None, methods: list[str]) -> dic
     for method in methods:
         mine = results.get(f"{method}/ours")
         if mine and mine["runs"]:
-            mine["dry_run_gib"] = ours.dry_run_gib(p, checkpoint, method)
+            mine["dry_run_gib"] = ours.dry_run_gib(p, checkpoint, method, extra=ours_extra)
         if cpu and not args.no_memory_runs:  # the live peak: freed memory returned (ours: our retain off)
-            memory = ours.run(p, checkpoint, method, 2, env=RETURN_FREED, extra=["training.cpu_malloc=system"])
+            memory = ours.run(p, checkpoint, method, 2, env=RETURN_FREED, extra=[*ours_extra, "training.cpu_malloc=system"])
             if mine and isinstance(memory, dict):
                 mine["live_peak_gib"] = memory["peak_gib"]
             for side, impl in theirs_sides(p):
@@ -157,7 +166,7 @@ def compare(args, p: Preset, checkpoint: Path | None, methods: list[str]) -> dic
         if args.profile:  # separate runs: the profiler slows the step it watches
             step = args.warmup + 1
             side, impl = theirs_sides(p)[0]
-            for entry, go in ((mine, lambda: ours.run(p, checkpoint, method, step, profile_step=step)),
+            for entry, go in ((mine, lambda: ours.run(p, checkpoint, method, step, extra=ours_extra, profile_step=step)),
                               (results.get(f"{method}/{side}"),
                                lambda: run_theirs(p, checkpoint, METHODS[method][1], step, args.theirs_adamw,
                                                   profile_step=step, experts=impl))):
@@ -180,6 +189,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--theirs-adamw", choices=("default", "foreach", "fused"), default="default",
                         help="their AdamW: torch's default for the device (what a plain loop gets; the for-loop on CPU), "
                              "or foreach / fused (transformers' Trainer's default)")
+    parser.add_argument("--ours", help="overrides for our runs of the comparison, space-separated in one argument "
+                                       "(e.g. \"optimizer.name=adamw_8bit\")")
     parser.add_argument("--variants", help=f"instead of the comparison, our rows of: {', '.join(variants.GROUPS)} "
                                            "(comma-separated), one setting changed per row")
     parser.add_argument("--nproc", type=at_least(1), default=max(1, torch.cuda.device_count()),

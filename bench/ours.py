@@ -2,6 +2,7 @@
 from the record it writes (output_dir/metrics.jsonl: trainer/run_record.py), one point per step
 (metrics.log_every=1, metrics.step_phases=true)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -69,11 +70,12 @@ def run(p: Preset, checkpoint: Path | None, method: str, steps: int, *, nproc: i
 
 
 def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1, extra: list[str] = ()) -> float:
-    """The --dry-run estimate of the device memory per rank, for the same run (computed here, on meta)."""
+    """The --dry-run estimate of the device memory per rank, for the same run (computed here, on meta); on
+    CPU everything it counts (what is offloaded to the host included) and the process's own baseline."""
     import torch
 
     from trainer.config import load_config
-    from trainer.dry_run import HOST, estimate_memory
+    from trainer.dry_run import device_bytes, estimate_memory
     from trainer.plan import make_plan
     from trainer.precision import Precision
 
@@ -82,4 +84,19 @@ def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, device)
     memory = estimate_memory(make_plan(cfg, nproc), precision)
-    return sum(v for k, v in memory.items() if not k.startswith(HOST)) / 2**30
+    if torch.cuda.is_available():
+        return device_bytes(memory) / 2**30
+    # On CPU the host is the device: what is offloaded is in the same memory as the rest, and the live peak
+    # (the process's resident memory) includes the process itself.
+    return sum(memory.values()) / 2**30 + process_baseline_gib()
+
+
+@functools.cache
+def process_baseline_gib() -> float:
+    """What a training process holds before it builds anything: the interpreter and the libraries the
+    trainer imports (a fresh process's peak resident memory right after the imports: /proc's VmHWM, which
+    unlike getrusage's maxrss does not carry over the parent's across exec)."""
+    code = ("import trainer.trainer, pathlib; "
+            "print([l for l in pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')][0])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-2]) / 2**20  # "VmHWM:  123456 kB"

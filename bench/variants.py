@@ -27,9 +27,24 @@ GROUPS = {
                ("float8 rowwise + compile", 0, ["fp8.enabled=true", "fp8.recipe=rowwise", "compile.enabled=true"])],
     # Packed documents kept apart (FlexAttention when compiled on CUDA, SDPA's mask elsewhere) against causal.
     "attention": [("causal", 0, ["data.attention=causal"]), ("document", 0, ["data.attention=document"])],
+    # Where AdamW keeps its moments (the quantized ones with their step compiled, as on a GPU).
+    "optimizer": [("adamw (fp32 moments)", 0, ["optimizer.name=adamw"]),
+                  ("adamw_bf16", 0, ["optimizer.name=adamw_bf16"]),
+                  ("adamw_8bit", 0, ["optimizer.name=adamw_8bit", "optimizer.compile_step=always"]),
+                  ("adamw_4bit", 0, ["optimizer.name=adamw_4bit", "optimizer.compile_step=always"]),
+                  ("adamw, state and step on the host", 0, ["optimizer.offload=cpu"])],
+    # What moves to host memory: saved activations (with and without checkpointing).
+    "offload": [("nothing offloaded", 0, []),
+                ("activations offloaded", 0, ["activation_checkpoint.offload=true"]),
+                ("AC full", 0, ["activation_checkpoint.mode=full"]),
+                ("AC full + activations offloaded", 0, ["activation_checkpoint.mode=full",
+                                                        "activation_checkpoint.offload=true"])],
     "checkpoint": [("synchronous save", 0, ["checkpoint.async_save=false"]),
                    ("asynchronous save", 0, ["checkpoint.async_save=true"])],
 }
+# Groups whose rows are about memory: on CPU each row also gets a live-peak run (freed memory returned at
+# once, as the comparison's) beside its --dry-run estimate.
+LIVE_PEAK = {"optimizer", "offload"}
 # The row each group's ratios are against, by label (the group's first row where not named, or not run).
 REFERENCE = {"float8": "high precision + compile"}
 # Every checkpoint row saves every 2 steps into its own temporary run directory.
@@ -69,6 +84,8 @@ def table(results: dict) -> str:
         reference = next((e for e in entries if e["label"].startswith(REFERENCE.get(group, "\0"))), entries[0])
         extra = {"float8": " float8 FLOP share | MFU % (mixed peak) |",
                  "checkpoint": " checkpoint (MiB) | training blocked (s) | written in (s) |"}.get(group, "")
+        if group in LIVE_PEAK:
+            extra = " live peak (GiB) | dry-run estimate |"
         lines += ["", f"Variants: {group} (ratio = tokens/s per device over that of '{reference['label']}', per round: "
                   "median [min - max])", "",
                   "| row | ranks | tokens/s per device | step ms: median [min - max] | MFU % | peak as run (GiB) | ratio |" + extra,
@@ -88,6 +105,10 @@ def table(results: dict) -> str:
             if group == "float8":
                 share, mixed = _median(runs, "float8_share"), _median(runs, "mfu_mixed")
                 cells += [f"{100 * share:.1f} %" if share is not None else "-", f"{mixed:.1f}" if mixed is not None else "-"]
+            if group in LIVE_PEAK:
+                live, estimate = entry.get("live_peak_gib"), entry.get("dry_run_gib")
+                cells += [f"{live:.2f}" if live else "-",
+                          f"{estimate:.2f} GiB ({100 * (estimate - live) / live:+.0f}%)" if live and estimate else "-"]
             if group == "checkpoint":
                 saves = [save for r in runs for save in r["saves"]]
                 cells += [f"{statistics.mean(s[k] for s in saves):{fmt}}" if saves else "-"

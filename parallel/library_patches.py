@@ -56,6 +56,13 @@ PRIVATE_NAMES = {
     "torch.serialization._get_layout": "trainer/checkpoint/safe_reader.py: likewise",
     "torch.distributed.checkpoint.FileSystemReader._get_metadata_path":
         "trainer/checkpoint/safe_reader.py: where .metadata is, read without pickle.load",
+    "torch.distributed.tensor._dtensor_spec.DTensorSpec":
+        "trainer/optimizer_offload.py: a host tensor in a parameter's DTensor layout (from_local would move it to the "
+        "mesh's device; FSDP2 builds its CPU-offloaded shards this way)",
+    "torch.distributed.tensor._dtensor_spec.TensorMeta": "trainer/optimizer_offload.py: likewise",
+    "torchao.optim.quant_utils.quantize_8bit_with_qmap":
+        "trainer/checkpoint/quantized_moments.py: quantize saved moments with their saved block scales (exact resume)",
+    "torchao.optim.quant_utils.quantize_4bit_with_qmap": "trainer/checkpoint/quantized_moments.py: likewise",
     "torchao.float8._auto_filter_for_recipe":
         "fp8/conversion.py: torchao's own too-small-to-gain size thresholds (fp8.auto_filter_small_kn)",
     "torchao.float8.float8_linear.matmul_with_hp_or_float8_args":

@@ -59,7 +59,7 @@ def build_model(plan: Plan, *, meshes: Meshes, precision: Precision, device: tor
             param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype,
             reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward, cpu_offload=cfg.parallel.cpu_offload,
             materialize=materialize, cp_mesh=meshes.cp.mesh, ep_mesh=meshes.ep.mesh, expert_fsdp_mesh=meshes.expert_fsdp.mesh,
-            moe_fsdp_mesh=meshes.moe_fsdp.mesh,
+            moe_fsdp_mesh=meshes.moe_fsdp.mesh, ac_offload=cfg.activation_checkpoint.offload,
         )
         part.train()
         part.attention_kernel = plan.attention_kernel

@@ -6,11 +6,19 @@ import torch
 from trainer.config import to_yaml
 from trainer.converters import MemoryEstimate, MemoryShape
 from trainer.distill.teacher import teacher_memory
+from trainer.optimizer import MOMENTS, state_bytes
 from trainer.plan import Plan
 from trainer.precision import Precision
 
 GIB = 2**30
 HOST = "host (CPU offload): "
+OFFLOADED = "host (offloaded): "
+NOT_AT_ONCE = "not held at once: the blocks' gradients, made as their activations are freed"
+
+
+def device_bytes(memory: dict[str, float]) -> float:
+    """The estimate's lines that are in the device's memory (not those offloaded to the host)."""
+    return sum(v for k, v in memory.items() if not k.startswith((HOST, OFFLOADED)))
 
 
 def _busiest_rank(plan: Plan) -> list[torch.nn.Module]:
@@ -30,7 +38,10 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     sequence (1/cp of it), in the compute dtype, split by TP, held for every microbatch a pipeline
     schedule keeps in flight; under cp also every layer's gathered keys and values; the attention mask of
     document attention or cp; plus the float32 logits and their gradient on the last stage. Converters
-    then fold in their own effects, in order.
+    then fold in their own effects, in order. The optimizer's state is what optimizer.name keeps per
+    parameter. With one backward per step the blocks' gradients and the activations they replace are not
+    held at once (a negative line). What optimizer.offload and activation offloading move to the host is
+    listed with the OFFLOADED prefix, outside the device's total.
     """
     cfg, args, dims = plan.cfg, plan.model_args, plan.dims
     parts = _busiest_rank(plan)
@@ -62,6 +73,14 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
         # The block being recomputed in backward holds all of its activations meanwhile.
         recomputed = plan.family.activation_elements(args, "none", 1) - plan.family.activation_elements(args, "full", 1)
         activations += micro_tokens * recomputed * compute_bytes / dims.tp
+    offloaded = 0.0
+    if ac.offload:
+        # Every block but the last of each part moves what it saves to the host (checkpointed blocks their
+        # input; selective_op keeps its saved outputs on the device); in backward one block's come back.
+        moved = args.dim if ac.mode == "selective_op" else saved
+        per_block = micro_tokens * moved * compute_bytes / dims.tp
+        offloaded = per_block * (layers - len(parts)) * in_flight
+        activations -= offloaded - per_block
     vocab = args.vocab_size / dims.tp if dims.tp > 1 and cfg.parallel.loss_parallel else args.vocab_size
     # Chunked: one chunk's fp32 logits and their gradient at a time, recomputed in backward.
     logit_tokens = min(micro_tokens, cfg.training.loss_chunk_tokens) if plan.chunked_loss else micro_tokens
@@ -95,13 +114,30 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
                    and (args.tie_embeddings or not n.startswith("tok_embeddings"))
                    and not (cfg.compile.enabled and n.startswith("layers.")))
         extra["weight copies in the compute dtype (autocast, for the step)"] = compute_bytes * cast * shape.share
+    if offloaded:
+        extra[OFFLOADED + "activations of every block but the last"] = offloaded
+    if cfg.optimizer.offload == "cpu":
+        # Float32 copies of the trained parameter shards and a gradient buffer beside each (the state's own line
+        # says host too).
+        extra[OFFLOADED + "optimizer's copies of the parameters and gradients (fp32)"] = 8 * per_rank_trainable
     if plan.teacher_args is not None:
         extra.update(teacher_memory(plan.teacher_args, cfg.distill, hqq_group_size=cfg.adapters.hqq_group_size,
                                     dp_shard=dims.dp_shard, micro_tokens=micro_tokens, compute_bytes=compute_bytes))
+    gradients = 4 * per_rank_trainable
+    if plan.accum_steps == 1 and dims.pp == 1 and not host:
+        # One backward per step: a block's gradients are made as its activations are freed, so at the
+        # backward's start (the activations' peak) only the output layer's exist, and at its end no
+        # activation is left. Peak = the larger of the two, here as what is not held at once.
+        head = sum(p.numel() for n, p in plan.meta.named_parameters() if p.requires_grad and n.startswith("output."))
+        overlap = min(gradients - 4 * head * shape.share, activations + logits)
+        extra[NOT_AT_ONCE] = -max(0.0, overlap)
     return {
         host + estimate.weights_label: estimate.weights,
-        host + "gradients (fp32, trainable only)": 4 * per_rank_trainable,
-        host + "optimizer state (AdamW, fp32, trainable only)": 8 * per_rank_trainable,
+        host + "gradients (fp32, trainable only)": gradients,
+        (host or (OFFLOADED if cfg.optimizer.offload == "cpu" else "")) +
+        f"optimizer state (AdamW, {MOMENTS[cfg.optimizer.name]}, trainable only)":
+            state_bytes(cfg.optimizer.name, [p.numel() * shape.share for part in parts for p in part.parameters()
+                                             if p.requires_grad]),
         # FSDP gathers the current block and prefetches the next one.
         "gathered parameters in flight": 2 * block * estimate.gathered_bytes if dims.fsdp_shards > 1 else 0,
         f"activations (AC {cfg.activation_checkpoint.mode}, {in_flight} microbatch(es) in flight)": activations,
@@ -128,7 +164,7 @@ def dry_run(plan: Plan) -> str:
     ]
     width = max(len(k) for k in memory)
     lines += [f"{k:<{width}}  {v / GIB:10.3f} GiB" for k, v in memory.items()]
-    device_total = sum(v for k, v in memory.items() if not k.startswith(HOST))
+    device_total = device_bytes(memory)
     lines.append(f"{'total on the device':<{width}}  {device_total / GIB:10.3f} GiB")
     if device_total < sum(memory.values()):
         lines.append(f"{'total in host memory':<{width}}  {(sum(memory.values()) - device_total) / GIB:10.3f} GiB")

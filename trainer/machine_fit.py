@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.dry_run import HOST, estimate_memory
+from trainer.dry_run import device_bytes, estimate_memory
 from trainer.plan import Plan
 from trainer.precision import Precision
 
@@ -57,7 +57,7 @@ def fit_problems(plan: Plan, machine: Machine, ranks_here: int) -> list[str]:
     device = torch.device("cuda" if machine.gpus else "cpu")
     precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, device)
     memory = estimate_memory(plan, precision)
-    on_device = sum(v for k, v in memory.items() if not k.startswith(HOST))
+    on_device = device_bytes(memory)
     offloaded = sum(memory.values()) - on_device
     problems = []
     if machine.gpus:

@@ -32,7 +32,8 @@ LAYOUTS = {
     "pp=2 gpipe, whole logits": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe", "training.chunked_loss=never"]),
     "pp=2 1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "training.loss_chunk_tokens=100"]),
     "pp=2 interleaved_1f1b, document": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
-    "dp2 x tp2 (no loss parallel), document": (4, ["parallel.tp=2", "parallel.loss_parallel=false"]),
+    "dp2 x tp2 (no loss parallel, activations offloaded), document":
+        (4, ["parallel.tp=2", "parallel.loss_parallel=false", "activation_checkpoint.offload=true"]),
     "hsdp 2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "training.local_batch_size=2"]),
     "pp2 x tp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
     "pp2 x dp2, document": (4, ["parallel.pp=2"]),

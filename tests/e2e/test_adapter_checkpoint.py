@@ -1,6 +1,7 @@
 """Adapter runs save adapter-only checkpoints, which resume exactly after kill -9: QDoRA over an NF4
 base sharded by FSDP2, where the base is rebuilt (loaded and quantized) at every start, with adapter
-dropout drawing random masks every step and checkpoints written in the background (async)."""
+dropout drawing random masks every step, checkpoints written in the background (async) and bfloat16
+optimizer moments."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +12,9 @@ ARGS = ["--config", "configs/debug.yaml", "training.steps=12", "metrics.log_ever
         "adapters.kind=dora", "adapters.quantize_base=nf4", "adapters.rank=4", "optimizer.lr=1e-2", "job.deterministic=true",
         # Dropout makes the resumed losses depend on the restored RNG state: anything that draws from the
         # global generator between the restore and step 1 shows here.
-        "adapters.dropout=0.1", "checkpoint.async_save=true"]
+        "adapters.dropout=0.1", "checkpoint.async_save=true",
+        # bfloat16 moments, stochastically rounded: their state must come back exactly too.
+        "optimizer.name=adamw_bf16"]
 
 
 def test_adapter_only_checkpoint_resumes_exactly(tmp_path):

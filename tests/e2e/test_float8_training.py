@@ -36,12 +36,13 @@ def test_fifty_steps_of_float8_end_within_3_percent_of_high_precision(tmp_path):
 
 
 ARGS = ["--config", "configs/debug.yaml", "training.steps=12", "metrics.log_every=1", "checkpoint.interval=4",
-        "job.deterministic=true", *FP8, "fp8.fsdp_float8_all_gather=true", "training.local_batch_size=1"]
+        "job.deterministic=true", "optimizer.name=adamw_8bit", *FP8, "fp8.fsdp_float8_all_gather=true", "training.local_batch_size=1"]
 
 
 def test_float8_resumes_bitwise_and_without_float8(tmp_path):
     """FSDP2 on 2 ranks gathering float8 weights, whose scales are computed after each optimizer step (and
-    at start-up, so that a resumed run scales its first step as an uninterrupted one does)."""
+    at start-up, so that a resumed run scales its first step as an uninterrupted one does), with 8-bit
+    AdamW moments (restored with their block scales, then requantized on one process)."""
     reference = run_train([*ARGS, "export.hf=true", f"job.output_dir={tmp_path / 'ref'}"], nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
 

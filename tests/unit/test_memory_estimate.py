@@ -161,3 +161,22 @@ def test_expert_parallelism_gathers_a_rank_s_own_experts_only():
     gathered = "gathered parameters in flight"
     assert ep4[gathered] < 0.5 * ep1[gathered]  # the experts are most of a block
     assert {k: v for k, v in ep4.items() if k != gathered} == {k: v for k, v in ep1.items() if k != gathered}
+
+
+def test_gradients_replace_activations_in_a_single_backward():
+    """With one backward per step the blocks' gradients appear as their activations are freed: the peak
+    holds either the activations (and the output layer's gradient) or all the gradients, not both; with
+    gradient accumulation (or pipeline microbatches) the earlier microbatches' gradients are held too."""
+    from trainer.dry_run import NOT_AT_ONCE
+
+    def memory(*overrides):
+        cfg = load_config("configs/debug.yaml", ["model.n_layers=8", *overrides])
+        return estimate_memory(make_plan(cfg, 1), FP32)
+
+    one = memory("training.global_batch_size=-1")
+    grads = one["gradients (fp32, trainable only)"]
+    head = 4 * 128 * 320  # debug: dim 128, the byte vocabulary padded to 320, untied
+    assert one[NOT_AT_ONCE] == -(grads - head)  # activations (0.09 GiB) far exceed the gradients
+    assert NOT_AT_ONCE not in memory()  # global batch 8 = 2 microbatches of 4
+    lora = memory("training.global_batch_size=-1", "adapters.kind=lora")
+    assert lora[NOT_AT_ONCE] == -lora["gradients (fp32, trainable only)"]  # the head trains no adapter

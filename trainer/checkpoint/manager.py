@@ -66,6 +66,8 @@ class CheckpointManager:
         keys = ("model",) if model_only else tuple(self.state)
         shapes = {name: tuple(t.shape) for name, t in self.state["model"].state_dict().items()}
         check_fits(path, saved, shapes, self.fixed)
+        if "optimizer" in keys:
+            self.state["optimizer"].loading_from(saved)
         load_safely({k: self.state[k] for k in keys}, path, no_dist=not dist.is_initialized(),
                     what=f"{path}: cannot be loaded", hint=earlier_hint(path, self.root))
         if self.is_main:

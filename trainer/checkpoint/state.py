@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from trainer.checkpoint.quantized_moments import SCALES_INFIX, is_quantized, restore_, scales_key, to_checkpoint
 from trainer.data.loader import PackedLoader
 from trainer.optimizer import Optimizers
 
@@ -71,19 +72,58 @@ class ModelState(Stateful):
 
 
 class OptimizerState(Stateful):
+    """Every part's optimizer state, flattened by parameter name. Block-quantized moments (adamw_8bit,
+    adamw_4bit) are saved as float32 values plus each rank's block scales (trainer/checkpoint/
+    quantized_moments.py), and quantized back into the live moments on load."""
+
     def __init__(self, optimizers: Optimizers):
         self.optimizers = optimizers
+        self.saved_keys: set[str] | None = None  # before a load: the optimizer keys the checkpoint holds
+
+    def loading_from(self, saved: dict) -> None:
+        """Told before a load which entries the checkpoint holds (its metadata's keys, "optimizer." first):
+        the block scales of this layout are asked for only if they are there."""
+        self.saved_keys = {k.removeprefix("optimizer.") for k in saved}
 
     def state_dict(self) -> dict:
         merged = {}
-        for part, opt in zip(self.optimizers.parts, self.optimizers.optimizers):
-            merged.update({k: _plain(v) for k, v in get_optimizer_state_dict(part, opt, options=_FLAT).items()})
+        for part, opt, mirror in zip(self.optimizers.parts, self.optimizers.optimizers, self.optimizers.mirrors):
+            flat = mirror.state_dict(opt) if mirror is not None else get_optimizer_state_dict(part, opt, options=_FLAT)
+            for key, value in flat.items():
+                if is_quantized(value):
+                    merged.update(to_checkpoint(key, value))
+                else:
+                    merged[key] = _plain(value)
+        if self.saved_keys is not None:
+            # A load asks only for the block scales the checkpoint has (those of this layout), and for the
+            # hyperparameters it has (another optimizer.name keeps other ones: they come from the config).
+            merged = {k: v for k, v in merged.items() if k in self.saved_keys
+                      or not (k.startswith("param_groups.") or SCALES_INFIX in k)}
         return merged
 
     def load_state_dict(self, state: dict) -> None:
-        for part, opt in zip(self.optimizers.parts, self.optimizers.optimizers):
-            own = get_optimizer_state_dict(part, opt, options=_FLAT).keys()
-            set_optimizer_state_dict(part, opt, {k: state[k] for k in own}, options=_FLAT)
+        for part, opt, mirror in zip(self.optimizers.parts, self.optimizers.optimizers, self.optimizers.mirrors):
+            if mirror is not None:
+                mirror.load_state_dict(opt, state)
+                continue
+            live = get_optimizer_state_dict(part, opt, options=_FLAT)
+            # Quantized moments stay the live tensors through torch's load; their values are filled in after.
+            set_optimizer_state_dict(part, opt, {k: _loaded(k, v, state) for k, v in live.items()}, options=_FLAT)
+            for key, value in get_optimizer_state_dict(part, opt, options=_FLAT).items():
+                if is_quantized(value):
+                    restore_(value, state[key], state.get(scales_key(key, value)))
+        self.saved_keys = None
+
+
+def _loaded(key: str, live, state: dict):
+    """What torch's load gets for one entry: the checkpoint's value, in the live value's kind (torchao keeps
+    lr as a tensor), or the live value where the checkpoint has none (a hyperparameter of another optimizer)."""
+    if is_quantized(live) or key not in state:
+        return live
+    value = state[key]
+    if torch.is_tensor(live) != torch.is_tensor(value) and key.endswith(".lr"):
+        return torch.tensor(value, dtype=live.dtype) if torch.is_tensor(live) else value.item()
+    return value
 
 
 class SchedulerState(Stateful):
@@ -92,7 +132,7 @@ class SchedulerState(Stateful):
 
     def state_dict(self) -> dict:
         state = self.optimizers.schedulers[0].state_dict()  # every part's schedule is the same
-        return {"last_epoch": state["last_epoch"], "last_lr": list(state["_last_lr"])}
+        return {"last_epoch": state["last_epoch"], "last_lr": [float(lr) for lr in state["_last_lr"]]}
 
     def load_state_dict(self, state: dict) -> None:
         for scheduler in self.optimizers.schedulers:

@@ -4,6 +4,7 @@ Each check raises ConfigError with one line naming the key, the value and what t
 any model or data work starts.
 """
 
+import importlib
 import math
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def check_choices(cfg: Config) -> None:
                  "must be a positive number of TFLOP/s per device (or null to look it up / measure it)")
     _check_adapters(cfg.adapters, cfg.parallel, cfg.export)
     _check_fp8(cfg.fp8, cfg.adapters)
+    _require(not (cfg.optimizer.offload == "cpu" and cfg.parallel.cpu_offload), "optimizer.offload", "cpu",
+             "is already part of parallel.cpu_offload=true (FSDP keeps parameters, gradients and the optimizer on "
+             "the host): use one of them")
+    _require(not (cfg.activation_checkpoint.offload and cfg.compile.enabled), "activation_checkpoint.offload", True,
+             "cannot be combined with compile.enabled=true: torch.compile cannot trace the saved-tensor hooks inside "
+             "a compiled block (torch 2.13); turn one of them off")
     _require(cfg.training.loss_chunk_tokens >= 1, "training.loss_chunk_tokens", cfg.training.loss_chunk_tokens,
              "must be at least 1")
     bad_steps = [s for s in cfg.metrics.profile_steps if not 1 <= s <= cfg.training.steps]
@@ -77,6 +84,18 @@ def _check_optimizer(o: OptimizerConfig, s: LRSchedulerConfig, t: TrainingConfig
     _require(_finite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be a positive, finite number (e.g. 1e-8)")
     _require(_finite(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
              "must be 0 (off) or a positive, finite number")
+    _require(o.implementation == "auto" or o.name == "adamw", "optimizer.implementation", o.implementation,
+             f"chooses among torch AdamW's kernels and applies to optimizer.name=adamw only (not {o.name}): "
+             "leave it at auto")
+    _require(o.offload == "none" or o.name in ("adamw", "adamw_bf16"), "optimizer.offload", o.offload,
+             f"works with optimizer.name adamw or adamw_bf16 (not {o.name}: its moments are small already, and its "
+             "quantized step is made for the device)")
+    if o.name in ("adamw_8bit", "adamw_4bit"):
+        try:
+            importlib.import_module("torchao.optim")
+        except ImportError as e:
+            raise ConfigError(f"optimizer.name={o.name}: needs torchao's low-bit optimizers, which do not import "
+                              f"({e}): pip install torchao, or choose adamw / adamw_bf16") from None
     _require(0.0 <= s.min_lr_ratio <= 1.0, "lr_scheduler.min_lr_ratio", s.min_lr_ratio, "must lie in [0, 1]")
     _require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "must be 0 or more")
     _require(_finite(t.max_norm) and t.max_norm >= 0, "training.max_norm", t.max_norm,

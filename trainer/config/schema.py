@@ -121,14 +121,23 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
+    # AdamW by where its two moments live: adamw (float32, 8 bytes per trained parameter), adamw_bf16
+    # (bfloat16 with stochastic rounding, 4 bytes), adamw_8bit / adamw_4bit (torchao's block-quantized
+    # moments, about 2 and 1 bytes). The update is computed in float32 by all of them.
     name: str = "adamw"
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    # auto: fused (CUDA and CPU alike) where torch has the fused kernel, foreach elsewhere.
+    # adamw only. auto: fused (CUDA and CPU alike) where torch has the fused kernel, foreach elsewhere.
     implementation: str = "auto"
+    # adamw_8bit / adamw_4bit: torch.compile torchao's per-parameter step: auto (on CUDA; on CPU the first
+    # step would compile for tens of seconds, so eager there), always, never.
+    compile_step: str = "auto"
+    # none, or cpu: the optimizer's state and step in host memory, the parameters and gradients on the
+    # device (copied over each step; trainer/optimizer_offload.py). adamw / adamw_bf16 only.
+    offload: str = "none"
 
 
 @dataclass
@@ -180,6 +189,9 @@ class ActivationCheckpointConfig:
     # selective_op (every block keeps matmul and attention outputs and recomputes the rest).
     mode: str = "none"
     every: int = 2
+    # Move what blocks save for backward to host memory during the forward, and back in the backward
+    # (every block but the last; pinned memory and a side stream on CUDA; on CPU a correctness path).
+    offload: bool = False
 
 
 @dataclass
@@ -340,8 +352,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.sft_format": ("auto", "alpaca", "messages", "sharegpt"),
     "training.mixed_precision_param": ("auto", "float32", "bfloat16"),
     "training.mixed_precision_reduce": ("float32", "bfloat16"),
-    "optimizer.name": ("adamw",),  # trainer/optimizer.py: OPTIMIZERS
+    "optimizer.name": ("adamw", "adamw_bf16", "adamw_8bit", "adamw_4bit"),  # trainer/optimizer.py: OPTIMIZERS
     "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
+    "optimizer.compile_step": ("auto", "always", "never"),
+    "optimizer.offload": ("none", "cpu"),
     "training.cpu_malloc": ("retain", "system"),
     "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
     "parallel.fsdp_reshard_after_forward": ("default", "always", "never"),
