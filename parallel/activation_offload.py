@@ -31,8 +31,9 @@ class HostOffload:
     def __init__(self):
         self.stream = None
         self.bytes_moved = 0
-        # While a block runs forward: the copies made so far, by what they copy. One tensor is often saved
-        # by several ops (the normalized input by the q, k and v projections): it moves once.
+        # While a block runs forward: the tensors moved so far and their copies, by storage and layout. One
+        # tensor is often saved by several ops (the normalized input by the q, k and v projections): it
+        # moves once.
         self.moved: dict | None = None
 
     def pack(self, t: torch.Tensor):
@@ -42,8 +43,10 @@ class HostOffload:
         key = (base.untyped_storage().data_ptr(), base.storage_offset(), tuple(base.shape), tuple(base.stride()),
                base._version, getattr(t, "placements", None))
         if key not in self.moved:
-            self.moved[key] = self._pack(t)
-        return self.moved[key]
+            # t is kept with its copy until the block's forward ends: freed earlier, its memory could be
+            # reused by another tensor of the same shape, which this key would then mistake for it.
+            self.moved[key] = (t, self._pack(t))
+        return self.moved[key][1]
 
     def _pack(self, t: torch.Tensor):
         if isinstance(t, DTensor):  # tensor parallelism: its local shard moves
@@ -52,6 +55,8 @@ class HostOffload:
             return t if local is inner else (local, t.device_mesh, t.placements, t.shape, t.stride())
         if isinstance(t, nn.Parameter) or type(t) is not torch.Tensor or t.numel() * t.element_size() < MIN_BYTES:
             return t  # tensor subclasses (float8, NF4 weights) stay as they are
+        if not _dense(t):
+            return t  # an expanded or overlapping view: a copy would not keep its strides
         self.bytes_moved += t.numel() * t.element_size()
         if t.device.type != "cuda":
             return t.device, torch.empty_like(t).copy_(t)
@@ -75,6 +80,13 @@ class HostOffload:
             return host
         torch.cuda.current_stream().wait_stream(self.stream)  # the copy out is finished before the copy back
         return host.to(device, non_blocking=True)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether a copy made by empty_like keeps t's strides (it does for dense, non-overlapping layouts): the
+    copy that comes back must be laid out as the tensor autograd saved, a DTensor's local shard above all,
+    whose global strides are restored with it."""
+    return torch.empty_like(t, device="meta").stride() == t.stride()
 
 
 def _offload_forward(block: nn.Module, hooks: HostOffload) -> None:
