@@ -92,12 +92,16 @@ def build_whole_model(args: DecoderArgs, converters: list[ModelConverter], *, in
 def load_run_model(step_path: Path, device: str | torch.device = "cpu") -> Decoder:
     """The model of the run whose checkpoint `step_path` is (run/checkpoints/step-N), whole, in eval mode.
     Converters whose checkpoints hold only what trains (adapters) rebuild the rest from the run's config,
-    as at its start; the others' checkpoints hold plain weights (float8's too), read as they are."""
+    as at its start; the others' checkpoints hold plain weights (float8's too), read as they are, and
+    converted again where the run's forward is not the plain one (QAT's rounding)."""
     step_path = Path(step_path)
     cfg = load_config(step_path.parent.parent / "config.yaml")
-    converters = [c for c in build_converters(cfg) if c.checkpoints_trainable_only]
-    if not converters:
-        return load_model(step_path, str(device))
+    converters = [c for c in build_converters(cfg) if c.checkpoints_trainable_only or c.reapplied_on_load]
+    if not any(c.checkpoints_trainable_only for c in converters):
+        model = load_model(step_path, str(device))
+        for converter in converters:
+            converter.convert(model, _ONE_PROCESS)  # swaps layers in place, weights and all
+        return model.eval()
     model = build_whole_model(read_dcp_args(step_path), converters, init_from=cfg.model.init_from, seed=cfg.job.seed,
                               device=device)
     load_safely({"model": ModelState([model], "trainable")}, step_path, no_dist=True,

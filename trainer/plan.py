@@ -130,8 +130,10 @@ def decide_chunked_loss(setting: str, dims: ParallelDims, meta: nn.Module, *, di
         why_not = "tensor parallelism computes the loss over vocabulary-sharded logits (parallel.loss_parallel) or replicated ones"
     elif distilling:
         why_not = "distillation compares the student's logits with the teacher's in chunks of its own (distill.chunk_tokens)"
-    elif not isinstance(meta.output, (nn.Linear, type(None))):
-        why_not = "the output layer carries an adapter (adapters.targets includes output)"
+    elif meta.output is not None and type(meta.output) is not nn.Linear:
+        # The chunked loss multiplies by the head's weight itself, which only a plain layer allows.
+        why_not = (f"the output layer computes its own way ({type(meta.output).__name__}: an adapter through "
+                   f"adapters.targets, or QAT's rounding through qat.head)")
     if why_not and setting == "always":
         raise ConfigError(f"training.chunked_loss=always cannot apply here: {why_not}; use auto or never")
     return why_not is None and setting != "never"

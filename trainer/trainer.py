@@ -189,6 +189,8 @@ class Trainer:
             self._record_start()
         self.metrics.start_clock()
         while self.step < steps:
+            for converter in self.converters:
+                converter.before_step(self.model_parts, self.step + 1)
             with self.profiler.around(self.step + 1):
                 loss, grad_norm = self._step_and_log()
             if self.validation is not None and self.validation.due(self.step):

@@ -7,7 +7,17 @@ the same held-out windows, in this process.
 
 Layouts marked DOCUMENT train with document attention on Tiny Shakespeare's speeches (several per
 window) against a single process doing the same; tests/unit/test_document_attention.py holds that single
-process to each document run alone.
+process to each document run alone. Layouts with QAT (trainer/qat/) compare with a single process under
+the same QAT settings.
+
+QAT rounds, and rounding is discontinuous: where a layout sums in another order (TP's split matmuls, the
+loss-parallel cross-entropy), a value an ulp away crosses a rounding boundary now and then, a true
+difference of one code. Measured on these 4 steps (max |loss difference|): int8 activations on tp2 2.6e-5
+at step 1 (activations cross their boundaries at once); int4 weights alone on tp2 at the debug lr 3e-3,
+3.6e-5 at step 3 (a weight crosses after two updates), at lr 3e-4 under 5e-7 throughout; float8 rounding
+(3 mantissa bits: every value is near a boundary) under FSDP 9.6e-5 at step 2. So the TP row rounds
+weights only, at lr 3e-4, and the FSDP row rounds activations and int4 weights (FSDP sums gradients in
+another order too, but reached no boundary in these steps).
 """
 
 import pytest
@@ -21,13 +31,15 @@ from trainer.data.held_out import training_and_eval_documents
 from trainer.generate import load_for_generation
 
 STEPS = 4
+QAT_W4 = ["qat.scheme=int4_weight_only", "qat.group_size=16", "qat.head=true", "qat.embeddings=true", "optimizer.lr=3e-4"]
+QAT_A8W4 = ["qat.scheme=int8_dynact_int4_weight", "qat.group_size=16", "qat.head=true", "qat.embeddings=true"]
 EVAL = ["eval.every=4", "eval.split_fraction=0.1", "eval.steps=2"]
 COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", *EVAL]
 
 # name -> (ranks, overrides). The global batch stays 8 sequences: local batch x dp x accumulation.
 LAYOUTS = {
-    "dp_shard=2": (2, []),
-    "tp=2 (SP, loss parallel)": (2, ["parallel.tp=2"]),
+    "dp_shard=2, QAT int8 activations + int4 weights g16, head and embeddings too": (2, QAT_A8W4),
+    "tp=2 (SP, loss parallel), QAT int4 weights g16, head and embeddings too": (2, ["parallel.tp=2", *QAT_W4]),
     # Whole logits on the last stage: the 1f1b run below (chunked, the default) is checked against it.
     "pp=2 gpipe, whole logits": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe", "training.chunked_loss=never"]),
     "pp=2 1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "training.loss_chunk_tokens=100"]),
@@ -50,16 +62,22 @@ def _attention(layout: str) -> list[str]:
     return document_attention() if layout.endswith("document") else []
 
 
+def _model_options(layout: str) -> list[str]:
+    """The layout's overrides that change what is trained, not how it is spread: the reference's too."""
+    return [o for o in LAYOUTS[layout][1] if o.startswith(("qat.", "optimizer."))]
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """attention ("causal" or "document") -> the single process's scalars, each run once per module."""
+    """(attention "causal" or "document", model options) -> the single process's scalars, each run once
+    per module."""
     runs = {}
 
     def reference(layout: str):
-        kind = "document" if layout.endswith("document") else "causal"
+        kind = ("document" if layout.endswith("document") else "causal", tuple(_model_options(layout)))
         if kind not in runs:
-            out = tmp_path_factory.mktemp(f"single-{kind}")
-            result = run_train([*COMMON, f"job.output_dir={out}", *_attention(layout)])
+            out = tmp_path_factory.mktemp(f"single-{kind[0]}")
+            result = run_train([*COMMON, f"job.output_dir={out}", *_attention(layout), *kind[1]])
             assert result.returncode == 0, result.stderr[-3000:]
             _check_eval_loss(out, dp=1)
             runs[kind] = {tag: tensorboard_scalars(out, tag) for tag in ("loss/train", "grad_norm")}

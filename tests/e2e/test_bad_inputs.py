@@ -133,6 +133,17 @@ CASES = {
     "float8 over a 4-bit base": (["fp8.enabled=true", "fp8.emulate=true", "adapters.kind=lora", "adapters.quantize_base=nf4"],
                                  "fp8.enabled=true with adapters.quantize_base=nf4: a 4-bit base is dequantized for every matmul"),
     "float8 without float8 hardware": (["fp8.enabled=true"], "fp8.enabled=true needs float8 matmuls, on an NVIDIA GPU of compute capability 8.9 or newer"),
+    "a mapping for a list": (["eval.sample_prompts={}"], "config key 'eval.sample_prompts' takes a list ([a, b]), not a mapping"),
+    # quantization-aware training
+    "qat scheme": (["qat.scheme=int3"], "qat.scheme='int3' is not one of: none, int8_dynact_int4_weight"),
+    "qat over a 4-bit base": (["qat.scheme=int4_weight_only", "adapters.kind=lora", "adapters.quantize_base=nf4"],
+                              "qat.scheme=int4_weight_only over adapters.quantize_base=nf4: the base is already stored in 4 bits"),
+    "qat with float8 training": (["qat.scheme=float8", "fp8.enabled=true", "fp8.emulate=true"],
+                                 "qat.scheme=float8 with fp8.enabled=true: both decide how the same linear layers multiply"),
+    "qat group not dividing": (["qat.scheme=int8_dynact_int4_weight", "qat.group_size=48"],
+                               "qat.group_size=48 does not divide layers.0.attention.wq's 128 input features"),
+    "qat group of one": (["qat.scheme=int4_weight_only", "qat.group_size=1"], "qat.group_size=1 must be at least 2"),
+    "qat start negative": (["qat.scheme=float8", "qat.start_step=-1"], "qat.start_step=-1 must be 0"),
     # validation
     "eval without held-out data": (["eval.every=5"], "eval.every=5 needs held-out data: set eval.source"),
     "eval source and fraction": (["eval.source={txt}", "eval.split_fraction=0.1"], "are two ways to get held-out data: give one of them"),

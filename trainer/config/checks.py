@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trainer.config.schema import (
     CHOICES, AdaptersConfig, Config, DataConfig, DistillConfig, EvalConfig, ExportConfig, Float8Config, JobConfig,
-    LRSchedulerConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig,
+    LRSchedulerConfig, ModelConfig, OptimizerConfig, ParallelConfig, QATConfig, TrainingConfig,
 )
 from trainer.errors import ConfigError
 
@@ -57,6 +57,7 @@ def check_choices(cfg: Config) -> None:
         _require(_finite(peak) and peak > 0, "metrics.peak_tflops", peak,
                  "must be a positive number of TFLOP/s per device (or null to look it up / measure it)")
     _check_adapters(cfg.adapters, cfg.parallel, cfg.export)
+    _check_qat(cfg.qat, fp8_enabled=cfg.fp8.enabled, quantize_base=cfg.adapters.quantize_base)
     _check_fp8(cfg.fp8, cfg.adapters)
     _require(not (cfg.optimizer.offload == "cpu" and cfg.parallel.cpu_offload), "optimizer.offload", "cpu",
              "is already part of parallel.cpu_offload=true (FSDP keeps parameters, gradients and the optimizer on "
@@ -199,6 +200,21 @@ def _check_adapters(a: AdaptersConfig, parallel: ParallelConfig, export: ExportC
         )
     elif export.peft:
         raise ConfigError("export.peft writes an adapter: set adapters.kind to lora or dora (or use export.hf)")
+
+
+def _check_qat(q: QATConfig, *, fp8_enabled: bool, quantize_base: str) -> None:
+    if q.scheme == "none":
+        return
+    if fp8_enabled:
+        raise ConfigError(f"qat.scheme={q.scheme} with fp8.enabled=true: both decide how the same linear layers "
+                          f"multiply; train with one of them (float8 training's rowwise recipe already computes as "
+                          f"W8A8 float8 serving does: fp8.recipe=rowwise)")
+    if quantize_base != "none":
+        raise ConfigError(f"qat.scheme={q.scheme} over adapters.quantize_base={quantize_base}: the base is already "
+                          f"stored in 4 bits, with its own rounding; QAT would round it a second time. Set "
+                          f"adapters.quantize_base=none (QAT + LoRA over a bf16 base) or qat.scheme=none")
+    _require(q.group_size >= 2, "qat.group_size", q.group_size, "must be at least 2 (input features that share one scale; 32 or 128 are usual)")
+    _require(q.start_step >= 0, "qat.start_step", q.start_step, "must be 0 (round from the first step) or more")
 
 
 def _check_paths(job: JobConfig, d: DataConfig) -> None:

@@ -9,7 +9,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config.checks import ConfigError, check_choices
@@ -40,9 +40,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    except TypeError:  # OmegaConf's own, for a mapping given where a list belongs (or the reverse)
+        raise ConfigError(_container_mismatch(schema, layers)) from None
     _words_read_as_booleans(cfg)
     check_choices(cfg)
     return cfg
+
+
+def _container_mismatch(schema, layers) -> str:
+    """Names the key whose value is a mapping where the schema has a list, or a list where it has a mapping."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            want = OmegaConf.select(schema, dotted, throw_on_missing=False)
+            if isinstance(value, dict) and isinstance(want, ListConfig):
+                return f"config key '{dotted}' takes a list ([a, b]), not a mapping"
+            if isinstance(value, list) and isinstance(want, DictConfig):
+                return f"config key '{dotted}' takes a mapping (key: value), not a list"
+            if isinstance(value, dict) and isinstance(want, DictConfig):
+                found = walk(value, f"{dotted}.")
+                if found:
+                    return found
+        return None
+
+    for layer in layers:
+        found = walk(OmegaConf.to_container(layer), "")
+        if found:
+            return found
+    return "a config key holds a mapping where a list belongs, or a list where a mapping belongs"
 
 
 def _words_read_as_booleans(cfg: Config) -> None:

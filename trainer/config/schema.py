@@ -27,8 +27,9 @@ class ModelConfig:
     flavor: str | None = None
     # Weights to start from: a Hugging Face directory (config.json + safetensors) or a llama2.c .bin.
     init_from: str | None = None
-    # The model converters, in the order they apply (trainer/converters): float8, adapters. Empty: those
-    # their sections turn on (fp8.enabled, adapters.kind), in that order; a stated list is checked against them.
+    # The model converters, in the order they apply (trainer/converters): float8, qat, adapters. Empty: those
+    # their sections turn on (fp8.enabled, qat.scheme, adapters.kind), in that order; a stated list is checked
+    # against them.
     converters: list[str] = field(default_factory=list)
     # Overrides of single fields of the flavor.
     dim: int | None = None
@@ -222,6 +223,25 @@ class AdaptersConfig:
 
 
 @dataclass
+class QATConfig:
+    """Quantization-aware training (trainer/qat/): the chosen layers compute with their weights (and, for
+    the W8A8 schemes, their inputs) rounded as the served model's will be, so that the weights learn to
+    sit well on that grid. Checkpoints hold the plain high-precision weights."""
+
+    # none; int8_dynact_int4_weight (int8 activations per token, int4 weights per group);
+    # int4_weight_only (W4A16); int8_dynact_int8_weight (W8A8 int8, weights per output row); float8
+    # (W8A8 float8 e4m3, activations per token, weights per row).
+    scheme: str = "none"
+    # Consecutive input features that share one scale, for the per-group schemes (int4 weights).
+    group_size: int = 32
+    # Train this many steps plainly first, then round from step start_step + 1 on.
+    start_step: int = 0
+    # Also round the output head / the token embeddings (their weights only) as the blocks' linear layers.
+    head: bool = False
+    embeddings: bool = False
+
+
+@dataclass
 class EvalConfig:
     """Validation during training: loss and perplexity on held-out documents, and a few samples."""
 
@@ -335,6 +355,7 @@ class Config:
     compile: CompileConfig = field(default_factory=CompileConfig)
     fp8: Float8Config = field(default_factory=Float8Config)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -363,6 +384,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapters.quantize_base": ("none", "nf4", "bnb_nf4", "hqq"),
     "activation_checkpoint.mode": ("none", "full", "selective_layer", "selective_op"),
     "adapters.kind": ("none", "lora", "dora"),
+    "qat.scheme": ("none", "int8_dynact_int4_weight", "int4_weight_only", "int8_dynact_int8_weight", "float8"),
     "fp8.recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
     "distill.loss": ("forward", "reverse"),
     "training.chunked_loss": ("auto", "always", "never"),

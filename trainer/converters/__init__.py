@@ -6,11 +6,12 @@ from trainer.config import Config, ConfigError
 from trainer.converters.adapters import AdapterConverter
 from trainer.converters.base import ConverterInfo, MemoryEstimate, MemoryShape, ModelConverter
 from trainer.converters.float8 import Float8Converter
+from trainer.converters.qat import QATConverter
 
 # name -> converter, in the order they apply when the config implies the list.
-REGISTRY: dict[str, type[ModelConverter]] = {c.name: c for c in (Float8Converter, AdapterConverter)}
+REGISTRY: dict[str, type[ModelConverter]] = {c.name: c for c in (Float8Converter, QATConverter, AdapterConverter)}
 # What turns each on, for the messages.
-_SWITCHES = {"float8": "fp8.enabled=true", "adapters": "adapters.kind=lora or dora"}
+_SWITCHES = {"float8": "fp8.enabled=true", "qat": "qat.scheme", "adapters": "adapters.kind=lora or dora"}
 
 
 def build_converters(cfg: Config) -> list[ModelConverter]:

@@ -23,8 +23,8 @@ from trainer.weights.hf_export import export_hf
 
 class AdapterConverter(ModelConverter):
     name = "adapters"
-    # Adapters wrap what float8 (or, later, QAT) left.
-    after = ("float8",)
+    # Adapters wrap what float8 or QAT left.
+    after = ("float8", "qat")
     # The frozen base comes from model.init_from (or the seeded init) at every start.
     checkpoints_trainable_only = True
 

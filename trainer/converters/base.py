@@ -1,7 +1,7 @@
 """The converter protocol: a model transform the config chooses by name (torchtitan's model converters).
 
 A converter swaps modules of the model in place on the meta device, before the pipeline split and
-parallelization, keeping the base's parameter names. Its six hooks each have a do-nothing default, so a
+parallelization, keeping the base's parameter names. Its seven hooks each have a do-nothing default, so a
 converter states only what it needs. Answers about the converted model are small dataclasses:
 
 - ConverterInfo, from info(): combined over the converters in their order by ConverterInfo.combine
@@ -108,6 +108,9 @@ class ModelConverter:
     # Its checkpoints hold only the trainable parameters: the rest is rebuilt the same way at every start
     # (and by anything that reads a checkpoint of the run: exports, generation).
     checkpoints_trainable_only: ClassVar[bool] = False
+    # A model read back from its checkpoints (generation, evaluation of a run) is converted again: its
+    # forward is not the plain model's (QAT rounds), though its checkpoints hold plain weights.
+    reapplied_on_load: ClassVar[bool] = False
 
     def convert(self, meta: nn.Module, dims: ParallelDims) -> None:
         """Swaps modules in place, on the meta device; raises ConfigError first for what it cannot do with
@@ -126,6 +129,10 @@ class ModelConverter:
         """Runs on every rank after each optimizer step that was taken, and once before the first step,
         when the weights are in place (built, and restored if resuming): whatever it derives from the
         weights is then the same in a resumed run as in an uninterrupted one."""
+
+    def before_step(self, parts: list[nn.Module], step: int) -> None:
+        """Runs on every rank before training step `step` (1-based: the first step of a run is 1, of a run
+        resumed from step N is N + 1): for what switches on at a step (QAT's start_step)."""
 
     def memory(self, shape: MemoryShape, estimate: MemoryEstimate) -> MemoryEstimate:
         """For the dry run: the per-rank estimate with this converter's effect."""

@@ -1,0 +1,136 @@
+"""Quantization-aware training (trainer/qat/): the fake-quantized forward against torchao's own fake
+quantizers, which layers round and why the others stay, the start-step switch, QAT under LoRA, and the
+model a run's checkpoint reads back as."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common.linear import product_of
+from trainer.build import build_whole_model
+from trainer.config import load_config
+from trainer.converters import build_converters
+from trainer.plan import make_plan
+from trainer.qat.layers import QATEmbedding, QATLinear, QATProduct, set_fake_quant
+from trainer.qat.schemes import SCHEMES, fake_activations, fake_weight
+
+pytest.importorskip("torchao")
+from torchao.quantization import PerRow, quantize_  # noqa: E402
+from torchao.quantization.qat import Float8FakeQuantizeConfig, IntxFakeQuantizeConfig, QATConfig  # noqa: E402
+
+GROUP = 32
+
+
+def _torchao_configs(scheme: str):
+    """(activation, weight) fake-quantize configs of torchao for each scheme: its post-training configs'
+    own QAT counterparts (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig,
+    Float8DynamicActivationFloat8WeightConfig with PerRow), with the int4 group scales in bfloat16 as ours."""
+    act8 = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    w4 = IntxFakeQuantizeConfig(torch.int4, group_size=GROUP, is_symmetric=True, scale_precision=torch.bfloat16)
+    return {
+        "int8_dynact_int4_weight": (act8, w4),
+        "int4_weight_only": (None, w4),
+        "int8_dynact_int8_weight": (act8, IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)),
+        "float8": (Float8FakeQuantizeConfig(granularity=PerRow()), Float8FakeQuantizeConfig(granularity=PerRow())),
+    }[scheme]
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_fake_quantized_linear_equals_torchao(scheme):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96, bias=False)
+    linear.weight.data[3, :GROUP] = 0.0  # a group of zeros: the scale's floor, not 0/0
+    reference = nn.Sequential(copy.deepcopy(linear))
+    activations, weights = _torchao_configs(scheme)
+    quantize_(reference, QATConfig(activation_config=activations, weight_config=weights, step="prepare"),
+              filter_fn=lambda m, _: isinstance(m, nn.Linear))
+    assert type(reference[0]).__name__ == "FakeQuantizedLinear"
+    x = (torch.randn(2, 7, 256) * torch.linspace(0.1, 4, 256)).requires_grad_()  # features of unlike sizes
+    x_ref = x.detach().clone().requires_grad_()
+    ours = F.linear(fake_activations(x, SCHEMES[scheme]), fake_weight(linear.weight, SCHEMES[scheme], GROUP))
+    theirs = reference(x_ref)
+    print(f"\nQAT {scheme}: max |ours - torchao| = {(ours - theirs).abs().max().item():.1e}")
+    assert (ours - theirs).abs().max() <= 1e-6
+    assert (ours - F.linear(x, linear.weight)).abs().max() > 1e-3  # and it does round
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    if scheme != "float8":  # the same straight-through gradients (float8: see trainer/qat/schemes.py)
+        torch.testing.assert_close(linear.weight.grad, reference[0].weight.grad, rtol=0, atol=1e-5)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-5)
+
+
+def test_weights_land_on_the_grid():
+    """Each rounded weight is an integer code in range times its group's (or row's) scale."""
+    from trainer.qat.schemes import weight_scale
+
+    w = torch.randn(8, 64)
+    for name, scheme in SCHEMES.items():
+        if scheme.weight == "float8":
+            continue
+        scale = weight_scale(w, scheme, GROUP).float()
+        groups = fake_weight(w, scheme, GROUP).reshape(8, scale.shape[1], -1)
+        codes = groups / scale.unsqueeze(-1)
+        low, high = (-8, 7) if scheme.weight == "int4" else (-128, 127)
+        assert (codes - codes.round()).abs().max() < 1e-4 and codes.min() >= low - 1e-4 and codes.max() <= high + 1e-4, name
+
+
+def _debug_plan(*overrides: str):
+    cfg = load_config("configs/debug.yaml", list(overrides))
+    return cfg, make_plan(cfg, 1)
+
+
+def test_which_layers_round_and_why_the_others_stay():
+    _, plan = _debug_plan("qat.scheme=int8_dynact_int4_weight")
+    model = plan.meta
+    linears = {n for n, m in model.named_modules() if isinstance(m, QATLinear)}
+    assert len(linears) == 28 and all(n.startswith("layers.") for n in linears)
+    assert type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding
+    lines = plan.info.start_lines
+    assert lines[0].startswith("qat (int8_dynact_int4_weight: int8 activations per token") and "groups of 32" in lines[0]
+    assert "28 layers fake-quantized from the first step" in lines[0]
+    assert any("output: the output head (qat.head=false)" in line for line in lines)
+
+    _, plan = _debug_plan("qat.scheme=float8", "qat.head=true", "qat.embeddings=true", "qat.start_step=10")
+    assert isinstance(plan.meta.output, QATLinear) and isinstance(plan.meta.tok_embeddings, QATEmbedding)
+    assert "30 layers fake-quantized from step 11" in plan.info.start_lines[0]
+    assert not plan.chunked_loss  # the chunked loss would multiply by the head's weight itself
+
+
+def test_start_step_switches_rounding_and_off_is_the_plain_model():
+    """Weights only (int4 per group, the head and embeddings too): rounding on is exactly the plain model
+    whose weights were rounded beforehand, off is the plain model."""
+    cfg, plan = _debug_plan("qat.scheme=int4_weight_only", "qat.head=true", "qat.embeddings=true", "qat.start_step=3")
+    converters = build_converters(cfg)
+    model = build_whole_model(plan.model_args, converters, init_from=None, seed=0)
+    plain = build_whole_model(plan.model_args, [], init_from=None, seed=0)
+    rounded = copy.deepcopy(plain)
+    for m in rounded.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.data = fake_weight(m.weight.data, SCHEMES["int4_weight_only"], GROUP)
+    tokens = torch.randint(0, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for step, oracle in ((1, plain), (3, plain), (4, rounded)):
+            for converter in converters:
+                converter.before_step([model], step)
+            assert torch.equal(model(tokens), oracle(tokens)), step
+
+
+def test_lora_over_a_qat_base_rounds_the_frozen_product_only():
+    cfg, plan = _debug_plan("qat.scheme=int8_dynact_int4_weight", "adapters.kind=lora", "adapters.rank=4")
+    assert [c.name for c in build_converters(cfg)] == ["qat", "adapters"]
+    layer = plan.meta.layers["0"].attention.wq
+    assert type(layer).__name__ == "LoRALinear" and isinstance(product_of(layer), QATProduct)
+    model = build_whole_model(plan.model_args, build_converters(cfg), init_from=None, seed=0)
+    layer = model.layers["0"].attention.wq
+    torch.nn.init.normal_(layer.lora_b, std=0.02)
+    x = torch.randn(3, 128)
+    scheme = SCHEMES["int8_dynact_int4_weight"]
+    by_hand = (F.linear(fake_activations(x, scheme), fake_weight(layer.weight, scheme, GROUP))
+               + layer.scale * F.linear(F.linear(x, layer.lora_a), layer.lora_b))
+    torch.testing.assert_close(layer(x), by_hand, rtol=0, atol=1e-6)
+    set_fake_quant(model, False)  # the switch reaches the product the adapter layer took over
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight) + layer.scale * F.linear(F.linear(x, layer.lora_a), layer.lora_b),
+                               rtol=0, atol=1e-6)

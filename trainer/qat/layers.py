@@ -1,0 +1,83 @@
+"""The fake-quantized layers QAT swaps in, and which layers it swaps.
+
+QATLinear and QATEmbedding are nn.Linear / nn.Embedding with the same parameters under the same names, so
+checkpoints hold plain high-precision weights (a run with QAT off resumes them, and exports read them as
+any other); only the forward rounds, through trainer/qat/schemes.py. set_fake_quant switches the
+rounding (qat.start_step); off, a layer is exactly its plain self.
+
+Adapters wrap what QAT leaves (model.converters order): the frozen product of a LoRA / DoRA layer over a
+QATLinear is fake-quantized through the product seam (models/common/linear.py), the adapters' own small
+matmuls stay in high precision, as QAT + LoRA recipes do.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common.linear import product_of, set_product
+from trainer.qat.schemes import Scheme, fake_activations, fake_weight
+
+
+class QATProduct:
+    """x @ W.T with the scheme's rounding of both while `on`. It holds the switch, so that an adapter layer
+    that took the product over from the layer it replaced follows it too."""
+
+    def __init__(self, scheme: Scheme, group_size: int):
+        self.scheme, self.group_size, self.on = scheme, group_size, True
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            return F.linear(x, weight)
+        return F.linear(fake_activations(x, self.scheme), fake_weight(weight, self.scheme, self.group_size))
+
+    def __repr__(self) -> str:
+        return f"fake-quantized {self.scheme.name}"
+
+
+class QATLinear(nn.Linear):
+    @classmethod
+    def swap(cls, layer: nn.Linear, scheme: Scheme, group_size: int) -> "QATLinear":
+        layer.__class__ = cls  # same parameters, same names, same TP styles (an nn.Linear)
+        set_product(layer, QATProduct(scheme, group_size))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = product_of(self)(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {product_of(self)}"
+
+
+class QATEmbedding(nn.Embedding):
+    """Weight-only: a lookup has no activations to round. Each row is grouped as a linear layer's is."""
+
+    scheme: Scheme
+    group_size: int
+    fake_quant: bool
+
+    @classmethod
+    def swap(cls, layer: nn.Embedding, scheme: Scheme, group_size: int) -> "QATEmbedding":
+        layer.__class__ = cls
+        layer.scheme, layer.group_size, layer.fake_quant = scheme, group_size, True
+        return layer
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = fake_weight(self.weight, self.scheme, self.group_size) if self.fake_quant else self.weight
+        return F.embedding(tokens, weight)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, qat={self.scheme.name}"
+
+
+def qat_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that round: QAT's own, and adapter layers computing their frozen product through QAT."""
+    return [m for m in model.modules() if isinstance(product_of(m), QATProduct) or isinstance(m, QATEmbedding)]
+
+
+def set_fake_quant(model: nn.Module, on: bool) -> None:
+    for layer in qat_layers(model):
+        if isinstance(layer, QATEmbedding):
+            layer.fake_quant = on
+        else:
+            product_of(layer).on = on
