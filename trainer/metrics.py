@@ -203,22 +203,30 @@ class MetricsLogger:
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
 
-    def log_eval(self, step: int, *, loss: float, tokens: int, seconds: float, samples: list[tuple[str, str]]) -> None:
-        """A validation's line, its TensorBoard scalars, and its samples (console and TensorBoard text)."""
+    def log_eval(self, step: int, *, loss: float, tokens: int, seconds: float, samples: list[tuple[str, str]],
+                 variants: dict[str, float] | None = None) -> None:
+        """A validation's line, its TensorBoard scalars, and its samples (console and TensorBoard text).
+        `variants`: the held-out loss of the model computed another way (rounded as a quantized export,
+        or in high precision), by label."""
         if not self.is_main:
             return
+        variants = variants or {}
         ppl = math.exp(loss) if loss < 80 else float("inf")
         if self.progress:
             print("\r" + " " * 80 + "\r", end="")
-        print(f"eval {step:>6} | loss {loss:8.4f} | perplexity {ppl:10.3f} | tokens {tokens_label(tokens)} | "
+        others = "".join(f" | {label} {value:.4f} ({math.exp(min(value, 80)):.3f})" for label, value in variants.items())
+        print(f"eval {step:>6} | loss {loss:8.4f} | perplexity {ppl:10.3f}{others} | tokens {tokens_label(tokens)} | "
               f"{seconds:.1f} s", flush=True)
         for prompt, text in samples:
             print(f"sample {step:>6} | {prompt!r} -> {text!r}", flush=True)
         self.record.write("eval", step, loss=loss, perplexity=ppl, tokens=tokens, seconds=seconds,
-                          samples=[list(s) for s in samples])
+                          samples=[list(s) for s in samples], **{f"loss_{k}": v for k, v in variants.items()})
         if self.writer is not None:
             self.writer.add_scalar("eval/loss", loss, step)
             self.writer.add_scalar("eval/perplexity", ppl, step)
+            for label, value in variants.items():
+                self.writer.add_scalar(f"eval/loss_{label}", value, step)
+                self.writer.add_scalar(f"eval/perplexity_{label}", math.exp(min(value, 80)), step)
             for i, (prompt, text) in enumerate(samples):
                 self.writer.add_text(f"eval/sample_{i}", f"**{prompt}**{text}", step)
             self.writer.flush()

@@ -39,6 +39,8 @@ from trainer.plan import Plan, load_data
 from trainer.precision import Precision
 from trainer.preemption import MARKER, Preempted, PreemptionWatch
 from trainer.profiling import StepProfiler
+from trainer.qat.export import FORMATS, rounded_as
+from trainer.qat.layers import qat_layers
 from trainer.run_record import RunRecord
 from trainer.start_report import fast_flops, start_lines
 from trainer.step_phases import StepPhases
@@ -206,9 +208,9 @@ class Trainer:
         self.checkpointer.wait()
         self.loader.close()
         self.metrics.close()
-        if self.cfg.export.hf or self.cfg.export.peft:
+        if self.cfg.export.hf or self.cfg.export.peft or self.cfg.export.quantized:
             export_run(self.plan, self.model_parts, pipelined=self.schedule is not None, step=self.step,
-                       is_main=self.runtime.is_main)
+                       is_main=self.runtime.is_main, compute_dtype=self.precision.param_dtype)
 
     def _step_and_log(self) -> tuple[float, float]:
         """The next batches, one optimizer step over them, the counters and the step's log line."""
@@ -337,10 +339,29 @@ class Trainer:
     @torch.no_grad()
     def _validate(self) -> None:
         """The held-out loss per label token over every rank's validation batches, through the same
-        forward as training (no gradients, no dropout), then the samples."""
+        forward as training (no gradients, no dropout); the same of the model rounded as each of
+        eval.quantized's exports would serve it, and of a QAT run's model with its rounding off; then the
+        samples."""
         start = time.perf_counter()
         for part in self.model_parts:
             part.eval()
+        loss, count = self._held_out_loss()
+        variants = {}
+        qat = any(qat_layers(part) for part in self.model_parts)
+        for label, fmt in ([("high_precision", None)] if qat else []) + [(n, FORMATS[n]) for n in self.cfg.eval.quantized]:
+            with rounded_as(self.model_parts, fmt, self.cfg.qat):
+                variants[label] = self._held_out_loss()[0]
+        samples = []
+        if (self.validation.cfg.sample_prompts and self.schedule is None and self.dims.tp == 1 and self.dims.cp == 1
+                and not self.cfg.compile.enabled):
+            samples = self.validation.samples(self.model_parts[0])
+        for part in self.model_parts:
+            part.train()
+        self.metrics.log_eval(self.step, loss=loss, tokens=int(count), seconds=time.perf_counter() - start, samples=samples,
+                              variants=variants)
+
+    def _held_out_loss(self) -> tuple[float, float]:
+        """(loss per label token, label tokens) of the validation batches, over every rank."""
         loss_fn = self.loss_fn.plain()
         loss_fn.start(scale=1.0, device=self.runtime.device)
         tokens = 0
@@ -348,14 +369,7 @@ class Trainer:
             tokens += int(TokenLoss.count(batch.labels))
             self.forward_backward(batch, loss_fn, backward=False)
         count = self._sum(torch.tensor(float(tokens)), over_pp=False).item()
-        loss = self._sum(loss_fn.summed, over_pp=True, over_cp=True).item() / count
-        samples = []
-        if (self.validation.cfg.sample_prompts and self.schedule is None and self.dims.tp == 1 and self.dims.cp == 1
-                and not self.cfg.compile.enabled):
-            samples = self.validation.samples(self.model_parts[0])
-        for part in self.model_parts:
-            part.train()
-        self.metrics.log_eval(self.step, loss=loss, tokens=int(count), seconds=time.perf_counter() - start, samples=samples)
+        return self._sum(loss_fn.summed, over_pp=True, over_cp=True).item() / count, count
 
     def _sum(self, value: torch.Tensor, over_pp: bool, over_cp: bool = False) -> torch.Tensor:
         """Sums over the data-parallel ranks, and over the pipeline or context-parallel ranks where each

@@ -21,13 +21,9 @@ another order too, but reached no boundary in these steps).
 """
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from tests.helpers import document_attention, layout_runner, run_train, tensorboard_scalars
+from tests.helpers import document_attention, held_out_loss, layout_runner, run_train, tensorboard_scalars
 from trainer.config import load_config
-from trainer.data import PackedLoader, load_documents
-from trainer.data.held_out import training_and_eval_documents
 from trainer.generate import load_for_generation
 
 STEPS = 4
@@ -89,22 +85,12 @@ def references(tmp_path_factory):
 def _check_eval_loss(out, dp: int) -> None:
     """eval/loss equals the mean cross-entropy of the final weights over the held-out windows the run
     validated on: the first eval.steps x dp x local_batch_size windows of the held-out stream."""
-    cfg = load_config(out / "config.yaml")
-    model, tokenizer = load_for_generation(out)  # the last checkpoint: step 4, the weights validated
-    _, held_out = training_and_eval_documents(cfg.data, cfg.eval, load_documents)
-    loader = PackedLoader(held_out, tokenizer, cfg.data, cfg.training.seq_len, dp * cfg.training.local_batch_size,
-                          dp_rank=0, dp_size=1, seed=cfg.job.seed)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for _ in range(cfg.eval.steps):
-            inputs, labels, documents = loader.next_batch()
-            logits = model(inputs, documents=documents if cfg.data.attention == "document" else None).float()
-            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
-            count += int((labels >= 0).sum())
+    model, _ = load_for_generation(out)  # the last checkpoint: step 4, the weights validated
+    separate = held_out_loss(out, model, dp)
     logged = tensorboard_scalars(out, "eval/loss")
     assert list(logged) == [STEPS]
-    print(f"EVAL dp={dp}: logged {logged[STEPS]:.7f}, separate forward {total / count:.7f}")
-    assert abs(logged[STEPS] - total / count) < 1e-6
+    print(f"EVAL dp={dp}: logged {logged[STEPS]:.7f}, separate forward {separate:.7f}")
+    assert abs(logged[STEPS] - separate) < 1e-6
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ CASES = {
     "float8 over a 4-bit base": (["fp8.enabled=true", "fp8.emulate=true", "adapters.kind=lora", "adapters.quantize_base=nf4"],
                                  "fp8.enabled=true with adapters.quantize_base=nf4: a 4-bit base is dequantized for every matmul"),
     "float8 without float8 hardware": (["fp8.enabled=true"], "fp8.enabled=true needs float8 matmuls, on an NVIDIA GPU of compute capability 8.9 or newer"),
-    "a mapping for a list": (["eval.sample_prompts={}"], "config key 'eval.sample_prompts' takes a list ([a, b]), not a mapping"),
+    "a mapping for a list": (["eval.sample_prompts={{}}"], "config key 'eval.sample_prompts' takes a list ([a, b]), not a mapping"),
     # quantization-aware training
     "qat scheme": (["qat.scheme=int3"], "qat.scheme='int3' is not one of: none, int8_dynact_int4_weight"),
     "qat over a 4-bit base": (["qat.scheme=int4_weight_only", "adapters.kind=lora", "adapters.quantize_base=nf4"],
@@ -144,6 +144,11 @@ CASES = {
                                "qat.group_size=48 does not divide layers.0.attention.wq's 128 input features"),
     "qat group of one": (["qat.scheme=int4_weight_only", "qat.group_size=1"], "qat.group_size=1 must be at least 2"),
     "qat start negative": (["qat.scheme=float8", "qat.start_step=-1"], "qat.start_step=-1 must be 0"),
+    "quantized export name": (["export.quantized=[w4a8]"], "export.quantized: 'w4a8' is not a quantized export (one of: w4a16"),
+    "quantized export twice": (["export.quantized=[w4a16,w4a16]"], "export.quantized=['w4a16', 'w4a16'] names an export twice"),
+    "quantized eval without validation": (["eval.quantized=[w4a16]"], "eval.quantized=['w4a16'] evaluates at each validation, and eval.every=0"),
+    "quantized eval with adapters": (["adapters.kind=lora", "eval.every=5", "eval.split_fraction=0.1", "eval.quantized=[w8a8_fp8]"],
+                                     "eval.quantized with adapters.kind=lora: the exports quantize the merged weights"),
     # validation
     "eval without held-out data": (["eval.every=5"], "eval.every=5 needs held-out data: set eval.source"),
     "eval source and fraction": (["eval.source={txt}", "eval.split_fraction=0.1"], "are two ways to get held-out data: give one of them"),
@@ -378,6 +383,9 @@ COMMAND_CASES = {
     "export: out inside the checkpoints": ("trainer.export", ["{run}", "{run}/checkpoints/step-2/hf"], "where checkpoints live"),
     "export: peft of a full run": ("trainer.export", ["{run}", "{tmp}/e6", "--peft"], "is not an adapter run's checkpoint"),
     "export: dtype": ("trainer.export", ["{run}", "{tmp}/e7", "--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    "export: peft and quantized": ("trainer.export", ["{run}", "{tmp}/e8", "--peft", "--quantized", "w4a16"],
+                                   "--peft and --quantized write different exports: give one of them"),
+    "export: quantized name": ("trainer.export", ["{run}", "{tmp}/e9", "--quantized", "w2a16"], "argument --quantized: invalid choice: 'w2a16'"),
     # python -m launch
     "launch: no command": ("launch", [], "the following arguments are required: command"),
     "launch: unknown command": ("launch", ["remote"], "argument command: invalid choice: 'remote'"),

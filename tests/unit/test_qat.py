@@ -134,3 +134,24 @@ def test_lora_over_a_qat_base_rounds_the_frozen_product_only():
     set_fake_quant(model, False)  # the switch reaches the product the adapter layer took over
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight) + layer.scale * F.linear(F.linear(x, layer.lora_a), layer.lora_b),
                                rtol=0, atol=1e-6)
+
+
+def test_a_quantized_checkpoint_of_another_scheme_is_refused_by_name(tmp_path):
+    """We read back the formats we write; any other compressed-tensors scheme (here asymmetric int4) is named,
+    with the way out, before a tensor is read."""
+    import json
+
+    from trainer.qat.export import FORMATS, format_of, quantization_config
+    from trainer.weights.errors import CheckpointError
+    from trainer.weights.load import load_model
+
+    ours = quantization_config(FORMATS["w4a16"], 128, ignore=["lm_head"])
+    assert format_of(ours) == (FORMATS["w4a16"], 128)
+    theirs = json.loads(json.dumps(ours))
+    theirs["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64,
+                                                      "quantization_config": theirs}))
+    with pytest.raises(CheckpointError, match=r"config.json: its quantization \(pack-quantized: .*'symmetric': False.* is not one of "
+                                              r"our quantized exports \(w4a16, w8a8_int8, w8a8_fp8\); load it with transformers"):
+        load_model(tmp_path)

@@ -58,6 +58,15 @@ def check_choices(cfg: Config) -> None:
                  "must be a positive number of TFLOP/s per device (or null to look it up / measure it)")
     _check_adapters(cfg.adapters, cfg.parallel, cfg.export)
     _check_qat(cfg.qat, fp8_enabled=cfg.fp8.enabled, quantize_base=cfg.adapters.quantize_base)
+    _check_quantized_exports(cfg.export.quantized, "export.quantized")
+    _check_quantized_exports(cfg.eval.quantized, "eval.quantized")
+    if cfg.eval.quantized and cfg.eval.every == 0:
+        raise ConfigError(f"eval.quantized={cfg.eval.quantized} evaluates at each validation, and eval.every=0 runs none: "
+                          f"set eval.every (and held-out data: eval.source or eval.split_fraction)")
+    if cfg.eval.quantized and cfg.adapters.kind != "none":
+        raise ConfigError(f"eval.quantized with adapters.kind={cfg.adapters.kind}: the exports quantize the merged "
+                          f"weights, which the run never holds; evaluate the export instead (python -m trainer.export "
+                          f"RUN OUT --quantized NAME, then model.init_from=OUT or python -m trainer.generate OUT)")
     _check_fp8(cfg.fp8, cfg.adapters)
     _require(not (cfg.optimizer.offload == "cpu" and cfg.parallel.cpu_offload), "optimizer.offload", "cpu",
              "is already part of parallel.cpu_offload=true (FSDP keeps parameters, gradients and the optimizer on "
@@ -200,6 +209,16 @@ def _check_adapters(a: AdaptersConfig, parallel: ParallelConfig, export: ExportC
         )
     elif export.peft:
         raise ConfigError("export.peft writes an adapter: set adapters.kind to lora or dora (or use export.hf)")
+
+
+def _check_quantized_exports(names: list[str], key: str) -> None:
+    from trainer.qat.export import FORMATS
+
+    for name in names:
+        if name not in FORMATS:
+            raise ConfigError(f"{key}: {name!r} is not a quantized export (one of: {', '.join(FORMATS)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}={names} names an export twice")
 
 
 def _check_qat(q: QATConfig, *, fp8_enabled: bool, quantize_base: str) -> None:

@@ -256,6 +256,10 @@ class EvalConfig:
     # Prompts continued greedily at each validation, to the console and TensorBoard (text).
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 48
+    # Also the held-out loss of the model as each of these quantized exports would serve it (export.quantized's
+    # names: w4a16, w8a8_int8, w8a8_fp8), logged as eval/loss_NAME. A QAT run, whose eval/loss is its rounded
+    # model's, also logs eval/loss_high_precision (its rounding off).
+    quantized: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -339,6 +343,10 @@ class ExportConfig:
     # belongs on as a Hugging Face checkpoint to output_dir/export/base.
     peft: bool = False
     dtype: str = "bfloat16"
+    # Quantized exports, each to output_dir/export/NAME in compressed-tensors' format (vLLM's; transformers
+    # loads it): w4a16 (int4 weights in groups of qat.group_size), w8a8_int8, w8a8_fp8. After a QAT run of
+    # the same weight scheme they hold the trained quantization; otherwise post-training quantization.
+    quantized: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -83,6 +83,9 @@ class AdapterConverter(ModelConverter):
         # shards the unit, since FSDP2 cannot change a parameter's dtype or type afterwards.
         finish_unit(pieces, cfg=self.cfg, shards=shards, seed=seed, frozen_dtype=frozen_dtype)
 
+    def export_tensors(self, model):
+        return merged_named_weights(model)
+
     def export(self, model, export_dir, *, dtype, token_ids) -> dict[Path, str]:
         written = {}
         if self.exports.peft:

@@ -1,7 +1,7 @@
 """The converter protocol: a model transform the config chooses by name (torchtitan's model converters).
 
 A converter swaps modules of the model in place on the meta device, before the pipeline split and
-parallelization, keeping the base's parameter names. Its seven hooks each have a do-nothing default, so a
+parallelization, keeping the base's parameter names. Its eight hooks each have a do-nothing default, so a
 converter states only what it needs. Answers about the converted model are small dataclasses:
 
 - ConverterInfo, from info(): combined over the converters in their order by ConverterInfo.combine
@@ -16,7 +16,7 @@ so one converter object serves every model built from a config (the plan's, a re
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -137,6 +137,11 @@ class ModelConverter:
     def memory(self, shape: MemoryShape, estimate: MemoryEstimate) -> MemoryEstimate:
         """For the dry run: the per-rank estimate with this converter's effect."""
         return estimate
+
+    def export_tensors(self, model: nn.Module) -> Iterable[tuple[str, torch.Tensor]] | None:
+        """The (name, whole tensor) pairs of the model's plain Hugging Face export (adapters: merged into
+        the base), for the exports derived from it (quantized); None: the model's own parameters."""
+        return None
 
     def export(self, model: nn.Module, export_dir: Path, *, dtype: torch.dtype, token_ids: dict) -> dict[Path, str] | None:
         """Writes this converter's exports and returns {directory: what it holds}; None leaves the model's

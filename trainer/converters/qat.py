@@ -8,26 +8,8 @@ from parallel.mesh import ParallelDims
 from trainer.config import Config, ConfigError
 from trainer.config.schema import QATConfig
 from trainer.converters.base import ConverterInfo, MemoryEstimate, MemoryShape, ModelConverter
-from trainer.qat.layers import QATEmbedding, QATLinear, qat_layers, set_fake_quant
+from trainer.qat.layers import QATEmbedding, QATLinear, chosen_layers, qat_layers, set_fake_quant
 from trainer.qat.schemes import SCHEMES
-
-
-def chosen_layers(model: nn.Module, cfg: QATConfig) -> dict[str, str | None]:
-    """name -> None for each linear layer / embedding that QAT rounds, or the reason it stays."""
-    chosen = {}
-    for name, module in model.named_modules():
-        if type(module) is nn.Embedding:
-            chosen[name] = None if cfg.embeddings else "the token embeddings (qat.embeddings=false)"
-        elif type(module) is not nn.Linear:
-            continue
-        elif not name.startswith("layers."):
-            chosen[name] = None if cfg.head else "the output head (qat.head=false)"
-        elif name.endswith(".router"):
-            # Its scores choose each token's experts; served routers stay in high precision too.
-            chosen[name] = "a mixture-of-experts router (its scores choose the experts)"
-        else:
-            chosen[name] = None
-    return chosen
 
 
 class QATConverter(ModelConverter):

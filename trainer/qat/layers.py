@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common.linear import product_of, set_product
+from trainer.config.schema import QATConfig
 from trainer.qat.schemes import Scheme, fake_activations, fake_weight
 
 
@@ -22,23 +23,28 @@ class QATProduct:
     """x @ W.T with the scheme's rounding of both while `on`. It holds the switch, so that an adapter layer
     that took the product over from the layer it replaced follows it too."""
 
-    def __init__(self, scheme: Scheme, group_size: int):
+    def __init__(self, scheme: Scheme, group_size: int, round_weights: bool = True):
         self.scheme, self.group_size, self.on = scheme, group_size, True
+        # False for weights read back from a quantized export: on the grid already (and rounding an
+        # int4 group again is not the identity: its largest value sits below the range).
+        self.round_weights = round_weights
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self.on:
             return F.linear(x, weight)
-        return F.linear(fake_activations(x, self.scheme), fake_weight(weight, self.scheme, self.group_size))
+        if self.round_weights:
+            weight = fake_weight(weight, self.scheme, self.group_size)
+        return F.linear(fake_activations(x, self.scheme), weight)
 
     def __repr__(self) -> str:
-        return f"fake-quantized {self.scheme.name}"
+        return f"fake-quantized {self.scheme.name}" + ("" if self.round_weights else " (inputs; weights stored quantized)")
 
 
 class QATLinear(nn.Linear):
     @classmethod
-    def swap(cls, layer: nn.Linear, scheme: Scheme, group_size: int) -> "QATLinear":
+    def swap(cls, layer: nn.Linear, scheme: Scheme, group_size: int, round_weights: bool = True) -> "QATLinear":
         layer.__class__ = cls  # same parameters, same names, same TP styles (an nn.Linear)
-        set_product(layer, QATProduct(scheme, group_size))
+        set_product(layer, QATProduct(scheme, group_size, round_weights))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +74,25 @@ class QATEmbedding(nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qat={self.scheme.name}"
+
+
+def chosen_layers(model: nn.Module, cfg: QATConfig) -> dict[str, str | None]:
+    """name -> None for each linear layer / embedding that QAT rounds, or the reason it stays (of a plain
+    model, or of one QAT converted)."""
+    chosen = {}
+    for name, module in model.named_modules():
+        if type(module) in (nn.Embedding, QATEmbedding):
+            chosen[name] = None if cfg.embeddings else "the token embeddings (qat.embeddings=false)"
+        elif type(module) not in (nn.Linear, QATLinear):
+            continue
+        elif not name.startswith("layers."):
+            chosen[name] = None if cfg.head else "the output head (qat.head=false)"
+        elif name.endswith(".router"):
+            # Its scores choose each token's experts; served routers stay in high precision too.
+            chosen[name] = "a mixture-of-experts router (its scores choose the experts)"
+        else:
+            chosen[name] = None
+    return chosen
 
 
 def qat_layers(model: nn.Module) -> list[nn.Module]:

@@ -2,7 +2,7 @@
 from the family's entry): config.json + safetensors, from a live model or from one of our checkpoints."""
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -15,16 +15,24 @@ from trainer.weights.dcp_import import DCPWeights, read_dcp_args
 from trainer.weights.files import readable
 
 
+# (our name, Hugging Face name, whole tensor) -> the entries to store instead, or None to store it as is.
+Quantize = Callable[[str, str, torch.Tensor], dict[str, torch.Tensor] | None]
+
+
 def write_hf(
     tensors: Iterable[tuple[str, torch.Tensor]], args: DecoderArgs, out_dir: Path, dtype: torch.dtype,
     max_shard_bytes: int = 5 * 2**30, bos_id: int | None = None, eos_id: int | None = None,
+    quantize: Quantize | None = None, quantization_config: dict | None = None,
 ) -> None:
     """Writes (our name, whole tensor) pairs as a Hugging Face checkpoint. Shards are written as soon as
     they fill (under temporary names, since the final names carry the shard count), so at most one
-    shard is held in CPU memory."""
+    shard is held in CPU memory. `quantize` and `quantization_config` make it a quantized checkpoint
+    (trainer/qat/export.py): the tensors it replaces, and the scheme in config.json."""
     out_dir = Path(out_dir)
     hf = family_of(args).hf
     config = hf.config(args, dtype=dtype, bos_id=bos_id, eos_id=eos_id)  # first: it refuses shapes HF cannot hold
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str], int]] = []
     shard: dict[str, torch.Tensor] = {}
@@ -39,12 +47,14 @@ def write_hf(
 
     for name, full in tensors:
         for hf_name, piece in hf.hf_tensors(name, full):
-            tensor = piece.to(device="cpu", dtype=dtype).contiguous()
-            nbytes = tensor.numel() * tensor.element_size()
-            if shard and shard_bytes + nbytes > max_shard_bytes:
-                flush()
-            shard[hf_name] = tensor
-            shard_bytes += nbytes
+            stored = quantize(name, hf_name, piece) if quantize is not None else None
+            for key, tensor in (stored or {hf_name: piece.to(dtype=dtype)}).items():
+                tensor = tensor.to(device="cpu").contiguous()
+                nbytes = tensor.numel() * tensor.element_size()
+                if shard and shard_bytes + nbytes > max_shard_bytes:
+                    flush()
+                shard[key] = tensor
+                shard_bytes += nbytes
     flush()
     count = len(written)
     weight_map = {}
@@ -75,11 +85,11 @@ def export_hf(
             pass
 
 
-def export_checkpoint_hf(path: Path, out_dir: Path, dtype: torch.dtype, bos_id=None, eos_id=None) -> None:
+def export_checkpoint_hf(path: Path, out_dir: Path, dtype: torch.dtype, bos_id=None, eos_id=None, **quantized) -> None:
     """From a checkpoint of plain weights in any layout (pipeline stages too), in one process: DCP
     assembles each parameter from the shards of whatever ranks wrote it, so memory holds one parameter
     plus one output shard, never the whole model."""
     args = read_dcp_args(path)
     shapes = {name: p.shape for name, p in build_meta_model(args).named_parameters()}
     weights = DCPWeights(path, args, shapes)
-    write_hf(((name, weights.get(name)) for name in shapes), args, out_dir, dtype, bos_id=bos_id, eos_id=eos_id)
+    write_hf(((name, weights.get(name)) for name in shapes), args, out_dir, dtype, bos_id=bos_id, eos_id=eos_id, **quantized)

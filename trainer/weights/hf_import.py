@@ -35,6 +35,19 @@ def read_hf_args(path: Path) -> DecoderArgs:
         raise CheckpointError(f"{config_file}: {e}") from None
 
 
+def _quantization(path: Path):
+    """(format, group size) of a quantized export of ours, None for a plain checkpoint."""
+    config = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if config is None:
+        return None
+    from trainer.qat.export import format_of
+
+    try:
+        return format_of(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -62,6 +75,9 @@ class HFWeights:
         known = self.names = set(shapes)
         hf = family_of(args).hf
         self.joined = hf.joined
+        # A quantized export (trainer/qat/export.py): its linear layers' weights are read dequantized, and
+        # `served` says which layers they are and how the served model rounds them.
+        self.format, self.group_size, self.served = _quantization(path), 0, []
         files: dict[str, Path] = {}  # every tensor of the checkpoint -> its file
         for file in _safetensors_files(path):
             try:
@@ -69,6 +85,21 @@ class HFWeights:
                     files.update(dict.fromkeys(handle.keys(), file))
             except Exception as e:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        stored = {}  # module -> {suffix: file} of a quantized layer
+        if self.format is not None:
+            self.format, self.group_size = self.format
+            quantized = {k.removesuffix(".weight_scale") for k in files if k.endswith(".weight_scale")}
+            for hf_name, file in files.items():
+                module, _, suffix = hf_name.rpartition(".")
+                if module in quantized:
+                    stored.setdefault(module, {})[suffix] = file
+            files = {k: f for k, f in files.items() if k.rpartition(".")[0] not in stored}
+            for module in stored:
+                name = hf.from_hf(f"{module}.weight")
+                if name not in known:
+                    raise CheckpointError(f"{path}: quantized layer {module} has no place in this model")
+                self.where[name] = ("quantized", module, stored[module])
+                self.served.append(name.removesuffix(".weight"))
         own_head = None
         for hf_name, file in files.items():
             if hf.joined is not None and hf.joined.claims(hf_name):
@@ -120,12 +151,20 @@ class HFWeights:
 
     def label(self, name: str) -> str:
         where = self.where[name]
+        if where[0] == "quantized":
+            return f"{self.path}: quantized layer {where[1]}"
         if isinstance(where, list):
             return f"{where[0][0]}: tensors {where[0][1]} .. {where[-1][1]}"
         return f"{where[0]}: tensor {where[1]}"
 
     def get(self, name: str) -> torch.Tensor:
         where = self.where[name]
+        if where[0] == "quantized":
+            from trainer.qat.export import dequantize_stored
+
+            _, module, files = where
+            tensors = {suffix: self._read(file, f"{module}.{suffix}") for suffix, file in files.items()}
+            return dequantize_stored(tensors, self.format, self.group_size)
         if isinstance(where, list):
             return self.joined.join(name, [self._read(file, hf_name) for file, hf_name in where])
         return self._read(*where)

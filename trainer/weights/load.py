@@ -55,9 +55,19 @@ def load_weights(model: Decoder, path: str | Path) -> None:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> Decoder:
-    """A whole model on one device from a checkpoint, in eval mode: for evaluation, examples and checks."""
+    """A whole model on one device from a checkpoint, in eval mode: for evaluation, examples and checks.
+    A quantized export of ours loads as the served model computes: its weights dequantized, its inputs
+    rounded where the scheme rounds them."""
     model = build_meta_model(read_checkpoint_args(path))
     model.to_empty(device=device)
     model.init_buffers()
-    load_weights(model, path)
+    if detect_format(path) != "hf":
+        load_weights(model, path)
+        return model.eval()
+    weights = open_weights(path, model.args, seed=0, shapes={name: p.shape for name, p in model.named_parameters()})
+    fill_from(model, weights)
+    if weights.format is not None:
+        from trainer.qat.export import serve_rounding
+
+        serve_rounding(model, weights.served, weights.format, weights.group_size)
     return model.eval()
