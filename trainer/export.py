@@ -26,13 +26,13 @@ from trainer.build import load_run_model
 from trainer.checkpoint.paths import checkpoint_root, latest_step_dir, step_dir
 from trainer.cli import Parser, run_command
 from trainer.config import Config, load_config
-from trainer.config.schema import TokenizerConfig
+from trainer.config.schema import QATConfig, TokenizerConfig
 from trainer.converters import ModelConverter, build_converters
+from trainer.converters.qat import QATConverter
 from trainer.errors import CheckpointError, UserError
 from trainer.plan import Plan
 from trainer.precision import Precision
 from trainer.qat.export import FORMATS, quantized_writing
-from trainer.qat.schemes import SCHEMES
 from trainer.tokenizer import build_tokenizer
 from trainer.tokenizer.export import export_tokenizer
 from trainer.weights.dcp_import import is_dcp_dir, read_dcp_args
@@ -52,7 +52,7 @@ def export_run(plan: Plan, parts: list[nn.Module], *, pipelined: bool, step: int
         if cfg.export.hf or cfg.export.peft:
             written = export_model(parts[0], output_dir / "export", converters, dtype=dtype, token_ids=ids)
         for name in cfg.export.quantized:
-            written.update(export_quantized(parts[0], plan.model_args, output_dir / "export" / name, converters, cfg,
+            written.update(export_quantized(parts[0], plan.model_args, output_dir / "export" / name, converters, cfg.qat,
                                             name, dtype=dtype, compute_dtype=compute_dtype, token_ids=ids))
     else:
         # Pipeline stages live on different ranks: rank 0 assembles the export from the final checkpoint,
@@ -65,7 +65,7 @@ def export_run(plan: Plan, parts: list[nn.Module], *, pipelined: bool, step: int
                 if cfg.export.hf or cfg.export.peft:
                     written = export_model(model, output_dir / "export", converters, dtype=dtype, token_ids=ids)
                 for name in cfg.export.quantized:
-                    written.update(export_quantized(model, plan.model_args, output_dir / "export" / name, converters, cfg,
+                    written.update(export_quantized(model, plan.model_args, output_dir / "export" / name, converters, cfg.qat,
                                                     name, dtype=dtype, compute_dtype=compute_dtype, token_ids=ids))
             else:
                 if cfg.export.hf:
@@ -75,29 +75,29 @@ def export_run(plan: Plan, parts: list[nn.Module], *, pipelined: bool, step: int
                 for name in cfg.export.quantized:
                     out = output_dir / "export" / name
                     export_checkpoint_hf(path, out, dtype, **ids, **quantized_writing(plan.model_args, cfg.qat, FORMATS[name], compute_dtype))
-                    written[out] = quantized_words(cfg, name)
+                    written[out] = quantized_words(cfg.qat.group_size, name, converters)
         dist.barrier()
     if is_main:
         announce(written, cfg.tokenizer, cfg.export.dtype)
 
 
-def quantized_words(cfg: Config, name: str) -> str:
-    """What a quantized export holds, for its console line: the trained quantization or PTQ."""
+def quantized_words(group_size: int, name: str, converters: list[ModelConverter]) -> str:
+    """What a quantized export holds, for its console line: the rounding QAT trained, or PTQ."""
     fmt = FORMATS[name]
-    trained = cfg.qat.scheme != "none" and SCHEMES[cfg.qat.scheme].weight == fmt.scheme.weight \
-        and SCHEMES[cfg.qat.scheme].per_group == fmt.scheme.per_group
-    group = f" of {cfg.qat.group_size}" if fmt.scheme.per_group else ""
-    how = f"the weights' rounding trained by QAT ({cfg.qat.scheme})" if trained else "post-training quantization"
+    rounding = next((c.scheme for c in converters if isinstance(c, QATConverter)), None)
+    trained = rounding is not None and (rounding.weight, rounding.per_group) == (fmt.scheme.weight, fmt.scheme.per_group)
+    group = f" of {group_size}" if fmt.scheme.per_group else ""
+    how = f"the weights' rounding trained by QAT ({rounding.name})" if trained else "post-training quantization"
     return f"{fmt.words}{group}, compressed-tensors, {how}"
 
 
-def export_quantized(model: nn.Module, args, out: Path, converters: list[ModelConverter], cfg: Config, name: str, *,
+def export_quantized(model: nn.Module, args, out: Path, converters: list[ModelConverter], qat: QATConfig, name: str, *,
                      dtype: torch.dtype, compute_dtype: torch.dtype, token_ids: dict) -> dict[Path, str]:
     """One quantized export of a live model (any layout without pipeline stages; every rank calls it)."""
     tensors = next((t for c in converters if (t := c.export_tensors(model)) is not None), None)
     export_hf(model, out, dtype=dtype, tensors=tensors, **token_ids,
-              **quantized_writing(args, cfg.qat, FORMATS[name], compute_dtype))
-    return {out: quantized_words(cfg, name)}
+              **quantized_writing(args, qat, FORMATS[name], compute_dtype))
+    return {out: quantized_words(qat.group_size, name, converters)}
 
 
 def export_model(model: nn.Module, export_dir: Path, converters: list[ModelConverter], *, dtype: torch.dtype,
@@ -202,10 +202,10 @@ def _export_checkpoint_quantized(step: Path, out: Path, cfg: Config | None, dtyp
     converters = build_converters(cfg)
     if any(c.checkpoints_trainable_only for c in converters):
         model = load_run_model(step)
-        export_quantized(model, model.args, out, converters, cfg, name, dtype=dtype, compute_dtype=writing_dtype, token_ids=ids)
+        export_quantized(model, model.args, out, converters, cfg.qat, name, dtype=dtype, compute_dtype=writing_dtype, token_ids=ids)
     else:
         export_checkpoint_hf(step, out, dtype, **ids, **quantized_writing(read_dcp_args(step), cfg.qat, FORMATS[name], writing_dtype))
-    return {out: f"{quantized_words(cfg, name)}, rounded from {compute_dtype} weights, from {step}"}, cfg.tokenizer
+    return {out: f"{quantized_words(cfg.qat.group_size, name, converters)}, rounded from {compute_dtype} weights, from {step}"}, cfg.tokenizer
 
 
 def main(argv: list[str]) -> int:

@@ -62,6 +62,13 @@ def test_fake_quantized_linear_equals_torchao(scheme):
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-5)
 
 
+def test_the_config_names_every_export():
+    from trainer.config.schema import QUANTIZED_EXPORTS
+    from trainer.qat.export import FORMATS
+
+    assert tuple(FORMATS) == QUANTIZED_EXPORTS
+
+
 def test_weights_land_on_the_grid():
     """Each rounded weight is an integer code in range times its group's (or row's) scale."""
     from trainer.qat.schemes import weight_scale

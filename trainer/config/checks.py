@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from trainer.config.schema import (
-    CHOICES, AdaptersConfig, Config, DataConfig, DistillConfig, EvalConfig, ExportConfig, Float8Config, JobConfig,
+    CHOICES, QUANTIZED_EXPORTS, AdaptersConfig, Config, DataConfig, DistillConfig, EvalConfig, ExportConfig, Float8Config, JobConfig,
     LRSchedulerConfig, ModelConfig, OptimizerConfig, ParallelConfig, QATConfig, TrainingConfig,
 )
 from trainer.errors import ConfigError
@@ -212,11 +212,9 @@ def _check_adapters(a: AdaptersConfig, parallel: ParallelConfig, export: ExportC
 
 
 def _check_quantized_exports(names: list[str], key: str) -> None:
-    from trainer.qat.export import FORMATS
-
     for name in names:
-        if name not in FORMATS:
-            raise ConfigError(f"{key}: {name!r} is not a quantized export (one of: {', '.join(FORMATS)})")
+        if name not in QUANTIZED_EXPORTS:
+            raise ConfigError(f"{key}: {name!r} is not a quantized export (one of: {', '.join(QUANTIZED_EXPORTS)})")
     if len(set(names)) != len(names):
         raise ConfigError(f"{key}={names} names an export twice")
 

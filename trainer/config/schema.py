@@ -372,6 +372,10 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+# The quantized exports by name (trainer/qat/export.py's FORMATS, kept equal by a test): export.quantized and
+# eval.quantized take them.
+QUANTIZED_EXPORTS = ("w4a16", "w8a8_int8", "w8a8_fp8")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer.kind": ("auto", "byte", "hf", "sentencepiece", "tiktoken", "gpt2"),
     "data.format": ("auto", "text", "json", "parquet"),
