@@ -1,4 +1,5 @@
-"""QAT end to end: a run that switches fake quantization on mid-way resumes bitwise after kill -9, resumes
+"""QAT end to end: a run that switches fake quantization on mid-way (with 4-bit optimizer moments) resumes
+bitwise after kill -9, resumes
 with QAT off, and exports W4A16 / W8A8-int8 / W8A8-float8 checkpoints in compressed-tensors' format that
 transformers loads back on this CPU and that compute exactly what our own quantized model computes (and
 our loader reads them back as transformers does)."""
@@ -23,9 +24,11 @@ pytest.importorskip("compressed_tensors")
 # rounded model's loss, its high-precision self's, and the W4A16 export's.
 EVAL = ["eval.every=10", "eval.split_fraction=0.1", "eval.steps=1", "eval.quantized=[w4a16]"]
 # Plain for 5 steps, rounding from step 6: the kill comes after the step-4 checkpoint, so the resumed run
-# must switch rounding on at the same step as the uninterrupted one.
+# must switch rounding on at the same step as the uninterrupted one. With 4-bit AdamW moments, restored
+# with their block scales (issue 25's kill -9 of that choice).
 ARGS = ["--config", "configs/debug.yaml", "training.steps=10", "metrics.log_every=1", "checkpoint.interval=4",
-        "job.deterministic=true", "qat.scheme=int8_dynact_int4_weight", "qat.start_step=5", "qat.head=true", *EVAL]
+        "job.deterministic=true", "qat.scheme=int8_dynact_int4_weight", "qat.start_step=5", "qat.head=true", *EVAL,
+        "optimizer.name=adamw_4bit"]
 EXPORTS = ["export.dtype=float32", "export.hf=true", "export.quantized=[w4a16,w8a8_int8,w8a8_fp8]"]
 
 
