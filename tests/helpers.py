@@ -118,31 +118,6 @@ def kill_9_and_resume(args: list[str], out: Path, reference: Path, *, nproc: int
     return resumed
 
 
-def held_out_loss(out: Path, model, dp: int = 1) -> float:
-    """The mean cross-entropy of `model` over the held-out windows run `out` validated on: the first
-    eval.steps x dp x local_batch_size windows of its held-out stream."""
-    import torch
-    import torch.nn.functional as F
-
-    from trainer.config import load_config
-    from trainer.data import PackedLoader, load_documents
-    from trainer.data.held_out import training_and_eval_documents
-    from trainer.tokenizer import build_tokenizer
-
-    cfg = load_config(out / "config.yaml")
-    _, held_out = training_and_eval_documents(cfg.data, cfg.eval, load_documents)
-    loader = PackedLoader(held_out, build_tokenizer(cfg.tokenizer), cfg.data, cfg.training.seq_len,
-                          dp * cfg.training.local_batch_size, dp_rank=0, dp_size=1, seed=cfg.job.seed)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for _ in range(cfg.eval.steps):
-            inputs, labels, documents = loader.next_batch()
-            logits = model(inputs, documents=documents if cfg.data.attention == "document" else None).float()
-            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
-            count += int((labels >= 0).sum())
-    return total / count
-
-
 def layout_runner(tmp_path_factory, layouts: dict, common: list[str]):
     """layout name -> its run's output directory, each run once: `layouts` maps a name to (ranks,
     overrides); a name ending in "document" trains with document attention."""

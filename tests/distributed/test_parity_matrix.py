@@ -22,8 +22,9 @@ another order too, but reached no boundary in these steps).
 
 import pytest
 
-from tests.helpers import document_attention, held_out_loss, layout_runner, run_train, tensorboard_scalars
+from tests.helpers import document_attention, layout_runner, run_train, tensorboard_scalars
 from trainer.config import load_config
+from trainer.evaluate import held_out_loss
 from trainer.generate import load_for_generation
 
 STEPS = 4

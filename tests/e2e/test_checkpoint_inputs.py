@@ -16,10 +16,19 @@ def run(tmp_path_factory):
     return out
 
 
-def _fails(tmp_path, *overrides):
-    result = run_train([*COMMON, "training.steps=6", f"job.output_dir={tmp_path}", *overrides])
-    assert result.returncode == 2, result.stderr[-2000:]
-    return result.stderr.strip().splitlines()[-1]
+@pytest.fixture
+def fails(capfd):
+    """Runs train.py's main in this process (as `python train.py` does: exit code 2 and one error line,
+    seconds of imports saved per case) and returns its error line."""
+    import train
+
+    def run(tmp_path, *overrides, args=()):
+        code = train.main([*COMMON, "training.steps=6", f"job.output_dir={tmp_path}", *overrides, *args])
+        err = capfd.readouterr().err
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        return err.strip().splitlines()[-1]
+
+    return run
 
 
 def test_disabled_checkpointing_neither_saves_nor_picks_up_old_ones(run, tmp_path):
@@ -32,40 +41,38 @@ def test_disabled_checkpointing_neither_saves_nor_picks_up_old_ones(run, tmp_pat
     assert sorted(tensorboard_scalars(copy, "loss/train"))[:2] == [1, 2]  # started at step 1 again
 
 
-def test_missing_path(run, tmp_path):
-    err = _fails(tmp_path, "checkpoint.resume_from=/nope/step-3")
+def test_missing_path(run, tmp_path, fails):
+    err = fails(tmp_path, "checkpoint.resume_from=/nope/step-3")
     assert "checkpoint.resume_from=/nope/step-3: no such directory" in err
 
 
-def test_truncated_shard_names_the_file_and_the_previous_step(run, tmp_path):
+def test_truncated_shard_names_the_file_and_the_previous_step(run, tmp_path, fails):
     import shutil
 
     copy = tmp_path / "out"
     shutil.copytree(run, copy)
     shard = sorted((copy / "checkpoints" / "step-4").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-    result = run_train([*COMMON, "training.steps=6", f"job.output_dir={copy}"])
-    err = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 2
+    err = fails(copy, f"job.output_dir={copy}")
     assert f"{shard} has {shard.stat().st_size:,} bytes where the manifest says" in err  # caught by the manifest
     assert f"The previous complete checkpoint is {copy / 'checkpoints' / 'step-2'}" in err
 
 
-def test_corrupt_metadata(run, tmp_path):
+def test_corrupt_metadata(run, tmp_path, fails):
     import shutil
 
     copy = tmp_path / "out"
     shutil.copytree(run, copy)
     (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(b"garbage")
-    err = _fails(copy, f"job.output_dir={copy}")
+    err = fails(copy, f"job.output_dir={copy}")
     assert "step-4/.metadata has 7 bytes where the manifest says" in err and "step-2" in err
     (copy / "checkpoints" / "step-4" / "manifest.json").unlink()  # a checkpoint from before manifests
-    err = _fails(copy, f"job.output_dir={copy}")
+    err = fails(copy, f"job.output_dir={copy}")
     assert "step-4/.metadata: cannot be read" in err and "step-2" in err
 
 
-def test_different_model_shape(run, tmp_path):
-    err = _fails(tmp_path, f"checkpoint.resume_from={run / 'checkpoints' / 'step-4'}", "model.dim=64", "model.n_heads=2", "model.n_kv_heads=1")
+def test_different_model_shape(run, tmp_path, fails):
+    err = fails(tmp_path, f"checkpoint.resume_from={run / 'checkpoints' / 'step-4'}", "model.dim=64", "model.n_heads=2", "model.n_kv_heads=1")
     assert "model.tok_embeddings.weight has shape (320, 128) but this model's is (320, 64)" in err
 
 
@@ -96,7 +103,7 @@ def test_new_run_from_trained_weights(run, tmp_path, how):
     assert loss[1] < trained[1] - 0.5  # but from trained weights, not from scratch
 
 
-def test_crafted_metadata_never_runs_code(run, tmp_path):
+def test_crafted_metadata_never_runs_code(run, tmp_path, fails):
     import pickle
     import shutil
 
@@ -113,12 +120,12 @@ def test_crafted_metadata_never_runs_code(run, tmp_path):
     (copy / "checkpoints" / "step-4" / ".metadata").write_bytes(pickle.dumps(Exploit()))
     # Whoever crafts a .metadata can drop or rewrite the manifest too: the reader itself must refuse.
     (copy / "checkpoints" / "step-4" / "manifest.json").unlink()
-    err = _fails(copy, f"job.output_dir={copy}")
+    err = fails(copy, f"job.output_dir={copy}")
     assert "refusing to load posix.system" in err or "refusing to load os.system" in err
     assert not canary.exists()
 
 
-def test_a_flipped_byte_inside_a_tensor_is_refused_at_every_load_and_by_check(run, tmp_path):
+def test_a_flipped_byte_inside_a_tensor_is_refused_at_every_load_and_by_check(run, tmp_path, fails):
     """torch.distributed.checkpoint has no checksums: a byte changed inside a tensor would load as a wrong
     weight. The manifest written at commit names the file at a resume, --check, model.init_from and an
     export; the previous complete step still resumes."""
@@ -135,10 +142,9 @@ def test_a_flipped_byte_inside_a_tensor_is_refused_at_every_load_and_by_check(ru
     shard.write_bytes(bytes(data))
     damaged = f"{shard} does not match its checksum (its bytes changed after it was written): the checkpoint is damaged. " \
               f"The previous complete checkpoint is {copy / 'checkpoints' / 'step-2'}"
-    assert damaged in _fails(copy, f"job.output_dir={copy}")
+    assert damaged in fails(copy, f"job.output_dir={copy}")
     for command in (["--check"], ["--dry-run", f"model.init_from={step4}", "model.flavor=null"]):
-        result = run_train([*COMMON, *command, "training.steps=6", f"job.output_dir={copy}"])
-        assert result.returncode == 2 and damaged in result.stderr and "Traceback" not in result.stderr, command
+        assert damaged in fails(copy, f"job.output_dir={copy}", args=command), command
     from trainer.cli import run_command
     from trainer.export import main as export
 

@@ -5,8 +5,8 @@ that cannot rot. Each command is read from the Markdown (code blocks and inline 
   process (config, overrides, data, layout for N ranks; the 8B and 70B plans on the meta device), or as
   written when it is a --dry-run; a command the doc follows with an `error:` line must print that line;
 - benchmark commands: parsed by the benchmark's own parser (presets, methods, variant groups; the CPU
-  benchmark itself runs in tests/e2e/test_bench.py; bench.attention, bench.long_context and bench.moe are
-  measured in docs/long-context.md and docs/performance.md); the GPU acceptance script: its --dry plan; example scripts: they parse;
+  benchmark itself runs in tests/e2e/test_bench.py; bench.attention, bench.long_context, bench.moe and bench.qat are
+  measured in docs/long-context.md, docs/performance.md and docs/quantization.md); the GPU acceptance script: its --dry plan; example scripts: they parse;
 - pytest commands: the files exist and a -k expression selects tests; make targets exist;
 - templates (`N`, `X`, `...`, `[--flag]`, `a|b`): every flag they show is one the command accepts;
 - the README's ```sh walkthrough runs for real in tests/e2e/test_readme.py; others' tools (tensorboard,
@@ -156,7 +156,7 @@ def test_documented_command(where, command, error, tmp_path, capsys, monkeypatch
         import bench.__main__ as bench_main
 
         bench_main.parse_args(words[words.index("bench") + 1:])
-    elif program in ("bench.attention", "bench.long_context", "bench.moe"):
+    elif program in ("bench.attention", "bench.long_context", "bench.moe", "bench.qat"):
         import importlib
 
         importlib.import_module(program).parse_args(words[words.index(program) + 1:])

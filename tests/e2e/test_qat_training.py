@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import held_out_loss, kill_9_and_resume, run_train, tensorboard_scalars
+from tests.helpers import kill_9_and_resume, run_train, tensorboard_scalars
 from trainer.build import load_run_model
+from trainer.evaluate import held_out_loss
 from trainer.config.schema import QATConfig
 from trainer.generate import Sampling, generate
 from trainer.qat.export import FORMATS, quantized_model
@@ -64,7 +65,7 @@ def test_qat_resumes_bitwise_and_its_quantized_exports_load_in_transformers(tmp_
     # Each validation figure against a separate forward of the model it names, over the same windows.
     run = tmp_path / "ref"
     for tag, model in (("eval/loss", load_run_model(run / "checkpoints" / "step-10")), ("eval/loss_high_precision", final),
-                       ("eval/loss_w4a16", quantized_model(final, FORMATS["w4a16"], QATConfig(head=True)))):
+                       ("eval/loss_w4a16", quantized_model(final, FORMATS["w4a16"].scheme, QATConfig(head=True)))):
         logged, separate = tensorboard_scalars(run, tag)[10], held_out_loss(run, model)
         print(f"\nQAT {tag}: logged {logged:.6f}, separate forward {separate:.6f}")
         assert abs(logged - separate) < 1e-5
@@ -76,7 +77,7 @@ def test_qat_resumes_bitwise_and_its_quantized_exports_load_in_transformers(tmp_
         assert config["quant_method"] == "compressed-tensors" and config["ignore"] == [] and \
             config["config_groups"]["group_0"]["weights"]["num_bits"] == (4 if name == "w4a16" else 8)
         theirs = AutoModelForCausalLM.from_pretrained(export / name, dtype=torch.float32).eval()
-        ours = quantized_model(final, fmt, QATConfig(head=True))
+        ours = quantized_model(final, fmt.scheme, QATConfig(head=True))
         tokens = torch.tensor([prompt])
         with torch.no_grad():
             difference = (theirs(tokens).logits - ours(tokens)).abs().max().item()

@@ -118,7 +118,7 @@ def test_each_example_has_its_own_output_dir(walkthrough):
     assert "launch: 2 process(es), OMP_NUM_THREADS=" in two_ranks.stdout
     assert "check: ok: outputs/debug-2ranks on 2 rank(s)" in two_ranks.stdout
     assert "resumed from" not in two_ranks.stdout
-    assert (repo / "outputs" / "debug-2ranks" / "checkpoints" / "step-50").is_dir()
+    assert (repo / "outputs" / "debug-2ranks" / "checkpoints" / "step-20").is_dir()
     lora = _find(results, "adapters.kind=lora")
     assert "resumed from" not in lora.stdout and (repo / "outputs" / "stories260k-lora" / "checkpoints" / "step-60").is_dir()
 

@@ -78,7 +78,7 @@ def _fuzz_one(outcomes: dict, overrides, world_size):
         return
     outcomes["planned"] += 1
     d = plan.dims
-    assert d.pp * d.dp_replicate * d.dp_shard * d.tp == world_size, overrides
+    assert d.pp * d.dp_replicate * d.dp_shard * d.cp * d.tp == world_size, overrides
     assert plan.accum_steps >= 1 and plan.pp_microbatches >= 1 and plan.num_stages <= plan.model_args.n_layers
     assert plan.model_args.vocab_size >= plan.tokenizer.vocab_size
     assert plan.meta.tok_embeddings.weight.is_meta  # planning allocates nothing

@@ -118,14 +118,15 @@ def quantized_writing(args: DecoderArgs, qat: QATConfig, fmt: QuantizedFormat, c
     return {"quantize": quantize, "quantization_config": quantization_config(fmt, qat.group_size, ignore)}
 
 
-def quantized_model(model: nn.Module, fmt: QuantizedFormat, qat: QATConfig) -> nn.Module:
-    """Our own model of `fmt`'s export of `model`: a copy whose exported layers round their weights and
-    inputs as the served model does (for evaluation, and the oracle of the export's reload)."""
+def quantized_model(model: nn.Module, scheme: Scheme, qat: QATConfig) -> nn.Module:
+    """A copy of a plain `model` whose layers that the exports quantize round their weights and inputs by
+    `scheme`: our own model of an export (FORMATS[name].scheme), for evaluation and the oracle of the
+    export's reload, or post-training quantization by any scheme."""
     rounded = copy.deepcopy(model)
-    cfg = dataclasses.replace(qat, scheme=fmt.scheme.name, embeddings=False)
+    cfg = dataclasses.replace(qat, scheme=scheme.name, embeddings=False)
     for name, reason in chosen_layers(rounded, cfg).items():
         if reason is None:
-            QATLinear.swap(rounded.get_submodule(name), fmt.scheme, qat.group_size)
+            QATLinear.swap(rounded.get_submodule(name), scheme, qat.group_size)
     return rounded
 
 
