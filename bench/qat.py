@@ -39,7 +39,7 @@ def finetune(name: str, args) -> Path:
     out = args.out / name
     command = [sys.executable, "train.py", "--config", "configs/debug.yaml", "model.flavor=null", f"model.init_from={args.base}",
                *(["tokenizer.kind=byte"] if args.tokenizer == "byte" else ["tokenizer.kind=auto", f"tokenizer.path={args.tokenizer}"]),
-               f"data.source={args.data}",
+               f"data.source={args.data}", "data.text_sample_by=paragraph",  # a text file is one document: hold out paragraphs
                f"training.steps={args.steps}", f"checkpoint.interval={args.steps}", "eval.every=0", "eval.split_fraction=0.05",
                "eval.steps=8", f"qat.group_size={args.group_size}", "export.hf=true", "export.quantized=[w4a16]",
                "metrics.progress=off", f"job.output_dir={out}", *RUNS[name], *args.overrides]

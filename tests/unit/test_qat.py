@@ -69,6 +69,21 @@ def test_the_config_names_every_export():
     assert tuple(FORMATS) == QUANTIZED_EXPORTS
 
 
+@pytest.mark.parametrize("cols", [64, 172])
+def test_int4_packing_is_compressed_tensors_own(cols):
+    """Against the package's own packer and unpacker, rows whose length is not a multiple of 8 included
+    (stories260K's feed-forward has 172 inputs)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    from trainer.qat.export import pack_int4, unpack_int4
+
+    codes = torch.randint(-8, 8, (6, cols), dtype=torch.int8, generator=torch.Generator().manual_seed(cols))
+    assert torch.equal(pack_int4(codes), pack_to_int32(codes, 4))
+    assert torch.equal(unpack_int4(pack_int4(codes), (6, cols)), codes)
+    assert torch.equal(unpack_from_int32(pack_int4(codes), 4, torch.Size([6, cols])), codes)
+
+
 def test_weights_land_on_the_grid():
     """Each rounded weight is an integer code in range times its group's (or row's) scale."""
     from trainer.qat.schemes import weight_scale

@@ -77,10 +77,11 @@ def quantization_config(fmt: QuantizedFormat, group_size: int, ignore: list[str]
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) codes in [-8, 7] -> (rows, cols / 8) int32: code i of each run of 8 at bits 4i..4i+3,
-    offset by 8 to be unsigned (compressed-tensors' pack-quantized layout)."""
+    """(rows, cols) codes in [-8, 7] -> (rows, ceil(cols / 8)) int32: code i of each run of 8 at bits
+    4i..4i+3, offset by 8 to be unsigned, a row's last word padded with zero bits (compressed-tensors'
+    pack-quantized layout)."""
     rows, cols = codes.shape
-    nibbles = (codes.to(torch.int64) + 8).reshape(rows, cols // 8, 8)
+    nibbles = torch.nn.functional.pad(codes.to(torch.int64) + 8, (0, -cols % 8)).reshape(rows, -1, 8)
     words = (nibbles << torch.arange(0, 32, 4, dtype=torch.int64)).sum(dim=-1)  # in [0, 2^32)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same bits, as int32
 
