@@ -69,6 +69,16 @@ def _run(cfg, runtime) -> None:
         trainer.close()
 
 
+def _mark_failed(cfg, what: str, error: Exception) -> None:
+    """output_dir/FAILED: the run failed of itself, which no restart or requeue mends (launch/slurm.sbatch
+    reads it; a lost rank or a hang leaves none and counts as transient)."""
+    from trainer.fault import FAILED_MARKER
+
+    out = Path(cfg.job.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FAILED_MARKER).write_text(f"{what}: {str(error).splitlines()[0][:300]}\n")
+
+
 def main(argv: list[str]) -> int:
     from parallel.library_patches import quiet_import_noise
 
@@ -113,10 +123,12 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         if runtime.is_main:
             print(f"error: {e}", file=sys.stderr)
+        _mark_failed(cfg, "a config, data or checkpoint error", e)  # any rank may be the one that found it
         return EXIT_USER_ERROR
     except TrainingDiverged as e:
         if runtime.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        _mark_failed(cfg, "the training diverged", e)
         return EXIT_DIVERGED
     except Preempted as e:
         if runtime.is_main:

@@ -2,12 +2,14 @@
 on CPU), the cores shared out as OMP_NUM_THREADS, and every rank's output kept under the run's
 output directory (logs/start-N/...), besides the console.
 
-    python -m launch local [--nproc N] --config configs/debug.yaml [dotted.key=value ...]
+    python -m launch local [--nproc N] [--max-restarts N] --config configs/debug.yaml [dotted.key=value ...]
 
 The console shows the ranks' lines; torchrun's own (its banners, and the tracebacks it prints when a rank
 stops) are kept back, and a failed rank is reported by its exit code and where its log is. Ctrl-C (or
 SIGTERM) is handed to every rank as SIGTERM: each finishes its step, saves and stops, and this exits 75
-like train.py; a second Ctrl-C stops everything at once (exit 130).
+like train.py; a second Ctrl-C stops everything at once (exit 130). With --max-restarts N, a rank that
+fails (or a hang the watchdog ends, exit 124) restarts every rank in place, up to N times, and the run
+resumes from its last committed checkpoint (torchrun's own restarts; docs/fault_tolerance.md).
 """
 
 import argparse
@@ -42,9 +44,10 @@ def default_nproc() -> int:
         return 1
 
 
-def torchrun_command(nproc: int, config: str, overrides: list[str], log_dir: Path) -> list[str]:
+def torchrun_command(nproc: int, config: str, overrides: list[str], log_dir: Path, max_restarts: int = 0) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "--max-restarts", str(max_restarts),
         # Each rank's stdout and stderr in a file of its own, and on the console as well.
         "--log-dir", str(log_dir), "--redirects", "3", "--tee", "3",
         str(REPO / "train.py"), "--config", config, *overrides,
@@ -56,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     local = sub.add_parser("local", help="train on this machine under torchrun")
     local.add_argument("--nproc", type=at_least(1), default=None, help="processes (default: one per GPU, or 1)")
+    local.add_argument("--max-restarts", type=at_least(0), default=0,
+                       help="restart every rank in place after a failure or a hang, up to N times (default 0)")
     local.add_argument("--config", required=True)
     local.add_argument("overrides", nargs="*")
     out = sub.add_parser("output-dir", help="print the run's job.output_dir")
@@ -82,8 +87,10 @@ def main(argv: list[str]) -> int:
     log_dir = starts / f"start-{len(list(starts.glob('start-*'))) + 1 if starts.is_dir() else 1}"
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))  # the cores we may use
+    for marker in ("HUNG", "FAILED"):  # what an earlier start left must not speak for this one
+        (out / marker).unlink(missing_ok=True)
     print(f"launch: {nproc} process(es), OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, rank logs under {log_dir}", flush=True)
-    code, own = run_torchrun(torchrun_command(nproc, args.config, args.overrides, log_dir), env)
+    code, own = run_torchrun(torchrun_command(nproc, args.config, args.overrides, log_dir, args.max_restarts), env)
     if (out / "PREEMPTED").is_file():
         return EXIT_PREEMPTED  # the ranks said where they stopped and what they saved
     if code == EXIT_INTERRUPTED:
@@ -93,7 +100,10 @@ def main(argv: list[str]) -> int:
         # torchrun reports each failed rank as "rank : R ... exitcode : C"; the rank's own error line came first.
         failed = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", "".join(own), re.S)
         rank, code = (int(failed.group(1)), int(failed.group(2))) if failed else ("?", code)
-        print(f"launch: rank {rank} exited with code {code}; every rank's output is under {log_dir}", file=sys.stderr)
+        hung = f" (a hang: the watchdog's stack files are under {out / 'hangs'})" if (out / "HUNG").is_file() else ""
+        restarts = f" after {args.max_restarts} in-job restart(s)" if args.max_restarts else ""
+        print(f"launch: rank {rank} exited with code {code}{hung}{restarts}; every rank's output is under {log_dir}",
+              file=sys.stderr)
     return code
 
 

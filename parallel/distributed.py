@@ -42,7 +42,13 @@ def init_runtime() -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         # CPU tensors (e.g. checkpoint metadata) still need gloo on a GPU machine.
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # torchrun's in-job restarts keep one rendezvous store, and torch 2.13's env:// hands every attempt
+        # that store unprefixed: the restarted ranks would read the dead attempt's addresses (gloo: "connect
+        # failed, connection refused"). Each attempt gets keys of its own.
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"tessera/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device, cpu_threads=threads)
 
 

@@ -20,6 +20,7 @@ from trainer.data import check_enough_tokens, load_documents
 from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
 from trainer.distill.teacher import check_teacher
 from trainer.expert_balance import check_moe_settings
+from trainer.fault.inject import parse_fault
 from trainer.tokenizer import build_tokenizer
 from trainer.tokenizer.base import Tokenizer
 from trainer.weights.load import read_checkpoint_args
@@ -59,6 +60,9 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     except LayoutError as e:
         raise ConfigError(str(e)) from None
     accum_steps = check_batch(cfg.training, dims.dp_size)
+    for fault in map(parse_fault, cfg.fault.inject):
+        if fault.rank >= world_size:
+            raise ConfigError(f"fault.inject: rank {fault.rank} does not exist in a world of {world_size} rank(s)")
     check_streams(cfg.data, dims.dp_size)
     pp_microbatches = check_pipeline(cfg.parallel, cfg.training, dims.pp)
     tokenizer = build_tokenizer(cfg.tokenizer)

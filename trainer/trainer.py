@@ -30,6 +30,11 @@ from trainer.data.prefetch import PrefetchingLoader
 from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
 from trainer.export import export_run
+from trainer.fault import FAILED_MARKER, HUNG_MARKER
+from trainer.fault.inject import Injector
+from trainer.fault.restarts import note_step, restart_line
+from trainer.fault.stragglers import StragglerWatch
+from trainer.fault.watchdog import HangWatchdog
 from trainer.host_memory import retain_freed_memory
 from trainer.expert_balance import expert_balance
 from trainer.loss import TokenLoss
@@ -92,7 +97,7 @@ class Trainer:
         self.balance = expert_balance(plan, self.model_parts, runtime.device)
         self.optimizers = Optimizers(self.model_parts, cfg.optimizer, cfg.lr_scheduler, cfg.training.steps, runtime.device)
         self.counters = CounterState()
-        record = RunRecord(self.output_dir / "metrics.jsonl" if runtime.is_main else None)
+        record = self.record = RunRecord(self.output_dir / "metrics.jsonl" if runtime.is_main else None)
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, self.output_dir, self._checkpoint_state(), is_main=runtime.is_main,
             total_steps=cfg.training.steps, fixed=plan.info.checkpoint_entries, record=record,
@@ -108,6 +113,11 @@ class Trainer:
         self.phases = StepPhases(cfg.metrics.step_phases, runtime.device)
         self.profiler = StepProfiler(cfg.metrics.profile_steps, self.output_dir, runtime.rank, runtime.device)
         self.preemption = PreemptionWatch(runtime.device, runtime.is_main)
+        fault = cfg.fault
+        self.injector = Injector(fault.inject, runtime.rank, cfg.training.steps)
+        self.watchdog = HangWatchdog(fault.hang_timeout_s, self.output_dir, runtime.rank, runtime.world_size, runtime.device.type)
+        self.stragglers = StragglerWatch(fault.straggler_factor, fault.straggler_steps, runtime.rank, runtime.world_size,
+                                         runtime.device, runtime.is_main)
         model_flops = plan.family.flops_per_token(plan.model_args, cfg.training.seq_len)
         self.metrics = MetricsLogger(
             cfg.metrics, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
@@ -121,6 +131,7 @@ class Trainer:
 
     def close(self) -> None:
         """Undoes the library state and the signal handlers the run changed (every run ends here)."""
+        self.watchdog.stop()
         self.preemption.restore()
         self.patches.close()
 
@@ -158,7 +169,8 @@ class Trainer:
         """config.yaml is this start's resolved config; every start also keeps its own copy under
         starts/, so a resume with other settings never hides those the earlier checkpoints came from."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / MARKER).unlink(missing_ok=True)
+        for marker in (MARKER, HUNG_MARKER, FAILED_MARKER):  # a new start: an earlier stop's markers no longer hold
+            (self.output_dir / marker).unlink(missing_ok=True)
         text = to_yaml(self.cfg)
         (self.output_dir / "config.yaml").write_text(text)
         starts = self.output_dir / "starts"
@@ -188,24 +200,37 @@ class Trainer:
             return
         if self.runtime.is_main:
             self._note_schedule_change()
+            restart = restart_line(self.output_dir, self.step)
+            if restart is not None:
+                print(restart[0], flush=True)
+                self.record.write("restart", self.step, **restart[1])
             self._record_start()
         self.metrics.start_clock()
+        # From here until the last step, a rank on which no step (with its validation and checkpoint)
+        # completes in fault.hang_timeout_s ends the run (trainer/fault/watchdog.py).
+        self.watchdog.start(self.step)
         while self.step < steps:
+            self.injector.before_step(self.step + 1)
             for converter in self.converters:
                 converter.before_step(self.model_parts, self.step + 1)
             with self.profiler.around(self.step + 1):
                 loss, grad_norm = self._step_and_log()
             if self.validation is not None and self.validation.due(self.step):
                 self._validate()
+                self.watchdog.progress(self.step)
             healthy = self._note_health(loss, grad_norm)
             signum = self.preemption.agreed_signal()
             saved = self.checkpointer.maybe_save(self.step, healthy=healthy, force=signum != 0)
+            self.watchdog.progress(self.step)
+            if self.runtime.is_main:
+                note_step(self.output_dir, self.step)
             if self.bad_steps >= self.cfg.training.max_bad_steps:
                 raise TrainingDiverged(self._diverged_message())
             if signum:
                 why = "checkpoint.enabled=false" if not self.cfg.checkpoint.enabled else "the step's loss was not finite"
                 raise Preempted(self.step, signum, saved, why)
         self.checkpointer.wait()
+        self.watchdog.stop()
         self.loader.close()
         self.metrics.close()
         if self.cfg.export.hf or self.cfg.export.peft or self.cfg.export.quantized:
@@ -216,6 +241,7 @@ class Trainer:
         """The next batches, one optimizer step over them, the counters and the step's log line."""
         start = time.perf_counter()
         self.phases.start_step()
+        self.stragglers.start_step()
         microbatches, window_ids = [], []
         for _ in range(self.plan.accum_steps):
             microbatches.append(self.loader.next_batch())
@@ -229,11 +255,13 @@ class Trainer:
         self.counters.step = self.step
         self.counters.tokens += local_tokens * self.dims.dp_size
         step_time = time.perf_counter() - start
+        ranks = self.stragglers.end_step(self.step, step_time)  # every rank's step and compute time
+        extra = {**(self.balance.scalars if self.balance is not None else {}), **ranks}
         self.metrics.maybe_log(  # a device computes its cp slice of the rank's tokens
             self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens // self.dims.cp,
             step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
             loss_parts=self.loss_parts, data_time=data_time, phases=self.phases.of_step(step_time),
-            extra=self.balance.scalars if self.balance is not None else None,
+            extra=extra,
         )
         return loss, grad_norm
 
@@ -278,6 +306,7 @@ class Trainer:
             self.balance.start_step(accum=len(microbatches), forwards=len(microbatches) * per_round)
         for batch in microbatches:
             self.forward_backward(batch)
+        self.injector.after_compute()  # fault.inject's slow rank computes longer here
         with self.phases.phase("optimizer"):
             grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=self.meshes.pp.group)
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.

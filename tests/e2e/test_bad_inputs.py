@@ -149,6 +149,13 @@ CASES = {
     "quantized eval without validation": (["eval.quantized=[w4a16]"], "eval.quantized=['w4a16'] evaluates at each validation, and eval.every=0"),
     "quantized eval with adapters": (["adapters.kind=lora", "eval.every=5", "eval.split_fraction=0.1", "eval.quantized=[w8a8_fp8]"],
                                      "eval.quantized with adapters.kind=lora: the exports quantize the merged weights"),
+    # faults
+    "fault injection without the debug flag": (["fault.inject=[hang:rank=0:step=2]"], "set TESSERA_DEBUG_FAULTS=1 in the environment"),
+    "fault injection unknown": (["fault.inject=[freeze:rank=0:step=2]"], "fault.inject entry 'freeze:rank=0:step=2': unknown fault 'freeze'"),
+    "fault injection missing key": (["fault.inject=[slow:rank=1]"], "slow takes rank, factor (and optionally restart)"),
+    "fault injection slow factor": (["fault.inject=[slow:rank=1:factor=0.5]"], "rank and restart must be >= 0, step >= 1, factor > 1"),
+    "hang timeout negative": (["fault.hang_timeout_s=-1"], "fault.hang_timeout_s=-1.0 must be 0 (no watchdog) or a number of seconds"),
+    "straggler factor below one": (["fault.straggler_factor=0.5"], "must be 0 (not measured) or a factor above 1"),
     # validation
     "eval without held-out data": (["eval.every=5"], "eval.every=5 needs held-out data: set eval.source"),
     "eval source and fraction": (["eval.source={txt}", "eval.split_fraction=0.1"], "are two ways to get held-out data: give one of them"),
@@ -392,6 +399,8 @@ COMMAND_CASES = {
     "launch: no command": ("launch", [], "the following arguments are required: command"),
     "launch: unknown command": ("launch", ["remote"], "argument command: invalid choice: 'remote'"),
     "launch: no config": ("launch", ["local"], "the following arguments are required: --config"),
+    "launch: negative restarts": ("launch", ["local", "--max-restarts", "-1", "--config", "configs/debug.yaml"],
+                                  "argument --max-restarts: -1 must be at least 0"),
     "launch: zero processes": ("launch", ["local", "--nproc", "0", "--config", "configs/debug.yaml"], "argument --nproc: 0 must be at least 1"),
     "launch: processes not a number": ("launch", ["local", "--nproc", "two", "--config", "configs/debug.yaml"], "'two' is not an integer"),
     "launch: missing config file": ("launch", ["local", "--config", "nope.yaml"], "config file not found: nope.yaml"),

@@ -6,11 +6,14 @@ killed run and its reference split every sequence over 2 context-parallel ranks 
 step-10 checkpoint resumes on 1 rank (cp1), 4 data-parallel ranks, and dp2 x tp2."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import document_attention, kill_tree, run_train, start_train, tensorboard_scalars, wait_until
+from tests.helpers import REPO, document_attention, kill_tree, run_train, start_train, tensorboard_scalars, wait_until
 
 STEPS = 20
 BASE = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=10",
@@ -69,6 +72,28 @@ def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
     assert samples == reference  # the same windows at every step
     every = [w for step in range(1, STEPS + 1) for w in samples[step]]
     assert len(every) == len(set(every)) == STEPS * 8  # none repeated, none skipped
+
+
+def test_a_hang_restarts_in_place_and_resumes_bitwise(uninterrupted, tmp_path):
+    """Rank 1 hangs at step 13, past the step-10 checkpoint: the watchdog ends both ranks (exit 124), torchrun
+    (`launch local --max-restarts 1`) starts them again in place, and the run resumes from step 10 to the end
+    with the uninterrupted run's losses, bit for bit."""
+    out = tmp_path / "run"
+    args = [*_common(), *CP2, "job.deterministic=true", f"job.output_dir={out}", "fault.hang_timeout_s=5",
+            "fault.inject=[hang:rank=1:step=13]"]
+    env = {**os.environ, "TESSERA_DEBUG_FAULTS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", "--max-restarts", "1", *args],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 13; ranks not in a collective (the others wait for them): 1 in injected_hang" in result.stderr
+    assert "in injected_hang" in (out / "hangs" / "step-13" / "rank-1.txt").read_text()
+    assert ("restart: in-job restart 1 of at most 1; resumed from step 10; the last run reached step 12, so steps "
+            "11-12 are trained again (2 lost)") in result.stdout
+    restarts = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"restart"' in line]
+    assert [(r["step"], r["restart"], r["steps_lost"]) for r in restarts] == [(10, 1, 2)]
+    assert not (out / "HUNG").exists()  # the restarted start cleared it, and finished
+    want, got = tensorboard_scalars(uninterrupted, "loss/train"), tensorboard_scalars(out, "loss/train")
+    assert got == want  # every step, bitwise
 
 
 @pytest.mark.parametrize("world,extra", [(1, []), (4, ["training.local_batch_size=2"]), (4, ["parallel.tp=2"])])

@@ -19,6 +19,11 @@ from trainer.checkpoint.paths import earlier_hint
 from trainer.errors import CheckpointError
 
 MANIFEST = "manifest.json"
+# What a checkpoint's state dict holds and how (trainer/checkpoint/state.py's keys and layouts). A change that
+# older code could not read, or that could not read older checkpoints as they are, raises it and adds a
+# conversion; tests/fixtures/checkpoint-format-1 (resumed by tests/e2e/test_checkpoint_compat.py) keeps the
+# promise for format 1. Checkpoints written before the number existed are format 1.
+CHECKPOINT_FORMAT = 1
 _verified: set[tuple[str, int]] = set()  # (step directory, its manifest's mtime): each verified once a process
 
 
@@ -35,7 +40,7 @@ def _digest(path: Path) -> str:
 def write_manifest(directory: Path) -> None:
     files = {f.name: {"bytes": f.stat().st_size, "xxh3_64": _digest(f)}
              for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "checkpoint_format": CHECKPOINT_FORMAT, "files": files}, indent=1))
 
 
 def verify(directory: str | Path) -> None:
@@ -54,9 +59,13 @@ def verify(directory: str | Path) -> None:
     if key in _verified:
         return
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        written = json.loads(manifest.read_text())
+        files, checkpoint_format = written["files"], int(written.get("checkpoint_format", 1))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{manifest}: not a readable manifest ({e}). {earlier_hint(directory, directory.parent)}") from None
+    if checkpoint_format > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{directory} is checkpoint format {checkpoint_format}, written by a newer Tessera than this "
+                              f"one (which reads formats up to {CHECKPOINT_FORMAT}): run a version that wrote it, or newer")
     for name, want in files.items():
         path = directory / name
         problem = None

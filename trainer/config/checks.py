@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from trainer.config.schema import (
-    CHOICES, QUANTIZED_EXPORTS, AdaptersConfig, Config, DataConfig, DistillConfig, EvalConfig, ExportConfig, Float8Config, JobConfig,
+    CHOICES, QUANTIZED_EXPORTS, AdaptersConfig, Config, DataConfig, DistillConfig, EvalConfig, ExportConfig, FaultConfig, Float8Config, JobConfig,
     LRSchedulerConfig, ModelConfig, OptimizerConfig, ParallelConfig, QATConfig, TrainingConfig,
 )
 from trainer.errors import ConfigError
@@ -80,10 +80,22 @@ def check_choices(cfg: Config) -> None:
     _require(not bad_steps, "metrics.profile_steps", cfg.metrics.profile_steps,
              f"must hold step numbers from 1 to training.steps={cfg.training.steps} (not {bad_steps})")
     _require(cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch, "must be 0 (no background thread) or more")
+    _check_fault(cfg.fault, cfg.training.steps)
     _check_eval(cfg.eval)
     _check_distill(cfg.distill)
     _check_moe(cfg.moe)
     _check_paths(cfg.job, cfg.data)
+
+
+def _check_fault(f: FaultConfig, steps: int) -> None:
+    from trainer.fault.inject import check_faults
+
+    _require(_finite(f.hang_timeout_s) and f.hang_timeout_s >= 0, "fault.hang_timeout_s", f.hang_timeout_s,
+             "must be 0 (no watchdog) or a number of seconds")
+    _require(f.straggler_factor == 0 or (_finite(f.straggler_factor) and f.straggler_factor > 1), "fault.straggler_factor",
+             f.straggler_factor, "must be 0 (not measured) or a factor above 1 (e.g. 1.3)")
+    _require(f.straggler_steps >= 1, "fault.straggler_steps", f.straggler_steps, "must be at least 1")
+    check_faults(f.inject, steps)
 
 
 def _check_optimizer(o: OptimizerConfig, s: LRSchedulerConfig, t: TrainingConfig) -> None:

@@ -315,6 +315,24 @@ class MetricsConfig:
 
 
 @dataclass
+class FaultConfig:
+    """What a run does when a rank hangs or runs slow (trainer/fault/; docs/fault_tolerance.md)."""
+
+    # A rank on which no step (with its validation and checkpoint) completes for this long writes every
+    # thread's stack to output_dir/hangs/step-N/rank-R.txt, and the run exits with code 124. 0: no watchdog.
+    # Generous: the first step (compiling, warming up) counts too.
+    hang_timeout_s: float = 1800.0
+    # A console warning names a rank whose compute time per step is more than this times the ranks' median
+    # for `straggler_steps` steps in a row (every rank's times go to TensorBoard); 0: not measured.
+    straggler_factor: float = 1.3
+    straggler_steps: int = 5
+    # Faults injected for tests, each "hang:rank=R:step=N", "crash:rank=R:step=N" or "slow:rank=R:factor=F",
+    # optionally ":restart=K" (only in in-job restart K; default 0, the first start). Refused unless the
+    # environment sets TESSERA_DEBUG_FAULTS=1, so that a copied config can never break a real run.
+    inject: list[str] = field(default_factory=list)
+
+
+@dataclass
 class CheckpointConfig:
     """Distributed checkpoints under output_dir/checkpoints/step-N (torch.distributed.checkpoint)."""
 
@@ -368,6 +386,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
