@@ -75,7 +75,8 @@ def _mark_failed(cfg, what: str, error: Exception) -> None:
     from trainer.fault import FAILED_MARKER
 
     out = Path(cfg.job.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():  # bad input creates no output directory; launchers run --check first, which finds it
+        return
     (out / FAILED_MARKER).write_text(f"{what}: {str(error).splitlines()[0][:300]}\n")
 
 

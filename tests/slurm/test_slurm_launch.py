@@ -85,16 +85,6 @@ def reference(tmp_path_factory):
     return tensorboard_scalars(out, "loss/train")
 
 
-def test_two_nodes_train_as_plain_torchrun_does(slurm, reference, tmp_path):
-    out = tmp_path / "run"
-    job, log = submit(tmp_path, [*RUN, f"job.output_dir={out}"])
-    fields = wait_job(job)
-    text = log.read_text()
-    assert fields["JobState"] == "COMPLETED", text[-3000:]
-    assert "2 node(s) x 2 process(es) = 4 ranks" in text and "finished" in text
-    assert tensorboard_scalars(out, "loss/train") == reference  # bitwise, with job.deterministic=true
-
-
 def test_preemption_saves_requeues_and_resumes_exactly(slurm, reference, tmp_path):
     out = tmp_path / "run"
     job, log = submit(tmp_path, [*RUN, f"job.output_dir={out}"])
@@ -115,13 +105,17 @@ def test_preemption_saves_requeues_and_resumes_exactly(slurm, reference, tmp_pat
 FAULTS = {"TESSERA_DEBUG_FAULTS": "1"}
 
 
-def test_a_hang_restarts_in_place_within_the_allocation(slurm, reference, tmp_path):
+def test_two_nodes_train_as_plain_torchrun_does_through_a_hang_and_an_in_place_restart(slurm, reference, tmp_path):
+    """Rank 3 (on the second node) hangs at step 6: the watchdog ends every rank, torchrun restarts them in
+    place within the same allocation, the run resumes from step 4 and its losses equal the plain 4-process
+    torchrun job's, bit for bit."""
     out = tmp_path / "run"
     job, log = submit(tmp_path, [*RUN, "checkpoint.interval=4", "fault.hang_timeout_s=6", "fault.inject=[hang:rank=3:step=6]",
                                  f"job.output_dir={out}"], env={**FAULTS, "TESSERA_MAX_RESTARTS": "1"})
     fields = wait_job(job)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", text[-3000:]
+    assert "2 node(s) x 2 process(es) = 4 ranks" in text and "finished" in text
     assert f"job {job} start 1" in text and f"job {job} start 2" not in text  # one allocation, never requeued
     assert "at step 6; ranks not in a collective (the others wait for them): 3 in injected_hang" in text
     assert "restart: in-job restart 1 of at most 1; resumed from step 4; the last run reached step 5" in text
