@@ -13,6 +13,7 @@ Only light modules are imported at the top: a config mistake is reported before 
 
 import argparse
 import gc
+import os
 import signal
 import sys
 from pathlib import Path
@@ -69,6 +70,12 @@ def _run(cfg, runtime) -> None:
         trainer.close()
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _mark_failed(cfg, what: str, error: Exception) -> None:
     """output_dir/FAILED: the run failed of itself, which no restart or requeue mends (launch/slurm.sbatch
     reads it; a lost rank or a hang leaves none and counts as transient)."""
@@ -87,6 +94,8 @@ def main(argv: list[str]) -> int:
     try:
         args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)
+        if cfg.fault.replica_groups > 1:  # each replica group's checkpoints and logs apart
+            cfg.job.output_dir = f"{cfg.job.output_dir}/replica-{cfg.fault.replica_id}"
         if args.print_output_dir:
             print(cfg.job.output_dir)
             return 0
@@ -115,6 +124,12 @@ def main(argv: list[str]) -> int:
     from parallel.distributed import init_runtime, shutdown
     from trainer.preemption import EXIT_PREEMPTED, MARKER, Preempted, stop_at_once
 
+    if cfg.fault.hang_timeout_s > 0 and _has_cuda():
+        # NCCL's flight recorder keeps each rank's last collectives for the watchdog's dump (set before the
+        # process group exists; a user's own setting wins). torch 2.13 reads TORCH_FR_BUFFER_SIZE, earlier
+        # ones TORCH_NCCL_TRACE_BUFFER_SIZE.
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", os.environ["TORCH_FR_BUFFER_SIZE"])
     runtime = init_runtime()
     # Outside the training loop (setting up, and stopping after a save) a Ctrl-C stops at once; the
     # loop installs its own handler (first Ctrl-C: save, then stop) and gives this one back when it ends.

@@ -10,12 +10,17 @@ SIGTERM) is handed to every rank as SIGTERM: each finishes its step, saves and s
 like train.py; a second Ctrl-C stops everything at once (exit 130). With --max-restarts N, a rank that
 fails (or a hang the watchdog ends, exit 124) restarts every rank in place, up to N times, and the run
 resumes from its last committed checkpoint (torchrun's own restarts; docs/fault_tolerance.md).
+
+With --replica-groups G (torchft): a Lighthouse, then G torchrun jobs of --nproc ranks each, replica group I
+with fault.replica_id=I and its output under job.output_dir/replica-I; each group restarts on its own
+(--max-restarts) and rejoins the others with a live peer's state. The console prefixes each group's lines.
 """
 
 import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -61,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--nproc", type=at_least(1), default=None, help="processes (default: one per GPU, or 1)")
     local.add_argument("--max-restarts", type=at_least(0), default=0,
                        help="restart every rank in place after a failure or a hang, up to N times (default 0)")
+    local.add_argument("--replica-groups", type=at_least(1), default=1,
+                       help="replica groups that survive each other's failures (torchft; default 1: off)")
     local.add_argument("--config", required=True)
     local.add_argument("overrides", nargs="*")
     out = sub.add_parser("output-dir", help="print the run's job.output_dir")
@@ -78,6 +85,8 @@ def main(argv: list[str]) -> int:
         print(out)
         return 0
     nproc = default_nproc() if args.nproc is None else args.nproc
+    if args.replica_groups > 1:
+        return run_replica_groups(args, nproc)
     # The config, data, layout for nproc ranks and the checkpoint to resume, checked once.
     check = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", args.config, "--check",
                             "--world-size", str(nproc), *args.overrides])
@@ -147,3 +156,72 @@ def run_torchrun(command: list[str], env: dict) -> tuple[int, list[str]]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return (EXIT_INTERRUPTED if interrupts.count(signal.SIGINT) > 1 else code), own
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_replica_groups(args, nproc: int) -> int:
+    """A torchft Lighthouse and one torchrun per replica group, side by side; the worst exit code."""
+    lighthouse_bin = Path(sys.executable).with_name("torchft_lighthouse")
+    if not lighthouse_bin.is_file():
+        print(f"error: --replica-groups needs torchft (its torchft_lighthouse is not beside {sys.executable}): "
+              f"pip install torchft", file=sys.stderr)
+        return 2
+    port = _free_port()
+    # A group that is restarting must not hold the others' quorum up for long: join_timeout 1 s.
+    lighthouse = subprocess.Popen([str(lighthouse_bin), "--bind", f"[::]:{port}", "--min_replicas", "1",
+                                   "--join_timeout_ms", "1000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://localhost:{port}"
+    groups = [[*args.overrides, f"fault.replica_groups={args.replica_groups}", f"fault.replica_id={i}",
+               f"fault.lighthouse={address}"] for i in range(args.replica_groups)]
+    try:
+        check = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", args.config, "--check",
+                                "--world-size", str(nproc), *groups[0]])
+        if check.returncode != 0:
+            return check.returncode
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // (nproc * args.replica_groups))))
+        procs, pumps = [], []
+        for i, overrides in enumerate(groups):
+            out = output_dir(args.config, overrides)
+            starts = out / "logs"
+            log_dir = starts / f"start-{len(list(starts.glob('start-*'))) + 1 if starts.is_dir() else 1}"
+            print(f"launch: replica group {i}: {nproc} process(es), rank logs under {log_dir}", flush=True)
+            proc = subprocess.Popen(torchrun_command(nproc, args.config, overrides, log_dir, args.max_restarts),
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            procs.append(proc)
+            pumps.append(threading.Thread(target=_prefixed, args=(proc.stdout, f"[replica {i}]")))
+            pumps[-1].start()
+
+        def forward(signum, frame):
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            codes = [proc.wait() for proc in procs]
+            for pump in pumps:
+                pump.join()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        for i, code in enumerate(codes):
+            if code:
+                print(f"launch: replica group {i} exited with code {code}", file=sys.stderr)
+        return max(codes)
+    finally:
+        lighthouse.terminate()
+        lighthouse.wait()
+
+
+def _prefixed(stream, prefix: str) -> None:
+    """A group's ranks' lines, each under its group's name; torchrun's own lines are left out."""
+    for line in stream:
+        if _RANK_LINE.match(line):
+            sys.stdout.write(f"{prefix}{line}")
+            sys.stdout.flush()

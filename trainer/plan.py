@@ -63,7 +63,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     for fault in map(parse_fault, cfg.fault.inject):
         if fault.rank >= world_size:
             raise ConfigError(f"fault.inject: rank {fault.rank} does not exist in a world of {world_size} rank(s)")
-    check_streams(cfg.data, dims.dp_size)
+    check_streams(cfg.data, dims.dp_size * cfg.fault.replica_groups)  # every group reads its own share
     pp_microbatches = check_pipeline(cfg.parallel, cfg.training, dims.pp)
     tokenizer = build_tokenizer(cfg.tokenizer)
     model_args = resolve_model_args(cfg.model, tokenizer.vocab_size)

@@ -32,6 +32,7 @@ from trainer.errors import TrainingDiverged
 from trainer.export import export_run
 from trainer.fault import FAILED_MARKER, HUNG_MARKER
 from trainer.fault.inject import Injector
+from trainer.fault.replicas import ReplicaGroups
 from trainer.fault.restarts import note_step, restart_line
 from trainer.fault.stragglers import StragglerWatch
 from trainer.fault.watchdog import HangWatchdog
@@ -114,8 +115,13 @@ class Trainer:
         self.profiler = StepProfiler(cfg.metrics.profile_steps, self.output_dir, runtime.rank, runtime.device)
         self.preemption = PreemptionWatch(runtime.device, runtime.is_main)
         fault = cfg.fault
-        self.injector = Injector(fault.inject, runtime.rank, cfg.training.steps)
+        self.injector = Injector(fault.inject, runtime.rank, cfg.training.steps, fault.replica_id)
         self.watchdog = HangWatchdog(fault.hang_timeout_s, self.output_dir, runtime.rank, runtime.world_size, runtime.device.type)
+        # Replica groups (torchft): built after the resume, so that a group starts from its checkpoint's step.
+        self.replicas = None
+        if fault.replica_groups > 1:
+            self.replicas = ReplicaGroups(fault, self.checkpointer.state, runtime.rank, runtime.world_size,
+                                          runtime.device, self.step)
         self.stragglers = StragglerWatch(fault.straggler_factor, fault.straggler_steps, runtime.rank, runtime.world_size,
                                          runtime.device, runtime.is_main)
         model_flops = plan.family.flops_per_token(plan.model_args, cfg.training.seq_len)
@@ -132,13 +138,18 @@ class Trainer:
     def close(self) -> None:
         """Undoes the library state and the signal handlers the run changed (every run ends here)."""
         self.watchdog.stop()
+        if self.replicas is not None:
+            self.replicas.close()
         self.preemption.restore()
         self.patches.close()
 
     def _loader(self, docs) -> PackedLoader:
         cfg = self.cfg
+        # Replica groups split the data as one more data-parallel dimension: group I reads shares I*dp .. I*dp+dp-1.
+        groups, group = cfg.fault.replica_groups, cfg.fault.replica_id
         return PackedLoader(docs, self.plan.tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
-                            dp_rank=self.meshes.dp.local_rank, dp_size=self.dims.dp_size, seed=cfg.job.seed)
+                            dp_rank=group * self.dims.dp_size + self.meshes.dp.local_rank,
+                            dp_size=groups * self.dims.dp_size, seed=cfg.job.seed)
 
     def _build_loss(self) -> TokenLoss:
         """Cross-entropy; with a teacher, the distillation loss (all that a distillation run changes)."""
@@ -250,13 +261,24 @@ class Trainer:
         self.phases.add("data", data_time)
         lr = self.optimizers.lr
         loss, grad_norm = self.train_step(microbatches)
-        self.step += 1
+        # With replica groups the step is the committed one, which a recovering group takes from its peer.
+        self.step = self.replicas.step if self.replicas is not None else self.step + 1
+        if self.replicas is not None and self.replicas.recovered_from is not None:
+            if self.runtime.is_main and self.replicas.recovered_from == 0:
+                print(f"replicas: group {self.cfg.fault.replica_id} starts from a peer's state (torchft makes every "
+                      f"group start alike)", flush=True)
+            elif self.runtime.is_main:
+                print(f"replicas: group {self.cfg.fault.replica_id} was behind; it took a live peer's state at step "
+                      f"{self.replicas.recovered_from} and steps with the others from step {self.step}", flush=True)
+            self.replicas.recovered_from = None
         local_tokens = sum(batch.inputs.numel() for batch in microbatches)
         self.counters.step = self.step
         self.counters.tokens += local_tokens * self.dims.dp_size
         step_time = time.perf_counter() - start
         ranks = self.stragglers.end_step(self.step, step_time)  # every rank's step and compute time
         extra = {**(self.balance.scalars if self.balance is not None else {}), **ranks}
+        if self.replicas is not None:
+            extra["fault/replica_groups_stepping"] = float(self.replicas.participants)
         self.metrics.maybe_log(  # a device computes its cp slice of the rank's tokens
             self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens // self.dims.cp,
             step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
@@ -294,6 +316,8 @@ class Trainer:
     def train_step(self, microbatches: list[Batch]) -> tuple[float, float]:
         """One optimizer step over the microbatches; returns (global mean loss per token, grad norm)."""
         self.optimizers.zero_grad()
+        if self.replicas is not None:
+            self.replicas.start_step()  # this step's quorum of replica groups
         # Normalise by the number of label tokens in the whole global batch, so that a step's gradient
         # is the same however the batch is split into ranks and microbatches (and right under masking).
         local_tokens = sum(int(TokenLoss.count(batch.labels)) for batch in microbatches)
@@ -307,6 +331,8 @@ class Trainer:
         for batch in microbatches:
             self.forward_backward(batch)
         self.injector.after_compute()  # fault.inject's slow rank computes longer here
+        if self.replicas is not None:
+            self.replicas.average_gradients(self.params)
         with self.phases.phase("optimizer"):
             grad_norm = clip_grad_norm(self.params, self.cfg.training.max_norm, pp_group=self.meshes.pp.group)
         # Only the last pipeline stage computes the loss; the others hold zero, so the sum is right.
@@ -318,6 +344,8 @@ class Trainer:
         # so every rank takes the same decision. A non-finite step leaves the weights, the optimizer's
         # moments and the schedule as they were.
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if self.replicas is not None:  # asked every step, on every rank (a recovering group loads its peer's state)
+            applied = self.replicas.should_commit() and applied
         if applied:
             with self.phases.phase("optimizer"):
                 self.optimizers.step()

@@ -5,6 +5,7 @@ any model or data work starts.
 """
 
 import importlib
+import importlib.util
 import math
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def check_choices(cfg: Config) -> None:
              f"must hold step numbers from 1 to training.steps={cfg.training.steps} (not {bad_steps})")
     _require(cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch, "must be 0 (no background thread) or more")
     _check_fault(cfg.fault, cfg.training.steps)
+    check_replica_groups(cfg)
     _check_eval(cfg.eval)
     _check_distill(cfg.distill)
     _check_moe(cfg.moe)
@@ -96,6 +98,33 @@ def _check_fault(f: FaultConfig, steps: int) -> None:
              f.straggler_factor, "must be 0 (not measured) or a factor above 1 (e.g. 1.3)")
     _require(f.straggler_steps >= 1, "fault.straggler_steps", f.straggler_steps, "must be at least 1")
     check_faults(f.inject, steps)
+    _require(f.replica_groups >= 1, "fault.replica_groups", f.replica_groups, "must be at least 1 (1: no replica groups)")
+    _require(0 <= f.replica_id < f.replica_groups, "fault.replica_id", f.replica_id,
+             f"must be a group of fault.replica_groups={f.replica_groups} (0 to {f.replica_groups - 1})")
+    _require(1 <= f.min_replicas <= f.replica_groups, "fault.min_replicas", f.min_replicas,
+             f"must lie in [1, fault.replica_groups={f.replica_groups}]")
+    _require(_finite(f.replica_timeout_s) and f.replica_timeout_s > 0, "fault.replica_timeout_s", f.replica_timeout_s,
+             "must be a positive number of seconds")
+
+
+def check_replica_groups(cfg: Config) -> None:
+    """What replica groups need: torchft, a Lighthouse, and settings whose state a peer can hand over."""
+    f = cfg.fault
+    if f.replica_groups == 1:
+        return
+    if importlib.util.find_spec("torchft") is None:
+        raise ConfigError(f"fault.replica_groups={f.replica_groups} needs torchft: pip install torchft (or the project's "
+                          f"`ft` extra), or set fault.replica_groups=1")
+    import os
+
+    if not (f.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")):
+        raise ConfigError(f"fault.replica_groups={f.replica_groups}: no torchft Lighthouse: set fault.lighthouse=http://HOST:PORT "
+                          f"(or TORCHFT_LIGHTHOUSE), or start the groups with python -m launch local --replica-groups N")
+    _require(cfg.parallel.dp_replicate == 1, "parallel.dp_replicate", cfg.parallel.dp_replicate,
+             "must be 1 with fault.replica_groups: the replica groups are the replicated dimension")
+    _require(cfg.optimizer.name == "adamw" and cfg.optimizer.offload == "none", "optimizer.name", cfg.optimizer.name,
+             "with fault.replica_groups: a recovering group takes a peer's optimizer state, done for adamw without "
+             "optimizer.offload so far")
 
 
 def _check_optimizer(o: OptimizerConfig, s: LRSchedulerConfig, t: TrainingConfig) -> None:

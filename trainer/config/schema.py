@@ -330,6 +330,18 @@ class FaultConfig:
     # optionally ":restart=K" (only in in-job restart K; default 0, the first start). Refused unless the
     # environment sets TESSERA_DEBUG_FAULTS=1, so that a copied config can never break a real run.
     inject: list[str] = field(default_factory=list)
+    # Replica groups through torchft (trainer/fault/replicas.py; docs/fault_tolerance.md): this many copies of
+    # the model, each its own job (FSDP / TP / PP inside it), averaging gradients each step; a group that fails
+    # drops out while the others step, and rejoins with a live peer's state. 1: off.
+    replica_groups: int = 1
+    # This job's group, 0 .. replica_groups - 1 (its checkpoints and logs go to job.output_dir/replica-I).
+    replica_id: int = 0
+    # The torchft Lighthouse's address (http://host:port); empty: the TORCHFT_LIGHTHOUSE environment variable.
+    lighthouse: str = ""
+    # Fewest groups that may commit a step.
+    min_replicas: int = 1
+    # How long a quorum, an all-reduce or a recovery may take before the group counts as failed.
+    replica_timeout_s: float = 60.0
 
 
 @dataclass

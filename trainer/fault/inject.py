@@ -4,7 +4,8 @@
     crash:rank=R:step=N    rank R dies at the start of step N (SIGKILL: no handler, no exit code of ours)
     slow:rank=R:factor=F   rank R computes F times as long each step (burns CPU after its backward)
 
-each optionally `:restart=K`: only in torchrun's in-job restart K (TORCHELASTIC_RESTART_COUNT; default 0,
+each optionally `:replica=I` (only in replica group I, with fault.replica_groups) and `:restart=K`: only in
+torchrun's in-job restart K (TORCHELASTIC_RESTART_COUNT; default 0,
 the first start), so that a restarted run goes past the fault. A fresh Slurm requeue counts from 0 again.
 Refused unless TESSERA_DEBUG_FAULTS=1 is set: a config copied from a test must not hang a real run.
 
@@ -28,11 +29,13 @@ class Fault:
     step: int = 0
     factor: float = 1.0
     restart: int = 0
+    replica: int | None = None  # None: in every replica group
 
 
 def parse_fault(text: str) -> Fault:
     """One fault.inject entry; ConfigError naming it and the form expected."""
-    form = "expected hang:rank=R:step=N, crash:rank=R:step=N or slow:rank=R:factor=F, each optionally :restart=K"
+    form = ("expected hang:rank=R:step=N, crash:rank=R:step=N or slow:rank=R:factor=F, each optionally :replica=I "
+            "and :restart=K")
     kind, *parts = text.split(":")
     if kind not in _KEYS:
         raise ConfigError(f"fault.inject entry {text!r}: unknown fault {kind!r}; {form}")
@@ -40,12 +43,13 @@ def parse_fault(text: str) -> Fault:
         fields = dict(part.split("=", 1) for part in parts)
     except ValueError:
         raise ConfigError(f"fault.inject entry {text!r}: each part after the kind is key=value; {form}") from None
-    wanted = set(_KEYS[kind]) | {"restart"}
+    wanted = set(_KEYS[kind]) | {"restart", "replica"}
     if set(fields) - wanted or not set(_KEYS[kind]) <= set(fields):
-        raise ConfigError(f"fault.inject entry {text!r}: {kind} takes {', '.join(_KEYS[kind])} (and optionally restart); {form}")
+        raise ConfigError(f"fault.inject entry {text!r}: {kind} takes {', '.join(_KEYS[kind])} (and optionally replica, restart); {form}")
     try:
         fault = Fault(kind, rank=int(fields["rank"]), step=int(fields.get("step", 0)),
-                      factor=float(fields.get("factor", 1.0)), restart=int(fields.get("restart", 0)))
+                      factor=float(fields.get("factor", 1.0)), restart=int(fields.get("restart", 0)),
+                      replica=int(fields["replica"]) if "replica" in fields else None)
     except ValueError:
         raise ConfigError(f"fault.inject entry {text!r}: rank, step and restart are integers, factor a number; {form}") from None
     if fault.rank < 0 or fault.restart < 0 or (kind != "slow" and fault.step < 1) or (kind == "slow" and not fault.factor > 1):
@@ -72,9 +76,10 @@ def restart_count() -> int:
 class Injector:
     """The faults of this rank in this start."""
 
-    def __init__(self, entries: list[str], rank: int, steps: int):
+    def __init__(self, entries: list[str], rank: int, steps: int, replica: int = 0):
         now = restart_count()
-        self.faults = [f for f in check_faults(entries, steps) if f.rank == rank and f.restart == now]
+        self.faults = [f for f in check_faults(entries, steps)
+                       if f.rank == rank and f.restart == now and f.replica in (None, replica)]
         self._cpu = time.process_time()
 
     def before_step(self, step: int) -> None:
