@@ -19,7 +19,7 @@ if importlib.util.find_spec("torchft") is None and os.environ.get("CI") != "true
 
 STEPS = 40
 ARGS = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=4",
-        "export.hf=true", "job.deterministic=true", "fault.replica_timeout_s=30", "metrics.progress=off"]
+        "export.hf=true", "export.dtype=float32", "job.deterministic=true", "fault.replica_timeout_s=30", "metrics.progress=off"]
 
 
 def _launch(out, *extra) -> subprocess.CompletedProcess:
