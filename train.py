@@ -5,7 +5,8 @@ reported in one line on stderr with exit code 2, before any training work starts
 first Ctrl-C (SIGINT) saves a checkpoint after the current step and exits with code 75 (see
 trainer/preemption.py); a second Ctrl-C stops at once with code 130, keeping the last complete checkpoint. A run whose
 loss stays non-finite for training.max_bad_steps steps stops with exit code 3, its last good checkpoint
-kept. `--check` validates the config, data and checkpoints in one process and trains nothing: launchers
+kept. A run whose rank hangs (no step completes in fault.hang_timeout_s) exits with code 124 after
+writing every rank's stacks (trainer/fault/watchdog.py). `--check` validates the config, data and checkpoints in one process and trains nothing: launchers
 run it before starting many processes, so a mistake is reported once and not by every rank.
 
 Only light modules are imported at the top: a config mistake is reported before torch is loaded.
