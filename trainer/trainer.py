@@ -123,7 +123,7 @@ class Trainer:
             self.replicas = ReplicaGroups(fault, self.checkpointer.state, runtime.rank, runtime.world_size,
                                           runtime.device, self.step)
         self.stragglers = StragglerWatch(fault.straggler_factor, fault.straggler_steps, runtime.rank, runtime.world_size,
-                                         runtime.device, runtime.is_main)
+                                         runtime.device, runtime.is_main, stage=self.meshes.pp.local_rank)
         model_flops = plan.family.flops_per_token(plan.model_args, cfg.training.seq_len)
         self.metrics = MetricsLogger(
             cfg.metrics, self.output_dir, is_main=runtime.is_main, total_steps=cfg.training.steps,
