@@ -263,14 +263,9 @@ class Trainer:
         loss, grad_norm = self.train_step(microbatches)
         # With replica groups the step is the committed one, which a recovering group takes from its peer.
         self.step = self.replicas.step if self.replicas is not None else self.step + 1
-        if self.replicas is not None and self.replicas.recovered_from is not None:
-            if self.runtime.is_main and self.replicas.recovered_from == 0:
-                print(f"replicas: group {self.cfg.fault.replica_id} starts from a peer's state (torchft makes every "
-                      f"group start alike)", flush=True)
-            elif self.runtime.is_main:
-                print(f"replicas: group {self.cfg.fault.replica_id} was behind; it took a live peer's state at step "
-                      f"{self.replicas.recovered_from} and steps with the others from step {self.step}", flush=True)
-            self.replicas.recovered_from = None
+        note = self.replicas.recovery_note(self.cfg.fault.replica_id, self.step) if self.replicas is not None else None
+        if note and self.runtime.is_main:
+            print(note, flush=True)
         local_tokens = sum(batch.inputs.numel() for batch in microbatches)
         self.counters.step = self.step
         self.counters.tokens += local_tokens * self.dims.dp_size

@@ -82,7 +82,7 @@ def check_choices(cfg: Config) -> None:
              f"must hold step numbers from 1 to training.steps={cfg.training.steps} (not {bad_steps})")
     _require(cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch, "must be 0 (no background thread) or more")
     _check_fault(cfg.fault, cfg.training.steps)
-    check_replica_groups(cfg)
+    check_replica_groups(cfg.fault, cfg.parallel, cfg.optimizer)
     _check_eval(cfg.eval)
     _check_distill(cfg.distill)
     _check_moe(cfg.moe)
@@ -107,9 +107,8 @@ def _check_fault(f: FaultConfig, steps: int) -> None:
              "must be a positive number of seconds")
 
 
-def check_replica_groups(cfg: Config) -> None:
+def check_replica_groups(f: FaultConfig, parallel: ParallelConfig, optimizer: OptimizerConfig) -> None:
     """What replica groups need: torchft, a Lighthouse, and settings whose state a peer can hand over."""
-    f = cfg.fault
     if f.replica_groups == 1:
         return
     if importlib.util.find_spec("torchft") is None:
@@ -120,9 +119,9 @@ def check_replica_groups(cfg: Config) -> None:
     if not (f.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")):
         raise ConfigError(f"fault.replica_groups={f.replica_groups}: no torchft Lighthouse: set fault.lighthouse=http://HOST:PORT "
                           f"(or TORCHFT_LIGHTHOUSE), or start the groups with python -m launch local --replica-groups N")
-    _require(cfg.parallel.dp_replicate == 1, "parallel.dp_replicate", cfg.parallel.dp_replicate,
+    _require(parallel.dp_replicate == 1, "parallel.dp_replicate", parallel.dp_replicate,
              "must be 1 with fault.replica_groups: the replica groups are the replicated dimension")
-    _require(cfg.optimizer.name == "adamw" and cfg.optimizer.offload == "none", "optimizer.name", cfg.optimizer.name,
+    _require(optimizer.name == "adamw" and optimizer.offload == "none", "optimizer.name", optimizer.name,
              "with fault.replica_groups: a recovering group takes a peer's optimizer state, done for adamw without "
              "optimizer.offload so far")
 

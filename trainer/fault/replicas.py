@@ -92,6 +92,16 @@ class ReplicaGroups:
             self.state[name].load_state_dict(_like(received[name], self.state[name].state_dict()))
         self.recovered_from = int(received["train"]["step"])
 
+    def recovery_note(self, group: int, step: int) -> str | None:
+        """The console line after a step in which this group took a peer's state (once), else None."""
+        taken, self.recovered_from = self.recovered_from, None
+        if taken is None:
+            return None
+        if taken == 0:
+            return f"replicas: group {group} starts from a peer's state (torchft makes every group start alike)"
+        return (f"replicas: group {group} was behind; it took a live peer's state at step {taken} and steps with "
+                f"the others from step {step}")
+
     def start_step(self) -> None:
         """The quorum of this step, before the forward (a group behind the others is marked for recovery)."""
         self.manager.start_quorum()
