@@ -9,7 +9,7 @@ from pathlib import Path
 from trainer.checkpoint.manager import check_fits, read_metadata, resume_path
 from trainer.checkpoint.paths import checkpoint_root
 from trainer.checkpoint.state import ModelState
-from trainer.data.documents import check_num_streams
+from trainer.data.documents import check_num_streams, count_documents
 from trainer.errors import UserError
 from trainer.machine_fit import Machine, fit_problems
 from trainer.plan import Plan, load_data
@@ -41,8 +41,8 @@ def check_run(plan: Plan, machine: Machine | None = None, ranks_here: int | None
             start += " (model weights only)"
     d = plan.dims
     return (
-        f"check: ok: {cfg.job.output_dir} on {d.world_size} rank(s) ({d.describe()}), {len(docs):,} documents from {docs.name}, "
-        + (f"validating on {len(held_out):,} documents ({held_out.name}), " if held_out is not None else "")
+        f"check: ok: {cfg.job.output_dir} on {d.world_size} rank(s) ({d.describe()}), {count_documents(docs)} from {docs.name}, "
+        + (f"validating on {count_documents(held_out)} ({held_out.name}), " if held_out is not None else "")
         + (f"distilling from {cfg.distill.teacher}, " if plan.teacher_args is not None else "")
         + start
         + "".join(f"\n{note}" for note in notes)

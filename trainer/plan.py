@@ -23,6 +23,7 @@ from trainer.expert_balance import check_moe_settings
 from trainer.fault.inject import parse_fault
 from trainer.tokenizer import build_tokenizer
 from trainer.tokenizer.base import Tokenizer
+from trainer.tokenizer.identity import describe as describe_tokenizer, fingerprint
 from trainer.weights.load import read_checkpoint_args
 
 
@@ -120,10 +121,23 @@ def load_data(plan: Plan):
     a start reads its data (--check and training alike)."""
     cfg = plan.cfg
     docs, held_out = training_and_eval_documents(cfg.data, cfg.eval, load_documents)
+    check_prepared(docs, held_out, plan.tokenizer, cfg)
     check_enough_tokens(docs, plan.tokenizer, cfg.data, cfg.training.seq_len)
     if held_out is not None:
         check_eval_tokens(held_out, plan.tokenizer, cfg.data, cfg.training.seq_len)
+    for c in getattr(docs, "components", []):  # a mixture: each source's own held-out documents
+        if c.name in docs.held_out:
+            check_eval_tokens(docs.held_out[c.name], plan.tokenizer, c.cfg, cfg.training.seq_len)
     return docs, held_out
+
+
+def check_prepared(docs, held_out, tokenizer, cfg: Config) -> None:
+    """Prepared token shards were made with this run's tokenizer and token settings (one line if not)."""
+    every = [docs, held_out, *[c.docs for c in getattr(docs, "components", [])], *getattr(docs, "held_out", {}).values()]
+    for d in every:
+        source = getattr(d, "docs", d)  # a held-out share of a source is checked as its source
+        if getattr(source, "prepared", False):
+            source.check_matches(fingerprint(tokenizer), describe_tokenizer(cfg.tokenizer), cfg.data)
 
 
 def decide_chunked_loss(setting: str, dims: ParallelDims, meta: nn.Module, *, distilling: bool) -> bool:

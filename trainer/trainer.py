@@ -24,8 +24,10 @@ from trainer.checkpoint.state import (
     CounterState, DataState, ModelState, OptimizerState, RngState, SchedulerState,
 )
 from trainer.config import load_config, to_yaml
-from trainer.data import PackedLoader
+from trainer.config.schema import DataConfig
+from trainer.data import PackedLoader, make_loader
 from trainer.data.loader import Batch
+from trainer.data.mixture import source_scalars
 from trainer.data.prefetch import PrefetchingLoader
 from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
@@ -85,8 +87,11 @@ class Trainer:
         self.loader = self._loader(docs)
         if cfg.data.prefetch > 0:
             self.loader = PrefetchingLoader(self.loader, cfg.data.prefetch)
-        self.validation = None if held_out is None else Validation(
-            cfg.eval, self._loader(held_out), plan.tokenizer, total_steps=cfg.training.steps)
+        # Held-out sets by label: "" for eval.source (or the split), a mixture source's name for its eval_source.
+        held_out_sets = {**({"": self._loader(held_out)} if held_out is not None else {}),
+                         **{c.name: self._loader(docs.held_out[c.name], c.cfg) for c in getattr(docs, "components", [])
+                            if c.name in docs.held_out}}
+        self.validation = Validation(cfg.eval, held_out_sets, plan.tokenizer, total_steps=cfg.training.steps) if held_out_sets else None
         self.precision = Precision.from_config(cfg.training.mixed_precision_param, cfg.training.mixed_precision_reduce, runtime.device)
         # Vocabulary-sharded logits need the loss, and its backward, inside this context.
         self.loss_context = loss_parallel if self.dims.tp > 1 and cfg.parallel.loss_parallel else contextlib.nullcontext
@@ -143,13 +148,13 @@ class Trainer:
         self.preemption.restore()
         self.patches.close()
 
-    def _loader(self, docs) -> PackedLoader:
+    def _loader(self, docs, data: DataConfig | None = None) -> PackedLoader:
         cfg = self.cfg
         # Replica groups split the data as one more data-parallel dimension: group I reads shares I*dp .. I*dp+dp-1.
         groups, group = cfg.fault.replica_groups, cfg.fault.replica_id
-        return PackedLoader(docs, self.plan.tokenizer, cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
-                            dp_rank=group * self.dims.dp_size + self.meshes.dp.local_rank,
-                            dp_size=groups * self.dims.dp_size, seed=cfg.job.seed)
+        return make_loader(docs, self.plan.tokenizer, data or cfg.data, cfg.training.seq_len, cfg.training.local_batch_size,
+                           dp_rank=group * self.dims.dp_size + self.meshes.dp.local_rank,
+                           dp_size=groups * self.dims.dp_size, seed=cfg.job.seed)
 
     def _build_loss(self) -> TokenLoss:
         """Cross-entropy; with a teacher, the distillation loss (all that a distillation run changes)."""
@@ -274,6 +279,8 @@ class Trainer:
         extra = {**(self.balance.scalars if self.balance is not None else {}), **ranks}
         if self.replicas is not None:
             extra["fault/replica_groups_stepping"] = float(self.replicas.participants)
+        if self.cfg.data.sources:
+            extra.update(source_scalars(self.loader.state_dict(), self.cfg.training.seq_len))
         self.metrics.maybe_log(  # a device computes its cp slice of the rank's tokens
             self.step, loss=loss, lr=lr, grad_norm=grad_norm, local_tokens=local_tokens // self.dims.cp,
             step_time=step_time, tokens_seen=self.counters.tokens, window_ids=window_ids,
@@ -397,12 +404,16 @@ class Trainer:
         start = time.perf_counter()
         for part in self.model_parts:
             part.eval()
-        loss, count = self._held_out_loss()
-        variants = {}
+        sets = {label: self._held_out_loss(batches) for label, batches in self.validation.sets.items()}
+        # eval/loss is eval.source's (or the split's); without one, that of a mixture's held-out sets together.
+        main = [sets.pop("")] if "" in sets else list(sets.values())
+        count = sum(c for _, c in main)
+        loss = sum(l * c for l, c in main) / count
+        variants = {label: l for label, (l, _) in sets.items()}  # each mixture source's, as eval/loss_NAME
         qat = any(qat_layers(part) for part in self.model_parts)
         for label, fmt in ([("high_precision", None)] if qat else []) + [(n, FORMATS[n]) for n in self.cfg.eval.quantized]:
             with rounded_as(self.model_parts, fmt, self.cfg.qat):
-                variants[label] = self._held_out_loss()[0]
+                variants[label] = self._held_out_loss(self.validation.main_batches)[0]
         samples = []
         if (self.validation.cfg.sample_prompts and self.schedule is None and self.dims.tp == 1 and self.dims.cp == 1
                 and not self.cfg.compile.enabled):
@@ -412,12 +423,12 @@ class Trainer:
         self.metrics.log_eval(self.step, loss=loss, tokens=int(count), seconds=time.perf_counter() - start, samples=samples,
                               variants=variants)
 
-    def _held_out_loss(self) -> tuple[float, float]:
-        """(loss per label token, label tokens) of the validation batches, over every rank."""
+    def _held_out_loss(self, batches) -> tuple[float, float]:
+        """(loss per label token, label tokens) of validation batches, over every rank."""
         loss_fn = self.loss_fn.plain()
         loss_fn.start(scale=1.0, device=self.runtime.device)
         tokens = 0
-        for batch in self.validation.batches:
+        for batch in batches:
             tokens += int(TokenLoss.count(batch.labels))
             self.forward_backward(batch, loss_fn, backward=False)
         count = self._sum(torch.tensor(float(tokens)), over_pp=False).item()

@@ -13,10 +13,13 @@ from trainer.generate import Sampling, generate
 
 
 class Validation:
-    def __init__(self, cfg: EvalConfig, loader: PackedLoader, tokenizer, *, total_steps: int):
-        """`loader`: over the held-out documents, packed as the training data is."""
+    def __init__(self, cfg: EvalConfig, loaders: dict[str, PackedLoader], tokenizer, *, total_steps: int):
+        """`loaders`: over each set of held-out documents, packed as the training data is, by label ("": eval.source
+        or the split; a mixture source's name: its eval_source)."""
         self.cfg, self.tokenizer, self.total_steps = cfg, tokenizer, total_steps
-        self.batches = [loader.next_batch() for _ in range(self.cfg.steps)]
+        self.sets = {label: [loader.next_batch() for _ in range(self.cfg.steps)] for label, loader in loaders.items()}
+        # What the quantized variants are measured on: the main set, or every set together.
+        self.main_batches = self.sets.get("") or [b for batches in self.sets.values() for b in batches]
 
     def due(self, step: int) -> bool:
         every = self.cfg.every

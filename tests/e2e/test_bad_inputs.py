@@ -198,6 +198,28 @@ CASES = {
     "documents too short": (["data.source={short}"], "every document is too short"),
     "mixed formats": (["data.source={mixed}"], "data.source: cannot pick one format"),
     "prefetch negative": (["data.prefetch=-1"], "data.prefetch=-1 must be 0 (no background thread) or more"),
+    # prepared shards, streams and mixtures (trainer/data: shards.py, streaming.py, mixture.py)
+    "shards of another tokenizer": (["data.source={prepared}", "tokenizer.kind=auto", "tokenizer.path={tok512}"],
+                                    "its tokens were made with the byte tokenizer (fingerprint"),
+    "shards of other token settings": (["data.source={prepared}", "data.add_bos=false"],
+                                       "its tokens were made with data.add_bos=True, this run has data.add_bos=False"),
+    "a damaged shard": (["data.source={damaged_shard}"], "shard-00001.tokens does not match its checksum in the manifest"),
+    "an edited manifest": (["data.source={edited_manifest}"], "prepared.json: the manifest does not match its checksum"),
+    "streaming prepared shards": (["data.source={prepared}", "data.streaming=true"], "read by memory map (never whole) already"),
+    "streaming the stdlib source": (["data.streaming=true"], "data.streaming=true reads files or hub:NAME datasets"),
+    "held out by index from a stream": (["data.source={txt}", "data.text_sample_by=line", "data.streaming=true", "eval.every=1",
+                                         "eval.split_fraction=0.1"], "a streamed source has not: give eval.source"),
+    "mixture weight negative": (["data.sources=[{{source: '{txt}', weight: -1}}]"], "data.sources[0].weight=-1.0 must be a finite number of 0 or more"),
+    "mixture weights all zero": (["data.sources=[{{source: '{txt}', weight: 0}}, {{source: '{prepared}', weight: 0}}]"],
+                                 "data.sources: every weight is 0"),
+    "mixture source missing": (["data.sources=[{{source: '{txt}', weight: 1}}, {{source: /nope/x.jsonl, weight: 1}}]"],
+                               "data.sources[1] (x).source=/nope/x.jsonl: no such file"),
+    "mixture entry without a source": (["data.sources=[{{weight: 1}}]"], "data.sources[0] has no source"),
+    "mixture beside data.source": (["data.source={txt}", "data.sources=[{{source: '{prepared}'}}]"], "and data.sources are both set"),
+    "mixture names twice": (["data.sources=[{{source: '{txt}'}}, {{source: '{txt}'}}]"], "more than one source is named 'plain'"),
+    "mixture key misspelt": (["data.sources=[{{source: '{txt}', wieght: 1}}]"], "did you mean 'data.sources[0].weight'?"),
+    "mixture with a split fraction": (["data.sources=[{{source: '{txt}', text_sample_by: line}}]", "eval.every=1", "eval.split_fraction=0.1"],
+                                      "eval.split_fraction=0.1 with data.sources"),
     "profile step past the run": (["training.steps=5", "metrics.profile_steps=[2,9]"],
                                   "metrics.profile_steps=[2, 9] must hold step numbers from 1 to training.steps=5 (not [9])"),
     "cpu_malloc unknown": (["training.cpu_malloc=jemalloc"], "training.cpu_malloc='jemalloc' is not one of: retain, system"),
@@ -265,7 +287,23 @@ def _files(tmp: Path, run: Path) -> dict[str, Path]:
     shutil.copytree(run, truncated)
     shard = sorted((truncated / "checkpoints" / "step-2").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    from tests.conftest import SHARED_DATA
+    from trainer.data.prepare import prepare
+
+    prepared = tmp / "prepared"
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare(None, [f"data.source={data / 'plain.txt'}", "data.text_sample_by=line", "tokenizer.kind=byte"], prepared,
+                num_proc=1, docs_per_shard=50, dtype=None)
+    damaged, edited = tmp / "damaged_shard", tmp / "edited_manifest"
+    shutil.copytree(prepared, damaged)
+    shard = damaged / "shard-00001.tokens"
+    shard.write_bytes(b"\x00\x00" + shard.read_bytes()[2:])
+    shutil.copytree(prepared, edited)
+    manifest = edited / "prepared.json"
+    manifest.write_text(manifest.read_text().replace('"documents": 200', '"documents": 201', 1))
     return {
+        "prepared": prepared, "damaged_shard": damaged, "edited_manifest": edited,
+        "tok512": SHARED_DATA / "tokenizers/tok512/tok512.model",
         "run": run, "file": tmp / "a_file", "txt": data / "plain.txt", "empty": data / "empty.txt",
         "binary": data / "binary.txt", "broken": data / "broken.jsonl", "parquet": data / "garbage.parquet",
         "nofield": data / "nofield.jsonl", "short": data / "short.jsonl", "mixed": data / "mixed",
@@ -401,6 +439,17 @@ COMMAND_CASES = {
     "export: peft and quantized": ("trainer.export", ["{run}", "{tmp}/e8", "--peft", "--quantized", "w4a16"],
                                    "--peft and --quantized write different exports: give one of them"),
     "export: quantized name": ("trainer.export", ["{run}", "{tmp}/e9", "--quantized", "w2a16"], "argument --quantized: invalid choice: 'w2a16'"),
+    # python -m trainer.data.prepare
+    "prepare: no output": ("trainer.data.prepare", ["--config", "configs/debug.yaml"], "the following arguments are required: --output"),
+    "prepare: zero processes": ("trainer.data.prepare", ["--output", "{tmp}/p1", "--num-proc", "0"], "argument --num-proc: 0 must be at least 1"),
+    "prepare: output not ours": ("trainer.data.prepare", ["--config", "configs/debug.yaml", "--output", "{full_dir}"],
+                                 "full_dir is not empty and holds no preparation of ours"),
+    "prepare: output prepared": ("trainer.data.prepare", ["--config", "configs/debug.yaml", "--output", "{prepared}"],
+                                 "holds prepared data already"),
+    "prepare: from prepared": ("trainer.data.prepare", ["--config", "configs/debug.yaml", "--output", "{tmp}/p2", "data.source={prepared}"],
+                               "is prepared already: train from it"),
+    "prepare: bad data": ("trainer.data.prepare", ["--config", "configs/debug.yaml", "--output", "{tmp}/p3", "data.source={broken}"],
+                          "broken.jsonl: line 3 is not valid JSON"),
     # python -m launch
     "launch: no command": ("launch", [], "the following arguments are required: command"),
     "launch: unknown command": ("launch", ["remote"], "argument command: invalid choice: 'remote'"),
@@ -427,7 +476,8 @@ COMMAND_CASES = {
     "acceptance: budget": ("bench.acceptance", ["--budget", "0"], "argument --budget: 0 must be at least 1"),
     "acceptance: no GPU": ("bench.acceptance", ["--out", "{tmp}/acc"], "no CUDA GPU here; --dry shows the plan"),
 }
-_MAINS = {"trainer.generate": "trainer.generate", "trainer.export": "trainer.export", "launch": "launch.local",
+_MAINS = {"trainer.generate": "trainer.generate", "trainer.export": "trainer.export", "trainer.data.prepare": "trainer.data.prepare",
+          "launch": "launch.local",
           "bench": "bench.__main__", "bench.acceptance": "bench.acceptance"}
 
 

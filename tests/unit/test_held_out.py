@@ -48,9 +48,9 @@ def test_held_out_documents_never_reach_a_training_batch(tmp_path):
         assert seen == set(range(300)) - held_ids  # and every other document is trained on
 
     loader = PackedLoader(held, TOK, cfg.data, 64, 4, dp_rank=0, dp_size=1, seed=cfg.job.seed)
-    validation = Validation(cfg.eval, loader, TOK, total_steps=cfg.training.steps)
-    assert len(validation.batches) == 3
-    validated = set().union(*(_ids(inputs) for inputs, _, _ in validation.batches))
+    validation = Validation(cfg.eval, {"": loader}, TOK, total_steps=cfg.training.steps)
+    assert len(validation.main_batches) == 3
+    validated = set().union(*(_ids(inputs) for inputs, _, _ in validation.main_batches))
     assert validated and validated <= held_ids
 
 

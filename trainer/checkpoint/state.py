@@ -22,7 +22,6 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from trainer.checkpoint.quantized_moments import SCALES_INFIX, is_quantized, restore_, scales_key, to_checkpoint
-from trainer.data.loader import PackedLoader
 from trainer.optimizer import Optimizers
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -140,7 +139,8 @@ class SchedulerState(Stateful):
 
 
 class DataState(Stateful):
-    def __init__(self, loader: PackedLoader, dp_group):
+    def __init__(self, loader, dp_group):
+        """`loader`: a PackedLoader (trainer/data), or one with its state_dict / load_state_dict."""
         self.loader, self.dp_group = loader, dp_group
 
     def state_dict(self) -> dict:
@@ -149,7 +149,7 @@ class DataState(Stateful):
         if self.dp_group is not None:
             states = [None] * dist.get_world_size(self.dp_group)
             dist.all_gather_object(states, local, group=self.dp_group)
-        merged = {"windows_consumed": local["windows_consumed"], "streams": {}}
+        merged = {**local, "streams": {}}  # the counts are the same on every rank; the streams are each rank's own
         for state in states:
             merged["streams"].update(state["streams"])
         return {"json": json.dumps(merged, sort_keys=True)}

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from trainer.config.schema import (
-    CHOICES, QUANTIZED_EXPORTS, AdaptersConfig, Config, DataConfig, DistillConfig, EvalConfig, ExportConfig, FaultConfig, Float8Config, JobConfig,
+    CHOICES, QUANTIZED_EXPORTS, AdaptersConfig, Config, DataConfig, DataSourceConfig, DistillConfig, EvalConfig, ExportConfig, FaultConfig, Float8Config, JobConfig,
     LRSchedulerConfig, ModelConfig, OptimizerConfig, ParallelConfig, QATConfig, TrainingConfig,
 )
 from trainer.errors import ConfigError
@@ -83,7 +83,7 @@ def check_choices(cfg: Config) -> None:
     _require(cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch, "must be 0 (no background thread) or more")
     _check_fault(cfg.fault, cfg.training.steps)
     check_replica_groups(cfg.fault, cfg.parallel, cfg.optimizer)
-    _check_eval(cfg.eval)
+    _check_eval(cfg.eval, cfg.data.sources)
     _check_distill(cfg.distill)
     _check_moe(cfg.moe)
     _check_paths(cfg.job, cfg.data)
@@ -170,7 +170,7 @@ def _check_model(m: ModelConfig) -> None:
                      "must be a positive, finite number (or null to take the flavor's)")
 
 
-def _check_eval(e: EvalConfig) -> None:
+def _check_eval(e: EvalConfig, sources: list[DataSourceConfig]) -> None:
     _require(e.every >= 0, "eval.every", e.every, "must be 0 (no validation) or a number of steps")
     _require(e.steps >= 1, "eval.steps", e.steps, "must be at least 1")
     _require(e.sample_tokens >= 1, "eval.sample_tokens", e.sample_tokens, "must be at least 1")
@@ -181,10 +181,10 @@ def _check_eval(e: EvalConfig) -> None:
             f"eval.source={e.source} and eval.split_fraction={e.split_fraction} are two ways to get held-out data: "
             f"give one of them"
         )
-    if e.every > 0 and e.source is None and e.split_fraction == 0:
+    if e.every > 0 and e.source is None and e.split_fraction == 0 and not any(s.eval_source for s in sources):
         raise ConfigError(
             f"eval.every={e.every} needs held-out data: set eval.source (files, a directory or hub:NAME) or "
-            f"eval.split_fraction (e.g. 0.05 of the training documents)"
+            f"eval.split_fraction (e.g. 0.05 of the training documents), or a mixture source's eval_source"
         )
 
 
@@ -274,10 +274,49 @@ def _check_qat(q: QATConfig, *, fp8_enabled: bool, quantize_base: str) -> None:
     _require(q.start_step >= 0, "qat.start_step", q.start_step, "must be 0 (round from the first step) or more")
 
 
+def source_names(sources: list[DataSourceConfig]) -> list[str]:
+    """Each mixture source's name: its own, else its file's or directory's (or the Hub dataset's) name."""
+    names = []
+    for src in sources:
+        path = src.source.removeprefix("hub:").rstrip("/")
+        names.append(src.name or (Path(path).stem if not src.source.startswith("hub:") else path.split("/")[-1]))
+    return names
+
+
+def _check_sources(d: DataConfig) -> None:
+    """data.sources (a mixture): sources named, weights usable, names distinct, their own settings valid."""
+    if not d.sources:
+        return
+    if d.source != "stdlib":
+        raise ConfigError(f"data.source={d.source} and data.sources are both set: a run reads one source or a mixture; "
+                          f"move data.source into data.sources (with its weight) or remove data.sources")
+    for i, src in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if not src.source:
+            raise ConfigError(f"{key} has no source: give each mixture entry a source (a file, directory, glob or hub:NAME)")
+        _require(_finite(src.weight) and src.weight >= 0, f"{key}.weight", src.weight,
+                 "must be a finite number of 0 or more (a source's share is its weight over the weights' sum)")
+        for field_name in ("format", "text_sample_by"):
+            value, allowed = getattr(src, field_name), CHOICES[f"data.{field_name}"]
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{key}.{field_name}={value!r} is not one of: {', '.join(allowed)}")
+    if sum(src.weight for src in d.sources) <= 0:
+        raise ConfigError(f"data.sources: every weight is 0 ({', '.join(str(s.weight) for s in d.sources)}): give at "
+                          f"least one source a positive weight")
+    names = source_names(d.sources)
+    slashed = [n for n in names if "/" in n or not n.strip()]
+    if slashed:
+        raise ConfigError(f"data.sources: the name {slashed[0]!r} cannot name metrics (data/NAME): set a name without '/'")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"data.sources: more than one source is named {twice[0]!r}; give them distinct names (name: ...)")
+
+
 def _check_paths(job: JobConfig, d: DataConfig) -> None:
     out = Path(job.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"job.output_dir={out} is an existing file, not a directory: choose another job.output_dir")
+    _check_sources(d)
     if not d.source.startswith("hub:"):
         # Only a Hub dataset has named splits and configs; silently ignoring them would train on other data.
         if d.split != "train":

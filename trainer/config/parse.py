@@ -6,6 +6,7 @@ first, because OmegaConf's message does not say what the user probably meant.
 
 import dataclasses
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,10 @@ def _check_keys(tree: Any, schema: type, prefix: str) -> None:
         sub = fields[key].type
         if dataclasses.is_dataclass(sub):
             _check_keys(value, sub, prefix=f"{prefix}{key}.")
+        item = typing.get_args(sub)[0] if typing.get_origin(sub) is list else None
+        if dataclasses.is_dataclass(item) and isinstance(value, list):  # a list of sections (data.sources)
+            for i, entry in enumerate(value):
+                _check_keys(entry, item, prefix=f"{prefix}{key}[{i}].")
 
 
 def _one_line(e: OmegaConfBaseException) -> str:

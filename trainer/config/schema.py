@@ -56,6 +56,28 @@ class TokenizerConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One source of a mixture (data.sources): its documents and its share of the training windows."""
+
+    # Any form data.source takes: a file, directory, glob, hub:NAME, or a prepared directory.
+    source: str = ""
+    # The share of windows is weight / (the weights' sum); weights need not sum to 1.
+    weight: float = 1.0
+    # In metrics (data/tokens/NAME, eval/loss_NAME) and messages; empty: the file's or directory's name.
+    name: str = ""
+    # Unset: data's own setting.
+    format: str | None = None
+    text_field: str | None = None
+    text_sample_by: str | None = None
+    hub_config: str | None = None
+    split: str | None = None
+    streaming: bool | None = None
+    # Held-out documents of this source, in the forms of `source`: validation reports their loss as
+    # eval/loss_NAME (eval.every sets when).
+    eval_source: str | None = None
+
+
+@dataclass
 class DataConfig:
     # "stdlib" (this Python's own standard library source, present in every install), a local file,
     # directory or glob of .txt/.json/.jsonl/.parquet files, or "hub:NAME" for a Hugging Face Hub dataset.
@@ -80,6 +102,14 @@ class DataConfig:
     sft_format: str = "auto"
     # sft: skip (and report) records that are malformed instead of stopping at the first one.
     skip_bad_records: bool = False
+    # Read local files or a hub:NAME dataset as a stream (trainer/data/streaming.py): nothing is loaded or
+    # downloaded whole, at the cost of shuffling only the order of a source's files. A directory made by
+    # `python -m trainer.data.prepare` is named in `source` as it is (memory-mapped tokens, no tokenization).
+    streaming: bool = False
+    # A mixture instead of one source: a list of {source, weight, ...} (DataSourceConfig), each window drawn
+    # from one of them by weight (trainer/data/mixture.py); data.source is then left unset. Each source takes
+    # data's other settings unless it sets its own.
+    sources: list[DataSourceConfig] = field(default_factory=list)
     # Batches made ahead on a background thread while the step computes; 0: on the training thread.
     prefetch: int = 2
     # Attention inside a packed window. causal: every token sees every earlier token of the window, across

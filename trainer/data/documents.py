@@ -1,7 +1,8 @@
 """Document sources: an indexable list of texts, from the stdlib corpus, local files, or the Hub.
 
-Every source is a `Documents`: len() and [i] -> str, with a `name` for error messages. Nothing is
-tokenized here; that happens lazily in the packed streams.
+Every source is a `Documents`: len() and [i] -> str (or a record), with a `name` for error messages. Nothing
+is tokenized here; that happens lazily in the packed streams. The other kinds of source (prepared tokens,
+streams, mixtures) are in modules of their own; trainer/data/sources.py picks one.
 """
 
 import codecs
@@ -95,10 +96,8 @@ def _format_of(files: list[str], configured: str) -> str:
     return formats.pop()
 
 
-def load_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
-    if cfg.format != "auto" and (cfg.source == "stdlib" or cfg.source.startswith("hub:")):
-        raise ConfigError(f"data.format={cfg.format} says how to read local files, but data.source={cfg.source} is not "
-                          f"files: leave data.format=auto, or point data.source at your files")
+def read_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
+    """Texts or records to tokenize: the stdlib corpus, local files, or a Hub dataset (map-style)."""
     if cfg.source == "stdlib":
         if cfg.task == "sft":
             raise ConfigError("data.task=sft needs records (data.source: a .json/.jsonl/.parquet file or hub:NAME)")
@@ -214,7 +213,19 @@ def _field(cfg: DataConfig) -> str | None:
     return None if cfg.task == "sft" else cfg.text_field
 
 
+def count_documents(docs) -> str:
+    if getattr(docs, "mixture", False):
+        return "; ".join(f"{c.name}: {count_documents(c.docs)}" for c in docs.components)
+    return "a stream of documents" if getattr(docs, "streamed", False) else f"{len(docs):,} documents"
+
+
 def check_num_streams(docs, num_streams: int, text_sample_by: str = "") -> None:
+    if getattr(docs, "mixture", False):
+        for c in docs.components:
+            check_num_streams(c.docs, num_streams, c.cfg.text_sample_by)
+        return
+    if getattr(docs, "streamed", False):
+        return  # its length is unknown: a stream that gets no documents says so at its first window
     if len(docs) < num_streams:
         text = text_sample_by == "document" and str(docs.name).endswith(".txt")
         split = ", or split the text into more documents: data.text_sample_by=paragraph (blank-line separated) or line" if text else ""

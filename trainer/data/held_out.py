@@ -8,7 +8,7 @@ import zlib
 from trainer.config.schema import DataConfig, EvalConfig
 from trainer.data.documents import check_num_streams
 from trainer.data.loader import check_enough_tokens
-from trainer.errors import DataError, UserError
+from trainer.errors import ConfigError, DataError, UserError
 
 
 class DocumentSubset:
@@ -26,6 +26,10 @@ class DocumentSubset:
     @property
     def column_names(self) -> list[str]:
         return self.docs.column_names
+
+    @property
+    def prepared(self) -> bool:
+        return getattr(self.docs, "prepared", False)
 
 
 def is_held_out(index: int, fraction: float) -> bool:
@@ -50,11 +54,17 @@ def training_and_eval_documents(data: DataConfig, e: EvalConfig, load_documents)
     docs = load_documents(data)
     if e.source is not None:
         try:
-            return docs, load_documents(dataclasses.replace(data, source=e.source))
+            return docs, load_documents(dataclasses.replace(data, source=e.source, sources=[]))
         except DataError as err:  # the reader names data.source; here the files came from eval.source
             message = str(err).replace("data.source", "eval.source")
             raise DataError(message if "eval.source" in message else f"eval.source: {message}") from None
     if e.split_fraction > 0:
+        if getattr(docs, "mixture", False):
+            raise ConfigError(f"eval.split_fraction={e.split_fraction} with data.sources: hold out data per source "
+                              f"(data.sources[i].eval_source) or give eval.source")
+        if getattr(docs, "streamed", False):
+            raise ConfigError(f"eval.split_fraction={e.split_fraction} holds documents out by their index, which a streamed "
+                              f"source has not: give eval.source (streamed too, or not), or set data.streaming=false")
         return split_documents(docs, e.split_fraction)
     return docs, None
 

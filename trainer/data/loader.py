@@ -8,12 +8,13 @@ with, or resumed on, another number of ranks.
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from trainer.config.schema import DataConfig
 from trainer.data.documents import DataError, check_num_streams
-from trainer.data.packing import PackedStream
+from trainer.data.packing import IndexedCursor, PackedStream
 from trainer.data.sft import SftTokenizer, check_records
 from trainer.loss import IGNORE_INDEX
 
@@ -29,6 +30,20 @@ class Batch(NamedTuple):
     documents: torch.Tensor
 
 
+def make_batch(packed: np.ndarray, begins: np.ndarray) -> Batch:
+    """(rows, seq_len + 1) packed tokens (masked ones as -(id + 1)) and 1 where a document begins -> a Batch."""
+    masked = packed < 0
+    tokens = torch.from_numpy(packed)
+    if masked.any():
+        trained = torch.from_numpy(~masked)
+        tokens = torch.where(trained, tokens, -tokens - 1)
+        labels = torch.where(trained[:, 1:], tokens[:, 1:], IGNORE_INDEX)
+    else:  # pretraining: every token is trained (a batch's one pass over its tokens, not three)
+        labels = tokens[:, 1:].clone()
+    documents = torch.from_numpy(begins[:, :-1]).cumsum(dim=1)
+    return Batch(tokens[:, :-1], labels, documents)
+
+
 class DocumentTokenizer:
     """Document index -> [BOS] + tokens + [EOS]; documents of only whitespace give no tokens."""
 
@@ -38,7 +53,9 @@ class DocumentTokenizer:
         self.suffix = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
 
     def __call__(self, index: int) -> list[int]:
-        text = self.docs[index]
+        return self.encode(self.docs[index])
+
+    def encode(self, text: str, index: int = -1) -> list[int]:
         if not text.strip():
             return []
         return self.prefix + self.tokenizer.encode(text) + self.suffix
@@ -46,9 +63,24 @@ class DocumentTokenizer:
 
 def make_tokenize(docs, tokenizer, cfg: DataConfig):
     """Document index -> packed entries, for the configured task."""
+    if getattr(docs, "prepared", False):
+        return docs.__getitem__  # tokenized by prepare, masks and all
     if cfg.task == "sft":
-        return SftTokenizer(docs, tokenizer, cfg.sft_format, docs.name, cfg.skip_bad_records)
-    return DocumentTokenizer(docs, tokenizer, cfg.add_bos, cfg.add_eos)
+        sft = SftTokenizer(docs, tokenizer, cfg.sft_format, docs.name, cfg.skip_bad_records)
+        return sft.encode if getattr(docs, "streamed", False) else sft
+    plain = DocumentTokenizer(docs, tokenizer, cfg.add_bos, cfg.add_eos)
+    if getattr(docs, "streamed", False):  # a streamed source's cursor hands over records, not indices
+        return lambda record, index: plain.encode(docs.text_of(record, index))
+    return plain
+
+
+def make_cursor(docs, stream_id: int, tokenize, cfg: DataConfig, seed: int):
+    """Stream stream_id's supply of documents (trainer/data/packing.py)."""
+    if getattr(docs, "streamed", False):
+        from trainer.data.streaming import StreamCursor
+
+        return StreamCursor(docs, stream_id, cfg.num_streams, tokenize, seed, cfg.shuffle)
+    return IndexedCursor(docs, stream_id, cfg.num_streams, tokenize, seed, cfg.shuffle)
 
 
 class PackedLoader:
@@ -61,7 +93,7 @@ class PackedLoader:
         self.dp_rank, self.dp_size, self.num_streams = dp_rank, dp_size, cfg.num_streams
         tokenize = make_tokenize(docs, tokenizer, cfg)
         self.streams = {
-            s: PackedStream(docs, s, cfg.num_streams, tokenize, seq_len + 1, seed, cfg.shuffle)
+            s: PackedStream(make_cursor(docs, s, tokenize, cfg, seed), seq_len + 1, docs.name)
             for s in range(dp_rank, cfg.num_streams, dp_size)
         }
         self.next_global = dp_rank  # the global index of this rank's next window
@@ -70,18 +102,18 @@ class PackedLoader:
     def next_batch(self) -> Batch:
         """The next microbatch of this rank (int64 tensors); ids of its windows in last_ids."""
         windows, self.last_ids = [], []
-        begins = torch.zeros(self.batch_size, self.seq_len + 1, dtype=torch.int32)
-        for row in range(self.batch_size):
-            window, starts, window_id = self.streams[self.next_global % self.num_streams].next_window()
+        begins = np.zeros((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        for row, (window, starts, window_id) in enumerate(self._windows()):
             windows.append(window)
             begins[row, starts] = 1
             self.last_ids.append(window_id)
+        return make_batch(np.stack(windows), begins)
+
+    def _windows(self):
+        """This rank's windows of the next microbatch: (tokens, document starts, id) each."""
+        for _ in range(self.batch_size):
+            yield self.streams[self.next_global % self.num_streams].next_window()
             self.next_global += self.dp_size
-        packed = torch.tensor(windows, dtype=torch.long)
-        tokens = torch.where(packed >= 0, packed, -packed - 1)  # masked tokens are stored as -(id + 1)
-        labels = torch.where(packed[:, 1:] >= 0, tokens[:, 1:], IGNORE_INDEX)
-        documents = begins[:, :-1].cumsum(dim=1, dtype=torch.int64)
-        return Batch(tokens[:, :-1], labels, documents)
 
     def close(self) -> None:
         """Nothing to stop: it runs on the caller's thread (PrefetchingLoader has one to stop)."""
@@ -104,25 +136,39 @@ class PackedLoader:
             stream.load_state_dict(state["streams"][str(s)])
 
 
+# A streamed source's start-up check reads at most this many records for one window's worth of tokens.
+_STREAM_CHECK_RECORDS = 100_000
+
+
 def check_enough_tokens(docs, tokenizer, cfg: DataConfig, seq_len: int) -> None:
     """Fails early if the data cannot fill even one window (reads only as far as it must)."""
+    if getattr(docs, "mixture", False):
+        for c in docs.components:
+            check_enough_tokens(c.docs, tokenizer, c.cfg, seq_len)
+        return
     tokenize = make_tokenize(docs, tokenizer, cfg)
-    if cfg.task == "sft":
+    if getattr(docs, "streamed", False):  # no length and no indices: the first documents, as far as needed
+        documents = (tokenize(record, i) for i, record in enumerate(docs.first_records(_STREAM_CHECK_RECORDS)))
+        count = f"first {_STREAM_CHECK_RECORDS:,} (or all)"
+    else:
+        documents = (tokenize(i) for i in range(len(docs)))
+        count = f"{len(docs)}"
+    if cfg.task == "sft" and not getattr(docs, "prepared", False) and not getattr(docs, "streamed", False):
         skipped = check_records(tokenize)
         if skipped and (not dist.is_initialized() or dist.get_rank() == 0):
             print(f"data: skipping {len(skipped)} bad records of {docs.name} (data.skip_bad_records): indices "
                   f"{skipped[:20]}{' ...' if len(skipped) > 20 else ''}", flush=True)
     total, nonempty = 0, 0
-    for i in range(len(docs)):
-        n = len(tokenize(i))
+    for tokens in documents:
+        n = len(tokens)
         total += n
         nonempty += n > 0
         if total > seq_len:
             return
     field = f" (field '{cfg.text_field}')" if cfg.source != "stdlib" and cfg.task == "pretrain" else ""
     if nonempty == 0:
-        raise DataError(f"{docs.name}{field}: every one of its {len(docs)} documents is empty")
+        raise DataError(f"{docs.name}{field}: every one of its {count} documents is empty")
     raise DataError(
-        f"{docs.name}{field}: every document is too short: all {len(docs)} hold {total} tokens together, "
+        f"{docs.name}{field}: every document is too short: all {count} hold {total} tokens together, "
         f"fewer than one training window of training.seq_len + 1 = {seq_len + 1}; use more data or a shorter seq_len"
     )

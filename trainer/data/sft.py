@@ -7,7 +7,7 @@ trained: a masked token is stored as -(id + 1) in the packed stream, which the l
 ignored label, so packing and its saved state need to know nothing about masks.
 """
 
-from trainer.data.documents import DataError
+from trainer.errors import DataError
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -82,8 +82,12 @@ class SftTokenizer:
         self.template = getattr(tokenizer, "chat_template", None)
 
     def __call__(self, index: int) -> list[int]:
+        return self.encode(self.records[index], index)
+
+    def encode(self, record: dict, index: int) -> list[int]:
+        """A record's packed entries; `index` names it in errors."""
         try:
-            messages = to_messages(self.records[index], self.fmt, index, self.name)
+            messages = to_messages(record, self.fmt, index, self.name)
         except DataError:
             if self.skip_bad:
                 return []
