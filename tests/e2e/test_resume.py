@@ -1,9 +1,12 @@
 """Exact resume after kill -9, crash safety of async saves, and resharded resume, with real processes.
 
-The resumed runs keep documents apart (data.attention=document over Tiny Shakespeare's speeches, several
-to a window), so the saved data position carries where the documents of a half-filled window begin. The
-killed run and its reference split every sequence over 2 context-parallel ranks (parallel.cp=2); their
-step-10 checkpoint resumes on 1 rank (cp1), 4 data-parallel ranks, and dp2 x tp2."""
+The resumed runs read a mixture of three sources of each kind (data.sources): Tiny Shakespeare's speeches
+from the text file, TinyStories from prepared token shards, and C4 streamed, so a resume restores a plain
+stream's, a memory-mapped one's and a streamed reader's positions and the mixture's counts at once. They keep
+documents apart (data.attention=document, several documents to a window), so the saved data position carries
+where the documents of a half-filled window begin. The killed run and its reference split every sequence over
+2 context-parallel ranks (parallel.cp=2); their step-10 checkpoint resumes on 1 rank (cp1), 4 data-parallel
+ranks, and dp2 x tp2."""
 
 import json
 import os
@@ -13,18 +16,33 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, document_attention, kill_tree, run_train, start_train, tensorboard_scalars, wait_until
+from tests.helpers import REPO, kill_tree, run_train, start_train, tensorboard_scalars, wait_until
 
 STEPS = 20
 BASE = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=10",
-        "eval.every=5", "eval.split_fraction=0.05", "eval.steps=1"]  # validation on: it must not disturb a resume
+        "eval.every=5", "eval.steps=1"]  # validation on (the Shakespeare source's): it must not disturb a resume
 
 
 CP2 = ["parallel.cp=2"]
 
 
-def _common() -> list[str]:
-    return [*BASE, *document_attention()]
+@pytest.fixture(scope="module")
+def common(tmp_path_factory):
+    """The runs' arguments: BASE over the mixture, its TinyStories shards prepared once for the module."""
+    from tests.conftest import _shared
+    from trainer.data.prepare import prepare
+
+    shakespeare, stories, c4 = (_shared(p) for p in ("text/tinyshakespeare/input.txt",
+                                                     "text/tinystories/tinystories_train_head.txt", "text/c4/c4_demo.jsonl"))
+    prepared = tmp_path_factory.mktemp("shards") / "stories"
+    prepare(None, [f"data.source={stories}", "data.text_sample_by=paragraph", "tokenizer.kind=byte"], prepared,
+            num_proc=1, docs_per_shard=200, dtype=None)
+    return [
+        *BASE, "data.attention=document",
+        f"data.sources=[{{source: '{shakespeare}', weight: 0.5, text_sample_by: paragraph, name: shakespeare, "
+        f"eval_source: '{shakespeare}'}}, {{source: '{prepared}', weight: 0.3}}, "
+        f"{{source: '{c4}', weight: 0.2, streaming: true, name: c4}}]",
+    ]
 
 
 def _samples(output_dir, world):
@@ -41,16 +59,16 @@ def _samples(output_dir, world):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, common):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_train([*_common(), *CP2, "job.deterministic=true", "metrics.log_samples=true", f"job.output_dir={out}"],
+    result = run_train([*common, *CP2, "job.deterministic=true", "metrics.log_samples=true", f"job.output_dir={out}"],
                        nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
-def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
-    args = [*_common(), *CP2, "job.deterministic=true", "metrics.log_samples=true", f"job.output_dir={tmp_path}"]
+def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, common, tmp_path):
+    args = [*common, *CP2, "job.deterministic=true", "metrics.log_samples=true", f"job.output_dir={tmp_path}"]
     proc = start_train(args, tmp_path / "first.log", nproc=2)
     # Past the step-10 checkpoint, at whatever step the run has reached by then.
     wait_until(lambda: (tmp_path / "checkpoints" / "step-10").is_dir(), what="the step-10 checkpoint")
@@ -72,14 +90,15 @@ def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
     assert samples == reference  # the same windows at every step
     every = [w for step in range(1, STEPS + 1) for w in samples[step]]
     assert len(every) == len(set(every)) == STEPS * 8  # none repeated, none skipped
+    assert {source for source, _, _ in every} == {0, 1, 2}  # every kind of source was trained on and resumed
 
 
-def test_a_hang_restarts_in_place_and_resumes_bitwise(uninterrupted, tmp_path):
+def test_a_hang_restarts_in_place_and_resumes_bitwise(uninterrupted, common, tmp_path):
     """Rank 1 hangs at step 13, past the step-10 checkpoint: the watchdog ends both ranks (exit 124), torchrun
     (`launch local --max-restarts 1`) starts them again in place, and the run resumes from step 10 to the end
     with the uninterrupted run's losses, bit for bit."""
     out = tmp_path / "run"
-    args = [*_common(), *CP2, "job.deterministic=true", f"job.output_dir={out}", "fault.hang_timeout_s=5",
+    args = [*common, *CP2, "job.deterministic=true", f"job.output_dir={out}", "fault.hang_timeout_s=5",
             "fault.inject=[hang:rank=1:step=13]"]
     env = {**os.environ, "TESSERA_DEBUG_FAULTS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "-m", "launch", "local", "--nproc", "2", "--max-restarts", "1", *args],
@@ -97,9 +116,9 @@ def test_a_hang_restarts_in_place_and_resumes_bitwise(uninterrupted, tmp_path):
 
 
 @pytest.mark.parametrize("world,extra", [(1, []), (4, ["training.local_batch_size=2"]), (4, ["parallel.tp=2"])])
-def test_resharded_resume(uninterrupted, tmp_path, world, extra):
+def test_resharded_resume(uninterrupted, common, tmp_path, world, extra):
     step10 = uninterrupted / "checkpoints" / "step-10"
-    args = [*_common(), f"job.output_dir={tmp_path}", f"checkpoint.resume_from={step10}", *extra]
+    args = [*common, f"job.output_dir={tmp_path}", f"checkpoint.resume_from={step10}", *extra]
     result = run_train(args, nproc=world)
     assert result.returncode == 0, result.stderr[-3000:]
     want = tensorboard_scalars(uninterrupted, "loss/train")

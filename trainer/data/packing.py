@@ -49,7 +49,8 @@ class IndexedCursor:
             return None
         index = int(self._order[self.cursor])
         if self._tokens_of[0] != index:
-            self._tokens_of = (index, np.asarray(self.tokenize(index), dtype=np.int64))
+            tokens = self.tokenize(index)  # prepared shards give arrays (uint16/32 views), tokenizers lists
+            self._tokens_of = (index, tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens, dtype=np.int64))
         return self._tokens_of[1]
 
     def next_document(self) -> None:
@@ -103,13 +104,14 @@ class PackedStream:
             if self.token_pos >= len(tokens):
                 docs.next_document()
                 self.token_pos = 0
-        window = np.concatenate(self._pieces) if len(self._pieces) > 1 else self._pieces[0].copy()
+        window = np.concatenate(self._pieces).astype(np.int64, copy=False) if len(self._pieces) > 1 else \
+            self._pieces[0].astype(np.int64)  # a copy: never a view of a mapped file
         starts, self._starts, self._pieces, self._filled = self._starts, [], [], 0
         self.windows += 1
         return window, starts, (docs.stream_id, self.windows - 1)
 
     def state_dict(self) -> dict:
-        partial = np.concatenate(self._pieces).tolist() if self._pieces else []
+        partial = np.concatenate(self._pieces).astype(np.int64).tolist() if self._pieces else []
         return {**self.documents.state_dict(), "token_pos": self.token_pos, "partial": partial,
                 "starts": list(self._starts), "windows": self.windows}
 

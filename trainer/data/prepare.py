@@ -47,33 +47,48 @@ def _start_worker(config: str | None, overrides: list[str]) -> None:
     _worker["tokenize"] = make_tokenize(docs, build_tokenizer(cfg.tokenizer), cfg.data)
 
 
+# Tokens a worker holds before it appends them to the shard's files: a shard of any size is written in
+# pieces of about 64 MB of int64, so a worker's memory does not grow with it.
+_FLUSH_TOKENS = 8 << 20
+
+
 def write_shard(directory: str, index: int, first: int, last: int, dtype: str, sft: bool) -> dict:
     """Tokenizes documents first .. last - 1 into shard `index`; returns its .done record."""
     tokenize = _worker["tokenize"]
     name = f"shard-{index:05d}"
     # Tests interrupt a prepare part-way: this slows each shard down enough to do it reliably.
     time.sleep(float(os.environ.get("TESSERA_DEBUG_PREPARE_DELAY", "0")))
-    pieces, lengths = [], np.zeros(last - first, dtype=np.int64)
+    paths = {suffix: Path(directory) / f"{name}.{suffix}" for suffix in ("tokens", "offsets", "trained")}
+    files = {suffix: open(f"{path}.tmp", "wb") for suffix, path in paths.items() if sft or suffix != "trained"}
+    limit = np.iinfo(np.dtype(dtype)).max
+    lengths, pieces, held, total = np.zeros(last - first, dtype=np.int64), [], 0, 0
+
+    def flush() -> None:
+        ids = np.concatenate(pieces)
+        tokens = np.where(ids >= 0, ids, -ids - 1)
+        if tokens.max() > limit:
+            raise DataError(f"a token id of {tokens.max()} in documents {first}..{last - 1} does not fit {dtype} (the "
+                            f"tokenizer's vocab_size said it would): prepare with --dtype uint32")
+        tokens.astype(dtype).tofile(files["tokens"])
+        if sft:
+            (ids >= 0).astype(np.uint8).tofile(files["trained"])
+        pieces.clear()
+
     for n, i in enumerate(range(first, last)):
         ids = np.asarray(tokenize(i), dtype=np.int64)
-        pieces.append(ids)
         lengths[n] = len(ids)
-    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    tokens = np.where(ids >= 0, ids, -ids - 1)
-    limit = np.iinfo(np.dtype(dtype)).max
-    if len(tokens) and tokens.max() > limit:
-        raise DataError(f"a token id of {tokens.max()} in documents {first}..{last - 1} does not fit {dtype} (the "
-                        f"tokenizer's vocab_size said it would): report it; meanwhile prepare with --dtype uint32")
-    arrays = {"tokens": tokens.astype(dtype), "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")}
-    if sft:
-        arrays["trained"] = (ids >= 0).astype(np.uint8)
-    files = {}
-    for suffix, array in arrays.items():
-        path = Path(directory) / f"{name}.{suffix}"
-        array.tofile(f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
-        files[suffix] = {"bytes": path.stat().st_size, "xxh3_64": file_digest(path)}
-    record = {"name": name, "documents": last - first, "tokens": int(len(tokens)), "files": files}
+        if len(ids):
+            pieces.append(ids)
+            held += len(ids)
+        if held >= _FLUSH_TOKENS or (n == last - first - 1 and pieces):
+            total, held = total + held, 0
+            flush()
+    np.concatenate([[0], np.cumsum(lengths)]).astype("<i8").tofile(files["offsets"])
+    record = {"name": name, "documents": last - first, "tokens": total, "files": {}}
+    for suffix, file in files.items():
+        file.close()
+        os.replace(f"{paths[suffix]}.tmp", paths[suffix])
+        record["files"][suffix] = {"bytes": paths[suffix].stat().st_size, "xxh3_64": file_digest(paths[suffix])}
     (Path(directory) / f"{name}.done").write_text(json.dumps(record))
     return record
 

@@ -15,6 +15,7 @@ file is checked against it when a run opens the directory (xxh3 over the page ca
 """
 
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,8 @@ def verify_files(directory: Path, manifest: dict) -> None:
 
 
 class PreparedDocuments:
-    """A prepared directory as documents of token ids: len() and [i] -> int64 array (SFT prompt tokens as
-    -(id + 1), as the packed streams store them)."""
+    """A prepared directory as documents of token ids: len() and [i] -> an array of ids (the shard's unsigned
+    dtype; SFT's int64, prompt tokens as -(id + 1), as the packed streams store them)."""
 
     prepared = True  # the loader takes its documents as token ids (make_tokenize)
 
@@ -88,6 +89,7 @@ class PreparedDocuments:
         counts = [s["documents"] for s in self.manifest["shards"]]
         self.first_doc = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._open: dict[int, tuple] = {}
+        self._last = (0, 0, 0)  # (first, end, shard) of the shard the last document came from
 
     def __len__(self) -> int:
         return int(self.first_doc[-1])
@@ -106,11 +108,17 @@ class PreparedDocuments:
         return self._open[k]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        k = int(np.searchsorted(self.first_doc, i, side="right")) - 1
+        # Documents are asked for in runs within a shard more often than not: its bounds are kept.
+        first, last, k = self._last
+        if not first <= i < last:
+            k = int(np.searchsorted(self.first_doc, i, side="right")) - 1
+            first, last = int(self.first_doc[k]), int(self.first_doc[k + 1])
+            self._last = (first, last, k)
         tokens, offsets, trained = self._shard(k)
-        a, b = offsets[i - self.first_doc[k]], offsets[i - self.first_doc[k] + 1]
-        ids = tokens[a:b].astype(np.int64)
+        a, b = offsets[i - first], offsets[i - first + 1]
+        ids = tokens[a:b]  # a view of the mapped file: the window it lands in converts it once
         if trained is not None:
+            ids = ids.astype(np.int64)
             ids = np.where(trained[a:b] != 0, ids, -ids - 1)
         return ids
 
@@ -132,6 +140,9 @@ class PreparedDocuments:
 
 
 def _map(path: str, dtype) -> np.ndarray:
-    if Path(path).stat().st_size == 0:  # np.memmap refuses empty files
+    """The file as a read-only array over its pages (a plain ndarray over an mmap: np.memmap's slices cost
+    microseconds each in its subclass hooks, a document read cost one)."""
+    if Path(path).stat().st_size == 0:  # mmap refuses empty files
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    with open(path, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=dtype)
