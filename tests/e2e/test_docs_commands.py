@@ -6,7 +6,8 @@ that cannot rot. Each command is read from the Markdown (code blocks and inline 
   written when it is a --dry-run; a command the doc follows with an `error:` line must print that line;
 - benchmark commands: parsed by the benchmark's own parser (presets, methods, variant groups; the CPU
   benchmark itself runs in tests/e2e/test_bench.py; bench.attention, bench.long_context, bench.moe and bench.qat are
-  measured in docs/long-context.md, docs/performance.md and docs/quantization.md); the GPU acceptance script: its --dry plan; example scripts: they parse;
+  measured in docs/long-context.md, docs/performance.md, docs/quantization.md and docs/data.md); data
+  preparation: its arguments and config (tests/unit/test_data_at_scale.py runs it); the GPU acceptance script: its --dry plan; example scripts: they parse;
 - pytest commands: the files exist and a -k expression selects tests; make targets exist;
 - templates (`N`, `X`, `...`, `[--flag]`, `a|b`): every flag they show is one the command accepts;
 - the README's ```sh walkthrough runs for real in tests/e2e/test_readme.py; others' tools (tensorboard,
@@ -106,7 +107,9 @@ def _help(program: str, capsys) -> str:
     mains = {"train.py": train.parse_args, "trainer.generate": importlib.import_module("trainer.generate").main,
              "trainer.export": importlib.import_module("trainer.export").main,
              "launch": importlib.import_module("launch.local").main,
-             "bench": importlib.import_module("bench.__main__").parse_args}
+             "bench": importlib.import_module("bench.__main__").parse_args,
+             "trainer.data.prepare": importlib.import_module("trainer.data.prepare").main,
+             "bench.data": importlib.import_module("bench.data").main}
     with pytest.raises(SystemExit):
         mains[program](["local", "--help"] if program == "launch" else ["--help"])
     return capsys.readouterr().out
@@ -133,7 +136,7 @@ def test_documented_command(where, command, error, tmp_path, capsys, monkeypatch
         return
     if TEMPLATE.search(command):
         flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", command)) - {"--nproc_per_node", "--nodes"}
-        if program in ("train.py", "trainer.generate", "trainer.export", "launch", "bench"):
+        if program in ("train.py", "trainer.generate", "trainer.export", "launch", "bench", "trainer.data.prepare", "bench.data"):
             accepted = _help(program, capsys)
             assert all(flag in accepted for flag in flags), (command, flags)
         return
@@ -156,6 +159,16 @@ def test_documented_command(where, command, error, tmp_path, capsys, monkeypatch
         import bench.__main__ as bench_main
 
         bench_main.parse_args(words[words.index("bench") + 1:])
+    elif program == "trainer.data.prepare":  # its arguments and the config it reads (it tokenizes in tests/unit)
+        from trainer.config import load_config
+        from trainer.data.prepare import parse_args
+
+        parsed = parse_args(words[words.index(program) + 1:])
+        load_config(parsed.config, parsed.overrides)
+    elif program == "bench.data":  # measured in docs/data.md
+        from bench.data import parse_args
+
+        parse_args(words[words.index(program) + 1:])
     elif program in ("bench.attention", "bench.long_context", "bench.moe", "bench.qat"):
         import importlib
 

@@ -205,3 +205,13 @@ def test_a_mixture_resumes_exactly(shared, prepared):
     one = _loader(load_documents(DataConfig(source=str(shared(C4)), num_streams=4)), DataConfig(num_streams=4))
     with pytest.raises(ValueError, match="resume with the data settings the run was started with"):
         b.load_state_dict(one.state_dict())
+
+
+def test_sft_records_stream_with_their_masks(shared):
+    """Alpaca records streamed pack as the indexed records do (prompts masked), bad ones skipped alike."""
+    cfg = DataConfig(source=str(shared(ALPACA)), task="sft", num_streams=2, shuffle=False, skip_bad_records=True)
+    indexed = load_documents(cfg)
+    streamed = load_documents(dataclasses.replace(cfg, streaming=True))
+    want = _batches(_loader(indexed, cfg, seq_len=256), 15)
+    got = _batches(_loader(streamed, dataclasses.replace(cfg, streaming=True), seq_len=256), 15)
+    assert _same(want, got) and any((b[1] == -100).any() for b in got)

@@ -191,7 +191,7 @@ def prepare(config: str | None, overrides: list[str], output: Path, num_proc: in
     return manifest
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]):
     parser = Parser(prog="python -m trainer.data.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="the run's YAML config (its data and tokenizer sections)")
     parser.add_argument("--output", required=True, type=Path, help="the directory to write (new or empty)")
@@ -201,7 +201,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=("uint16", "uint32"), default=None,
                         help="token storage (default: uint16 where the vocabulary fits)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, as for train.py")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     prepare(args.config, args.overrides, args.output, args.num_proc, args.docs_per_shard, args.dtype)
     return 0
 
