@@ -5,12 +5,24 @@ from pathlib import Path
 
 import xxhash
 
+_WINDOW = 64 << 20
+
 
 def file_digest(path: Path) -> str:
     # Mapped, not read: the hash runs over the page cache with no copy (0.11 s for a 2.4 GiB shard on the
-    # CPU machine; reading it in 64 MiB chunks took 1.8 s).
-    with open(path, "rb") as f:
-        if Path(path).stat().st_size == 0:
-            return xxhash.xxh3_64_hexdigest(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return xxhash.xxh3_64_hexdigest(mapped)
+    # CPU machine; reading it in 64 MiB chunks took 1.8 s). Each 64 MiB is let go of once hashed, so a
+    # many-GB file never sits in the process's resident memory (its pages stay in the page cache).
+    size = Path(path).stat().st_size
+    digest = xxhash.xxh3_64()
+    if size == 0:
+        return digest.hexdigest()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            for start in range(0, size, _WINDOW):
+                digest.update(view[start : start + _WINDOW])
+                if hasattr(mapped, "madvise"):
+                    mapped.madvise(mmap.MADV_DONTNEED, start, min(_WINDOW, size - start))
+        finally:
+            view.release()
+    return digest.hexdigest()

@@ -27,7 +27,7 @@ from trainer.config import load_config, to_yaml
 from trainer.config.schema import DataConfig
 from trainer.data import PackedLoader, make_loader
 from trainer.data.loader import Batch
-from trainer.data.mixture import source_scalars
+from trainer.data.mixture import mixture_summary, source_scalars
 from trainer.data.prefetch import PrefetchingLoader
 from trainer.distill import DistillLoss, build_teacher
 from trainer.errors import TrainingDiverged
@@ -247,6 +247,8 @@ class Trainer:
                 raise Preempted(self.step, signum, saved, why)
         self.checkpointer.wait()
         self.watchdog.stop()
+        if self.cfg.data.sources and self.runtime.is_main:
+            print(mixture_summary(self.loader.state_dict(), self.cfg.training.seq_len), flush=True)
         self.loader.close()
         self.metrics.close()
         if self.cfg.export.hf or self.cfg.export.peft or self.cfg.export.quantized:

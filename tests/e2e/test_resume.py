@@ -91,6 +91,12 @@ def test_kill_9_then_resume_is_bitwise_exact(uninterrupted, common, tmp_path):
     every = [w for step in range(1, STEPS + 1) for w in samples[step]]
     assert len(every) == len(set(every)) == STEPS * 8  # none repeated, none skipped
     assert {source for source, _, _ in every} == {0, 1, 2}  # every kind of source was trained on and resumed
+    # Each source's tokens, counted on every rank without a collective, continue across the resume: at the
+    # end they are the windows the samples show, and the console's last line says so.
+    tokens = {name: tensorboard_scalars(tmp_path, f"data/tokens/{name}")[STEPS] for name in ("shakespeare", "stories", "c4")}
+    assert [tokens[n] for n in ("shakespeare", "stories", "c4")] == [256 * sum(s == k for s, _, _ in every) for k in range(3)]
+    assert "data: trained 40.96K tokens of the mixture: shakespeare " in resumed.stdout
+    assert tensorboard_scalars(tmp_path, "eval/loss_shakespeare") == got_eval  # the source's held-out set is eval/loss here
 
 
 def test_a_hang_restarts_in_place_and_resumes_bitwise(uninterrupted, common, tmp_path):

@@ -19,6 +19,7 @@ from trainer.config.schema import DataConfig
 from trainer.data.loader import PackedLoader, make_cursor, make_tokenize
 from trainer.data.packing import PackedStream
 from trainer.errors import UserError
+from trainer.metrics import tokens_label
 
 _WEYL = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, odd
 _SEED_MIX = 0xD1B54A32D192ED03
@@ -127,6 +128,14 @@ def source_scalars(state: dict, seq_len: int) -> dict[str, float]:
     total = max(1, sum(windows.values()))
     return {**{f"data/{name}": w / total for name, w in windows.items()},
             **{f"data/tokens/{name}": float(w * seq_len) for name, w in windows.items()}}
+
+
+def mixture_summary(state: dict, seq_len: int) -> str:
+    """The end-of-run line: the input tokens trained from each source of the mixture, over all ranks."""
+    windows = state["source_windows"]
+    total = max(1, sum(windows.values()))
+    parts = ", ".join(f"{name} {tokens_label(w * seq_len)} ({100 * w / total:.1f}%)" for name, w in windows.items())
+    return f"data: trained {tokens_label(total * seq_len)} tokens of the mixture: {parts}"
 
 
 def load_mixture(data: DataConfig, load_documents) -> Mixture:

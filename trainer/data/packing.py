@@ -82,33 +82,35 @@ class PackedStream:
     def next_window(self) -> tuple[np.ndarray, list[int], tuple[int, int]]:
         """The next window of seq_len + 1 tokens (int64; masked tokens as -(id + 1)), the offsets where
         its documents begin, and its id (stream, index within the stream)."""
-        docs = self.documents
+        docs, pieces, starts, window = self.documents, self._pieces, self._starts, self.window
+        filled, token_pos = self._filled, self.token_pos
         empty_epochs = 0
-        while self._filled < self.window:
+        while filled < window:
             tokens = docs.tokens()
             if tokens is None:
                 docs.next_epoch()
-                self.token_pos = 0
+                token_pos = 0
                 empty_epochs += 1
                 if empty_epochs > 1:  # a whole pass over this stream's documents gave no tokens
                     raise DataError(f"{self.name}: every document of stream {docs.stream_id} is empty")
                 continue
-            take = tokens[self.token_pos : self.token_pos + self.window - self._filled]
+            take = tokens[token_pos : token_pos + window - filled]
             if len(take):
-                if self.token_pos == 0:
-                    self._starts.append(self._filled)
-                self._pieces.append(take)
-                self._filled += len(take)
+                if token_pos == 0:
+                    starts.append(filled)
+                pieces.append(take)
+                filled += len(take)
                 empty_epochs = 0
-            self.token_pos += len(take)
-            if self.token_pos >= len(tokens):
+            token_pos += len(take)
+            if token_pos >= len(tokens):
                 docs.next_document()
-                self.token_pos = 0
-        window = np.concatenate(self._pieces).astype(np.int64, copy=False) if len(self._pieces) > 1 else \
-            self._pieces[0].astype(np.int64)  # a copy: never a view of a mapped file
-        starts, self._starts, self._pieces, self._filled = self._starts, [], [], 0
+                token_pos = 0
+        self.token_pos = token_pos
+        out = np.concatenate(pieces).astype(np.int64, copy=False) if len(pieces) > 1 else \
+            pieces[0].astype(np.int64)  # a copy: never a view of a mapped file
+        self._starts, self._pieces, self._filled = [], [], 0
         self.windows += 1
-        return window, starts, (docs.stream_id, self.windows - 1)
+        return out, starts, (docs.stream_id, self.windows - 1)
 
     def state_dict(self) -> dict:
         partial = np.concatenate(self._pieces).astype(np.int64).tolist() if self._pieces else []
