@@ -127,7 +127,7 @@ def _train(out: Path, args: list[str], limit: int | None = None) -> tuple[float,
 
 def parse_args(argv: list[str]):
     parser = Parser(prog="python -m bench.data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus-mb", type=float, default=64)
+    parser.add_argument("--corpus-mb", type=float, default=192)
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers/llama3"), help="a tokenizer path, or `byte`")
     parser.add_argument("--large-gb", type=float, default=2.0, help="0: skip the larger-than-memory rows")
     parser.add_argument("--limit-gb", type=float, default=1.5)

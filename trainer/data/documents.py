@@ -66,7 +66,7 @@ class DatasetDocuments:
         return value
 
 
-def _local_files(source: str) -> list[str]:
+def local_files(source: str) -> list[str]:
     path = Path(source)
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix in _FORMAT_BY_SUFFIX)
@@ -84,7 +84,7 @@ def _local_files(source: str) -> list[str]:
     return matches
 
 
-def _format_of(files: list[str], configured: str) -> str:
+def format_of(files: list[str], configured: str) -> str:
     if configured != "auto":
         return configured
     formats = {_FORMAT_BY_SUFFIX.get(Path(f).suffix) for f in files}
@@ -127,8 +127,8 @@ def read_documents(cfg: DataConfig) -> "StdlibDocuments | DatasetDocuments":
             ) from None
         return DatasetDocuments(dataset, _field(cfg), f"hub dataset {name}")
 
-    files = _local_files(cfg.source)
-    fmt = _format_of(files, cfg.format)
+    files = local_files(cfg.source)
+    fmt = format_of(files, cfg.format)
     for file in files:
         check_file(Path(file), fmt)
     kwargs = {"sample_by": cfg.text_sample_by} if fmt == "text" else {}

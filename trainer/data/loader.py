@@ -16,6 +16,7 @@ from trainer.config.schema import DataConfig
 from trainer.data.documents import DataError, check_num_streams
 from trainer.data.packing import IndexedCursor, PackedStream
 from trainer.data.sft import SftTokenizer, check_records
+from trainer.data.streaming import StreamCursor
 from trainer.loss import IGNORE_INDEX
 
 
@@ -55,14 +56,15 @@ class DocumentTokenizer:
     def __call__(self, index: int) -> list[int]:
         return self.encode(self.docs[index])
 
-    def encode(self, text: str, index: int = -1) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         if not text.strip():
             return []
         return self.prefix + self.tokenizer.encode(text) + self.suffix
 
 
 def make_tokenize(docs, tokenizer, cfg: DataConfig):
-    """Document index -> packed entries, for the configured task."""
+    """Document index -> packed entries (for a streamed source: (record, where) -> entries), for the
+    configured task; prepared token ids are entries already."""
     if getattr(docs, "prepared", False):
         return docs.__getitem__  # tokenized by prepare, masks and all
     if cfg.task == "sft":
@@ -77,8 +79,6 @@ def make_tokenize(docs, tokenizer, cfg: DataConfig):
 def make_cursor(docs, stream_id: int, tokenize, cfg: DataConfig, seed: int):
     """Stream stream_id's supply of documents (trainer/data/packing.py)."""
     if getattr(docs, "streamed", False):
-        from trainer.data.streaming import StreamCursor
-
         return StreamCursor(docs, stream_id, cfg.num_streams, tokenize, seed, cfg.shuffle)
     return IndexedCursor(docs, stream_id, cfg.num_streams, tokenize, seed, cfg.shuffle)
 

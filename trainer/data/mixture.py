@@ -38,9 +38,9 @@ class Mixture:
     prepared = streamed = False
     mixture = True
 
-    def __init__(self, components: list[Component]):
+    def __init__(self, components: list[Component], held_out: dict[str, object]):
         self.components = components
-        self.held_out: dict[str, object] = {}  # each source's eval_source, loaded, by name
+        self.held_out = held_out  # each source's eval_source, loaded, by name
         self.name = "a mixture of " + ", ".join(f"{c.name} ({c.weight:g})" for c in components)
 
 
@@ -139,18 +139,19 @@ def mixture_summary(state: dict, seq_len: int) -> str:
 
 
 def load_mixture(data: DataConfig, load_documents) -> Mixture:
-    """Each of data.sources loaded as data.source would be (errors name the entry), with its held-out source."""
+    """Each of data.sources loaded as data.source would be, with its held-out source; errors name the entry."""
     components, held_out = [], {}
     for i, (name, cfg, weight, eval_source) in enumerate(component_configs(data)):
-        try:
-            docs = load_documents(cfg)
-            if eval_source is not None:
-                held_out[name] = load_documents(dataclasses.replace(cfg, source=eval_source))
-        except UserError as err:
-            where = f"data.sources[{i}] ({name})"
-            message = str(err).replace("data.source=", f"{where}.source=" if eval_source is None else f"{where}: ")
-            raise type(err)(message if where in message else f"{where}: {message}") from None
-        components.append(Component(name, docs, cfg, weight))
-    mixture = Mixture(components)
-    mixture.held_out = held_out
-    return mixture
+        where = f"data.sources[{i}] ({name})"
+        components.append(Component(name, _load(load_documents, cfg, f"{where}.source"), cfg, weight))
+        if eval_source is not None:
+            held_out[name] = _load(load_documents, dataclasses.replace(cfg, source=eval_source), f"{where}.eval_source")
+    return Mixture(components, held_out)
+
+
+def _load(load_documents, cfg: DataConfig, key: str):
+    try:
+        return load_documents(cfg)
+    except UserError as err:  # the readers name data.source; here it is one entry's key
+        message = str(err)
+        raise type(err)(message.replace("data.source=", f"{key}=") if "data.source=" in message else f"{key}: {message}") from None

@@ -23,6 +23,7 @@ import torch
 
 from trainer.config import ConfigError
 from trainer.config.schema import DataConfig
+from trainer.data.documents import check_file, format_of, hub_reachable, local_files
 from trainer.errors import DataError, describe
 
 
@@ -35,8 +36,6 @@ class StreamedSource:
     prepared, streamed = False, True
 
     def __init__(self, cfg: DataConfig):
-        from trainer.data.documents import _format_of, _local_files, check_file, hub_reachable
-
         if cfg.source == "stdlib":
             raise ConfigError("data.streaming=true reads files or hub:NAME datasets; the stdlib source is small and "
                               "indexed: set data.streaming=false, or point data.source at your files")
@@ -48,8 +47,8 @@ class StreamedSource:
                                 f"(streaming reads it during training); point data.source at local files")
             self.name = f"hub dataset {cfg.source.removeprefix('hub:')} (streamed)"
         else:
-            self.files = _local_files(cfg.source)
-            self.format = _format_of(self.files, cfg.format)
+            self.files = local_files(cfg.source)
+            self.format = format_of(self.files, cfg.format)
             for file in self.files:
                 check_file(Path(file), self.format)
             self.name = (self.files[0] if len(self.files) == 1 else f"{cfg.source} ({len(self.files)} files)") + " (streamed)"
