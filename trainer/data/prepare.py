@@ -89,7 +89,9 @@ def write_shard(directory: str, index: int, first: int, last: int, dtype: str, s
         file.close()
         os.replace(f"{paths[suffix]}.tmp", paths[suffix])
         record["files"][suffix] = {"bytes": paths[suffix].stat().st_size, "xxh3_64": file_digest(paths[suffix])}
-    (Path(directory) / f"{name}.done").write_text(json.dumps(record))
+    done = Path(directory) / f"{name}.done"
+    Path(f"{done}.tmp").write_text(json.dumps(record))
+    os.replace(f"{done}.tmp", done)  # whole or absent: a kill mid-write leaves no half record to resume from
     return record
 
 
@@ -183,6 +185,8 @@ def prepare(config: str | None, overrides: list[str], output: Path, num_proc: in
     os.replace(output / f"{MANIFEST}.tmp", output / MANIFEST)
     for k, _, _ in cuts:
         (output / f"shard-{k:05d}.done").unlink()
+    for stray in output.glob("*.tmp"):  # what a killed earlier attempt was writing
+        stray.unlink()
     plan_file.unlink()
     elapsed = time.perf_counter() - started
     print(f"prepare: {len(docs):,} documents, {manifest['tokens']:,} tokens ({dtype}) in {len(cuts)} shards -> {output}; "
