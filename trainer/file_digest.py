@@ -26,3 +26,14 @@ def file_digest(path: Path) -> str:
         finally:
             view.release()
     return digest.hexdigest()
+
+
+def file_problem(path: Path, want: dict) -> str | None:
+    """What is wrong with a file against its manifest entry ({"bytes", "xxh3_64"}), or None."""
+    if not path.is_file():
+        return "is missing"
+    if path.stat().st_size != want["bytes"]:
+        return f"has {path.stat().st_size:,} bytes where the manifest says {want['bytes']:,} (truncated or grown)"
+    if file_digest(path) != want["xxh3_64"]:
+        return "does not match its checksum (its bytes changed after it was written)"
+    return None

@@ -203,7 +203,7 @@ CASES = {
                                     "its tokens were made with the byte tokenizer (fingerprint"),
     "shards of other token settings": (["data.source={prepared}", "data.add_bos=false"],
                                        "its tokens were made with data.add_bos=True, this run has data.add_bos=False"),
-    "a damaged shard": (["data.source={damaged_shard}"], "shard-00001.tokens does not match its checksum in the manifest"),
+    "a damaged shard": (["data.source={damaged_shard}"], "shard-00001.tokens does not match its checksum (its bytes changed after it was written); prepare the data again"),
     "an edited manifest": (["data.source={edited_manifest}"], "prepared.json: the manifest does not match its checksum"),
     "streaming prepared shards": (["data.source={prepared}", "data.streaming=true"], "read by memory map (never whole) already"),
     "streaming the stdlib source": (["data.streaming=true"], "data.streaming=true reads files or hub:NAME datasets"),

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from trainer.checkpoint.paths import earlier_hint
 from trainer.errors import CheckpointError
-from trainer.file_digest import file_digest
+from trainer.file_digest import file_digest, file_problem
 
 MANIFEST = "manifest.json"
 # What a checkpoint's state dict holds and how (trainer/checkpoint/state.py's keys and layouts). A change that
@@ -57,13 +57,7 @@ def verify(directory: str | Path) -> None:
                               f"one (which reads formats up to {CHECKPOINT_FORMAT}): run a version that wrote it, or newer")
     for name, want in files.items():
         path = directory / name
-        problem = None
-        if not path.is_file():
-            problem = "is missing"
-        elif path.stat().st_size != want["bytes"]:
-            problem = f"has {path.stat().st_size:,} bytes where the manifest says {want['bytes']:,} (truncated or grown)"
-        elif file_digest(path) != want["xxh3_64"]:
-            problem = "does not match its checksum (its bytes changed after it was written)"
+        problem = file_problem(path, want)
         if problem:
             raise CheckpointError(f"{path} {problem}: the checkpoint is damaged. {earlier_hint(directory, directory.parent)}")
     _verified.add(key)

@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from trainer.errors import DataError
-from trainer.file_digest import file_digest
+from trainer.file_digest import file_problem
 
 MANIFEST = "prepared.json"
 FORMAT = "tessera-prepared-tokens"
@@ -63,13 +63,8 @@ def verify_files(directory: Path, manifest: dict) -> None:
     for shard in manifest["shards"]:
         for suffix, want in shard["files"].items():
             path = directory / f"{shard['name']}.{suffix}"
-            if not path.is_file():
-                problem = "is missing"
-            elif path.stat().st_size != want["bytes"]:
-                problem = f"has {path.stat().st_size:,} bytes where {MANIFEST} says {want['bytes']:,}"
-            elif file_digest(path) != want["xxh3_64"]:
-                problem = "does not match its checksum in the manifest (its bytes changed after prepare wrote it)"
-            else:
+            problem = file_problem(path, want)
+            if problem is None:
                 continue
             raise DataError(f"{path} {problem}; prepare the data again (python -m trainer.data.prepare)")
 
