@@ -14,7 +14,7 @@ from models import FAMILIES, Decoder, DecoderArgs, ModelFamily, build_meta_model
 from parallel.mesh import LayoutError, ParallelDims
 from trainer.config import Config, ConfigError
 from trainer.config.checks import check_batch, check_pipeline, check_seq_len, check_streams
-from trainer.config.schema import ModelConfig, ParallelConfig
+from trainer.config.schema import DataConfig, ModelConfig, ParallelConfig, TokenizerConfig
 from trainer.converters import ConverterInfo, ModelConverter, build_converters
 from trainer.data import check_enough_tokens, load_documents
 from trainer.data.held_out import check_eval_tokens, training_and_eval_documents
@@ -121,7 +121,7 @@ def load_data(plan: Plan):
     a start reads its data (--check and training alike)."""
     cfg = plan.cfg
     docs, held_out = training_and_eval_documents(cfg.data, cfg.eval, load_documents)
-    check_prepared(docs, held_out, plan.tokenizer, cfg)
+    check_prepared(docs, held_out, plan.tokenizer, cfg.tokenizer, cfg.data)
     check_enough_tokens(docs, plan.tokenizer, cfg.data, cfg.training.seq_len)
     if held_out is not None:
         check_eval_tokens(held_out, plan.tokenizer, cfg.data, cfg.training.seq_len)
@@ -131,13 +131,13 @@ def load_data(plan: Plan):
     return docs, held_out
 
 
-def check_prepared(docs, held_out, tokenizer, cfg: Config) -> None:
+def check_prepared(docs, held_out, tokenizer, tokenizer_cfg: TokenizerConfig, data: DataConfig) -> None:
     """Prepared token shards were made with this run's tokenizer and token settings (one line if not)."""
     every = [docs, held_out, *[c.docs for c in getattr(docs, "components", [])], *getattr(docs, "held_out", {}).values()]
     for d in every:
         source = getattr(d, "docs", d)  # a held-out share of a source is checked as its source
         if getattr(source, "prepared", False):
-            source.check_matches(fingerprint(tokenizer), describe_tokenizer(cfg.tokenizer), cfg.data)
+            source.check_matches(fingerprint(tokenizer), describe_tokenizer(tokenizer_cfg), data)
 
 
 def decide_chunked_loss(setting: str, dims: ParallelDims, meta: nn.Module, *, distilling: bool) -> bool:
