@@ -28,12 +28,25 @@ EXIT_DIVERGED = 3
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = Parser(prog="python train.py", description="Train a decoder language model (see configs/ and README.md).")
-    parser.add_argument("--config", required=True, help="YAML file (see configs/)")
+    parser.add_argument("--config", help="YAML file (see configs/); required but with --calibrate")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, sizes and memory estimate, then exit")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, data and checkpoints for --world-size ranks, train nothing, exit 0 if all is well")
     parser.add_argument("--world-size", type=at_least(1), default=None,
-                        help="with --dry-run or --check: the number of ranks to plan for")
+                        help="with --dry-run, --check or --plan: the number of ranks to plan for")
+    parser.add_argument("--plan", action="store_true",
+                        help="rank the layouts (parallel sizes, activation checkpointing, batch split, float8) by predicted "
+                             "speed within the memory, print the best and the overrides that run it, then exit")
+    parser.add_argument("--device", default=None,
+                        help="with --plan: h100-80gb, h200, a100-80gb, l40s, cpu (measures this machine now) or a "
+                             "profile file from --calibrate (default: this machine's GPU by name, else cpu)")
+    parser.add_argument("--nodes", type=at_least(1), default=1, help="with --plan: nodes the ranks are spread over")
+    parser.add_argument("--top", type=at_least(1), default=5, help="with --plan: how many layouts to print")
+    parser.add_argument("--memory-margin", type=float, default=0.8,
+                        help="with --plan: the share of a device's memory a layout may fill by the estimate (default 0.8)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure this machine (matmul rates, memory bandwidth, collectives) into --profile-out, then exit")
+    parser.add_argument("--profile-out", default=None, help="with --calibrate: the profile file to write (JSON)")
     parser.add_argument("--nproc-per-node", type=at_least(1), default=None,
                         help="with --check: how many of the ranks run on this host (default: all of them)")
     parser.add_argument("--for-another-machine", action="store_true",
@@ -44,9 +57,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # Intermixed: overrides may come before and after the flags (--check after the overrides is common).
     args = parser.parse_intermixed_args(argv)
     if args.world_size is not None:
-        if not (args.dry_run or args.check):
-            raise ConfigError("--world-size plans for that many ranks with --dry-run or --check; to train on N ranks, "
-                              "launch with torchrun --nproc_per_node N")
+        if not (args.dry_run or args.check or args.plan):
+            raise ConfigError("--world-size plans for that many ranks with --dry-run, --check or --plan; to train on N "
+                              "ranks, launch with torchrun --nproc_per_node N")
+    if args.plan and (args.dry_run or args.check):
+        raise ConfigError("--plan is separate from --dry-run and --check: give one of them")
+    if not args.plan and (args.device is not None or args.nodes != 1 or args.top != 5 or args.memory_margin != 0.8):
+        raise ConfigError("--device, --nodes, --top and --memory-margin go with --plan")
+    if not 0 < args.memory_margin <= 1:
+        raise ConfigError(f"--memory-margin {args.memory_margin} must be in (0, 1]: the share of memory a layout may fill")
+    if args.calibrate != (args.profile_out is not None):
+        raise ConfigError("--calibrate writes the profile to --profile-out FILE: give both")
+    if args.config is None and not args.calibrate:
+        raise ConfigError("the following arguments are required: --config (see python train.py --help)")
     if (args.nproc_per_node is not None or args.for_another_machine) and not args.check:
         raise ConfigError("--nproc-per-node and --for-another-machine go with --check")
     if args.dry_run and args.check:
@@ -94,11 +117,21 @@ def main(argv: list[str]) -> int:
     quiet_import_noise()  # before torchao and friends are imported (parallel/library_patches.py says what)
     try:
         args = parse_args(argv)
+        if args.calibrate:
+            from trainer.planner.command import calibrate_command
+
+            print(calibrate_command(args.profile_out))
+            return 0
         cfg = load_config(args.config, args.overrides)
         if cfg.fault.replica_groups > 1:  # each replica group's checkpoints and logs apart
             cfg.job.output_dir = f"{cfg.job.output_dir}/replica-{cfg.fault.replica_id}"
         if args.print_output_dir:
             print(cfg.job.output_dir)
+            return 0
+        if args.plan:
+            from trainer.planner.command import plan_command
+
+            print(plan_command(cfg, args))
             return 0
         if args.dry_run or args.check:
             from parallel.distributed import launched_world_size

@@ -21,8 +21,9 @@ def device_bytes(memory: dict[str, float]) -> float:
     return sum(v for k, v in memory.items() if not k.startswith((HOST, OFFLOADED)))
 
 
-def _busiest_rank(plan: Plan) -> list[torch.nn.Module]:
-    """The model parts of the pipeline rank that holds the most parameters (all of it without pipelining)."""
+def busiest_parts(plan: Plan) -> list[torch.nn.Module]:
+    """The model parts of the pipeline rank that holds the most parameters (all of it without pipelining).
+    The layout planner keeps them per pipeline size: splitting a 405B model's stages is an estimate's slow part."""
     dims = plan.dims
     if dims.pp == 1:
         return [plan.meta]
@@ -31,7 +32,27 @@ def _busiest_rank(plan: Plan) -> list[torch.nn.Module]:
     return max(ranks, key=lambda parts: sum(p.numel() for part in parts for p in part.parameters()))
 
 
-def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
+def converted_estimate(plan: Plan, precision: Precision, parts: list[torch.nn.Module]) -> tuple[MemoryShape, MemoryEstimate]:
+    """The busiest rank's shape, and the stored weights as the converters leave them (what FSDP gathers per
+    parameter among them)."""
+    cfg, dims = plan.cfg, plan.dims
+    params = sum(p.numel() for part in parts for p in part.parameters())
+    tp_sharded = params - sum(p.numel() for part in parts for n, p in part.named_parameters() if "norm" in n)
+    trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
+    per_rank_params = (tp_sharded / dims.tp + (params - tp_sharded)) / dims.fsdp_shards
+    compute_bytes = precision.param_dtype.itemsize
+    micro_batch = cfg.training.local_batch_size // plan.pp_microbatches
+    micro_tokens = micro_batch * cfg.training.seq_len // dims.cp  # this rank's share of the sequences
+    shape = MemoryShape(model=plan.meta, parts=parts, params=params, trainable=trainable, share=per_rank_params / params,
+                        compute_bytes=compute_bytes, dp_shard=dims.fsdp_shards, tp=dims.tp, micro_tokens=micro_tokens)
+    estimate = MemoryEstimate(weights=4 * per_rank_params, weights_label="parameters (fp32)", gathered_bytes=compute_bytes)
+    for converter in plan.converters:
+        estimate = converter.memory(shape, estimate)
+    return shape, estimate
+
+
+def estimate_memory(plan: Plan, precision: Precision, parts: list[torch.nn.Module] | None = None,
+                    converted: tuple[MemoryShape, MemoryEstimate] | None = None) -> dict[str, float]:
     """Bytes per rank, an estimate. Parameters, gradients and AdamW's two moments are float32, split by
     pipeline stage, tensor parallelism (all but norm gains) and FSDP (over dp_shard x cp; dp_replicate
     holds copies). Activations: what the family says a block saves per token of the rank's share of the
@@ -41,25 +62,18 @@ def estimate_memory(plan: Plan, precision: Precision) -> dict[str, float]:
     then fold in their own effects, in order. The optimizer's state is what optimizer.name keeps per
     parameter. With one backward per step the blocks' gradients and the activations they replace are not
     held at once (a negative line). What optimizer.offload and activation offloading move to the host is
-    listed with the OFFLOADED prefix, outside the device's total.
+    listed with the OFFLOADED prefix, outside the device's total. `parts` and `converted` are what
+    busiest_parts and converted_estimate return for this plan, where the caller keeps them (the planner).
     """
     cfg, args, dims = plan.cfg, plan.model_args, plan.dims
-    parts = _busiest_rank(plan)
-    params = sum(p.numel() for part in parts for p in part.parameters())
-    tp_sharded = params - sum(p.numel() for part in parts for n, p in part.named_parameters() if "norm" in n)
-    trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
+    parts = parts if parts is not None else busiest_parts(plan)
+    shape, estimate = converted or converted_estimate(plan, precision, parts)
+    params, trainable, compute_bytes, micro_tokens = shape.params, shape.trainable, shape.compute_bytes, shape.micro_tokens
+    micro_batch = cfg.training.local_batch_size // plan.pp_microbatches
     layers = sum(len(part.layers) for part in parts)
-    per_rank_params = (tp_sharded / dims.tp + (params - tp_sharded)) / dims.fsdp_shards
+    per_rank_params = shape.share * params
     # Gradients and optimizer state exist only for what trains (with adapters: the adapters alone).
     per_rank_trainable = per_rank_params * trainable / params
-    compute_bytes = precision.param_dtype.itemsize
-    micro_batch = cfg.training.local_batch_size // plan.pp_microbatches
-    micro_tokens = micro_batch * cfg.training.seq_len // dims.cp  # this rank's share of the sequences
-    shape = MemoryShape(model=plan.meta, parts=parts, params=params, trainable=trainable, share=per_rank_params / params,
-                        compute_bytes=compute_bytes, dp_shard=dims.fsdp_shards, tp=dims.tp, micro_tokens=micro_tokens)
-    estimate = MemoryEstimate(weights=4 * per_rank_params, weights_label="parameters (fp32)", gathered_bytes=compute_bytes)
-    for converter in plan.converters:
-        estimate = converter.memory(shape, estimate)
     if dims.pp == 1:
         in_flight = 1
     elif cfg.parallel.pp_schedule == "gpipe":

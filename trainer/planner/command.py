@@ -1,0 +1,66 @@
+"""train.py's `--plan` and `--calibrate`."""
+
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.config import Config, ConfigError
+from trainer.planner.devices import DATASHEETS, DeviceProfile, load_profile
+
+
+def this_gpu_profile() -> DeviceProfile | None:
+    """The datasheet of this machine's GPU, by its name (None: no GPU, or one without a datasheet here)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0).lower()
+    for key in ("h200", "h100", "a100", "l40s"):
+        if key in name:
+            return next(p for k, p in DATASHEETS.items() if k.startswith(key))
+    return None
+
+
+def resolve_profile(device: str | None) -> DeviceProfile:
+    """--device: a datasheet name, a calibrated profile file, `cpu` (this machine measured now), or nothing
+    (this machine's GPU by name, else its CPU measured now)."""
+    if device is None:
+        device = "gpu" if this_gpu_profile() else "cpu"
+        if device == "gpu":
+            return this_gpu_profile()
+    if device == "cpu":
+        if torch.cuda.is_available():
+            raise ConfigError("--device cpu measures this machine's CPU; this one has a GPU: name the GPU's profile")
+        from trainer.planner.calibrate import calibrate
+
+        return calibrate("cpu (measured now)")
+    return load_profile(device)
+
+
+def plan_command(cfg: Config, args) -> str:
+    from trainer.planner.report import plan_report
+    from trainer.planner.search import search
+
+    profile = resolve_profile(args.device)
+    world = args.world_size or 1
+    start = time.perf_counter()
+    result = search(cfg, world, profile, nodes=args.nodes, margin=args.memory_margin)
+    return plan_report(result, profile, cfg, world_size=world, nodes=args.nodes, top=args.top, config=args.config,
+                       elapsed_s=time.perf_counter() - start)
+
+
+def calibrate_command(path: str) -> str:
+    from trainer.planner.calibrate import calibrate
+
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--profile-out {path}: the folder {out.parent} does not exist")
+    start = time.perf_counter()
+    profile = calibrate()
+    out.write_text(profile.to_json() + "\n")
+    best = {k: max(f for _, f in v) / 1e9 for k, v in profile.matmul.items()}
+    rates = ", ".join(f"{k} {v:,.0f}" for k, v in best.items())
+    links = ", ".join(f"{k} {v.bus_bytes_per_s / 1e9:.2f} GB/s + {v.latency_s * 1e6:.0f} us" for k, v in profile.intra.items())
+    return (f"calibrated {profile.name} in {time.perf_counter() - start:.1f} s -> {out}\n"
+            f"  matmul GFLOP/s (best size): {rates}\n  memory bandwidth {profile.memory_bytes_per_s / 1e9:.1f} GB/s; "
+            f"compute/communication overlap {profile.overlap:.2f}; float8 matmul speed {profile.float8_speedup:.2f}x\n"
+            f"  collectives: {links}\n  plan with it: python train.py --config X --plan --world-size N --device {out}")

@@ -1,0 +1,131 @@
+"""What the planner knows of a device: datasheet figures for the GPUs users rent, or a profile that
+`--calibrate` measured on this machine (JSON). A profile is the rates the time model divides by:
+matmul FLOP/s by precision and matmul size, memory bandwidth, and per collective a latency and a bus
+bandwidth inside a node and between nodes.
+
+Datasheet profiles assume what well-tuned kernels reach (cuBLAS GEMMs near 75% of the dense peak at large
+sizes, NCCL near 80% of a link's bandwidth); a calibrated profile replaces the assumption by measurement.
+"""
+
+import bisect
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trainer.errors import ConfigError
+
+GIB = 2**30
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+
+
+@dataclass(frozen=True)
+class Link:
+    """A collective's cost: latency_s + bytes moved per rank / bus_bytes_per_s (nccl-tests' 'bus bandwidth':
+    the ring factors (n-1)/n and 2(n-1)/n are applied by the caller)."""
+
+    latency_s: float
+    bus_bytes_per_s: float
+
+    def seconds(self, bus_bytes: float, calls: int = 1) -> float:
+        return calls * self.latency_s + bus_bytes / self.bus_bytes_per_s if bus_bytes > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    kind: str  # "gpu" or "cpu"
+    memory_bytes: float  # per device (CPU: the host's memory, shared by the ranks on it)
+    peak_flops: dict[str, float]  # dense peak by compute dtype: MFU's denominator
+    # Achieved matmul FLOP/s by key "dtype" (GPU) or "dtype@threads" (CPU), as [(size, FLOP/s)] with size the
+    # cube root of m x k x n, ascending; interpolated in log size between points.
+    matmul: dict[str, list[tuple[float, float]]]
+    memory_bytes_per_s: float  # what elementwise kernels and the optimizer step stream at
+    intra: dict[str, Link]  # collectives inside a node, by name (COLLECTIVES)
+    inter: dict[str, Link]  # between nodes
+    devices_per_node: int
+    # The share of FSDP's and data-parallel gradient traffic hidden under compute (prefetched gathers, reduce-
+    # scatters of finished blocks): GPUs run them on their own streams; on CPU the cores that compute also copy.
+    overlap: float
+    float8_speedup: float = 0.0  # float8 matmul time = bf16's / this (0: no float8 on this device)
+    cores: int = 0  # CPU: the host's cores, shared by its ranks
+    # A rank's own memory before training allocates (interpreter, libraries; CPU: in the host's memory).
+    process_bytes: float = 0.0
+    source: str = "datasheet"
+    notes: list[str] = field(default_factory=list)
+
+    def matmul_flops(self, dtype: str, size: float, threads: int = 1) -> float:
+        """Achieved FLOP/s of a matmul of cube-root size `size`."""
+        key = dtype if self.kind == "gpu" else f"{dtype}@{self._threads_key(dtype, threads)}"
+        if key not in self.matmul:
+            raise ConfigError(f"device profile {self.name!r} has no {dtype} matmul rate; run --calibrate with it, or pick "
+                              f"a compute dtype it has ({', '.join(sorted(self.matmul))})")
+        points = self.matmul[key]
+        sizes = [s for s, _ in points]
+        i = bisect.bisect_left(sizes, size)
+        if i == 0:  # below the smallest measured size: throughput falls with the work per call
+            return points[0][1] * (size / sizes[0]) ** 1.5
+        if i == len(points):
+            return points[-1][1]
+        (s0, f0), (s1, f1) = points[i - 1], points[i]
+        t = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
+        return f0 + t * (f1 - f0)
+
+    def _threads_key(self, dtype: str, threads: int) -> int:
+        """The measured thread count nearest below `threads` (CPU)."""
+        have = sorted(int(k.split("@")[1]) for k in self.matmul if k.startswith(dtype + "@"))
+        if not have:
+            return threads
+        below = [t for t in have if t <= threads]
+        return below[-1] if below else have[0]
+
+    def link(self, collective: str, across_nodes: bool) -> Link:
+        return (self.inter if across_nodes else self.intra)[collective]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def _gpu(name, memory_gib, bf16_tflops, fp32_tflops, hbm_tb_s, link_gb_s, network_gb_s, float8=0.0) -> DeviceProfile:
+    peak = bf16_tflops * 1e12
+    # cuBLAS on a GEMM of cube-root size n: small ones cannot fill the SMs.
+    efficiency = [(256, 0.12), (512, 0.3), (1024, 0.55), (2048, 0.68), (4096, 0.75), (16384, 0.75)]
+    matmul = {"bfloat16": [(n, e * peak) for n, e in efficiency],
+              "float32": [(n, e * fp32_tflops * 1e12) for n, e in efficiency]}
+    intra = {c: Link(20e-6, 0.8 * link_gb_s * 1e9) for c in COLLECTIVES}
+    inter = {c: Link(40e-6, 0.8 * network_gb_s * 1e9) for c in COLLECTIVES}
+    return DeviceProfile(name=name, kind="gpu", memory_bytes=memory_gib * GIB,
+                         peak_flops={"bfloat16": peak, "float32": fp32_tflops * 1e12}, matmul=matmul,
+                         memory_bytes_per_s=0.8 * hbm_tb_s * 1e12, intra=intra, inter=inter, devices_per_node=8,
+                         overlap=0.9, float8_speedup=float8)
+
+
+# Dense (no sparsity) datasheet figures of SXM parts; links per direction (NVLink 4: 450 GB/s of the 900 GB/s
+# both ways; A100's NVLink 3: 300), the network one 400 Gb/s NIC per GPU (A100, L40S: 200 Gb/s). float32 is
+# TF32 tensor-core math off (torch's default for matmuls). float8: torchao's measured end-to-end matmul
+# speedup over bf16 on H100 is about 1.5x where the datasheet says 2x (the casts cost).
+DATASHEETS = {
+    "h100-80gb": _gpu("h100-80gb", 79.6, 989.5, 67, 3.35, 450, 50, float8=1.5),
+    "h200": _gpu("h200", 139.8, 989.5, 67, 4.8, 450, 50, float8=1.5),
+    "a100-80gb": _gpu("a100-80gb", 79.3, 312, 19.5, 2.04, 300, 25),
+    # PCIe Gen4 x16 between cards (no NVLink): 32 GB/s a direction.
+    "l40s": _gpu("l40s", 44.4, 362, 91.6, 0.864, 32, 25, float8=1.5),
+}
+
+
+def load_profile(device: str) -> DeviceProfile:
+    """A datasheet name or a calibrated profile's JSON file."""
+    if device in DATASHEETS:
+        return DATASHEETS[device]
+    path = Path(device)
+    if not path.is_file():
+        raise ConfigError(f"--device {device!r} is neither a known device ({', '.join(DATASHEETS)}) nor a profile file; "
+                          f"make one for this machine with --calibrate --profile-out FILE")
+    try:
+        raw = json.loads(path.read_text())
+        raw["intra"] = {k: Link(**v) for k, v in raw["intra"].items()}
+        raw["inter"] = {k: Link(**v) for k, v in raw["inter"].items()}
+        raw["matmul"] = {k: [tuple(p) for p in v] for k, v in raw["matmul"].items()}
+        return DeviceProfile(**raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"--device {path}: not a device profile ({e}); make one with --calibrate --profile-out FILE") from None
