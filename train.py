@@ -123,15 +123,33 @@ def main(argv: list[str]) -> int:
             print(calibrate_command(args.profile_out))
             return 0
         cfg = load_config(args.config, args.overrides)
+        if cfg.parallel.auto and not (args.plan or args.print_output_dir):
+            from parallel.distributed import launched_world_size
+            from trainer.planner.command import auto_choice, auto_profile
+            from trainer.planner.search import search
+
+            world = args.world_size or launched_world_size()  # torchrun's, or --world-size with --dry-run / --check
+            nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+            profile = auto_profile(cfg.parallel)
+            chosen, line = auto_choice(search(cfg, world, profile, nodes=nodes), profile, world)
+            cfg = load_config(args.config, [*args.overrides, *chosen])
+            if os.environ.get("RANK", "0") == "0":
+                print(line, flush=True)
         if cfg.fault.replica_groups > 1:  # each replica group's checkpoints and logs apart
             cfg.job.output_dir = f"{cfg.job.output_dir}/replica-{cfg.fault.replica_id}"
         if args.print_output_dir:
             print(cfg.job.output_dir)
             return 0
         if args.plan:
-            from trainer.planner.command import plan_command
+            import time
 
-            print(plan_command(cfg, args))
+            from trainer.planner.command import plan_command, resolve_profile
+            from trainer.planner.search import search
+
+            profile = resolve_profile(args.device)
+            start = time.perf_counter()
+            result = search(cfg, args.world_size or 1, profile, nodes=args.nodes, margin=args.memory_margin)
+            print(plan_command(result, profile, args, cfg.data.num_streams, time.perf_counter() - start))
             return 0
         if args.dry_run or args.check:
             from parallel.distributed import launched_world_size

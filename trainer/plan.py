@@ -4,6 +4,7 @@ the converted model on the meta device (built once: the trainer materializes thi
 --check, --dry-run and training all read the same Plan."""
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -157,12 +158,16 @@ def decide_chunked_loss(setting: str, dims: ParallelDims, meta: nn.Module, *, di
     return why_not is None and setting != "never"
 
 
+@functools.cache
+def _forward_takes_mask(block_type: type) -> bool:
+    return "mask" in inspect.signature(block_type.forward).parameters
+
+
 def check_blocks_take_masks(meta: nn.Module, family: str, attention: str, cp: int) -> None:
     """Document attention and context parallelism hand each block a WindowMask (models/common/masking.py)."""
     if attention == "causal" and cp == 1:
         return
-    block = next(iter(meta.layers.values()))
-    if "mask" not in inspect.signature(block.forward).parameters:
+    if not _forward_takes_mask(type(next(iter(meta.layers.values())))):
         what = "data.attention=document" if attention == "document" else f"parallel.cp={cp}"
         raise ConfigError(f"{what} needs attention masks, which the {family} family's blocks do not take (no mask= "
                           f"keyword, docs/architecture.md); use data.attention=causal and parallel.cp=1 with this model")

@@ -3,10 +3,11 @@ that cannot rot. Each command is read from the Markdown (code blocks and inline 
 
 - train.py, torchrun and sbatch runs: `train.py ... --check --world-size N --for-another-machine` in this
   process (config, overrides, data, layout for N ranks; the 8B and 70B plans on the meta device), or as
-  written when it is a --dry-run; a command the doc follows with an `error:` line must print that line;
+  written when it is a --dry-run or a --plan (--calibrate: its flags parse); a command the doc follows with an `error:` line must print that line;
 - benchmark commands: parsed by the benchmark's own parser (presets, methods, variant groups; the CPU
   benchmark itself runs in tests/e2e/test_bench.py; bench.attention, bench.long_context, bench.moe and bench.qat are
-  measured in docs/long-context.md, docs/performance.md, docs/quantization.md and docs/data.md); data
+  measured in docs/long-context.md, docs/performance.md, docs/quantization.md and docs/data.md, bench.planner
+  in docs/planner.md); data
   preparation: its arguments and config (tests/unit/test_data_at_scale.py runs it); the GPU acceptance script: its --dry plan; example scripts: they parse;
 - pytest commands: the files exist and a -k expression selects tests; make targets exist;
 - templates (`N`, `X`, `...`, `[--flag]`, `a|b`): every flag they show is one the command accepts;
@@ -109,7 +110,8 @@ def _help(program: str, capsys) -> str:
              "launch": importlib.import_module("launch.local").main,
              "bench": importlib.import_module("bench.__main__").parse_args,
              "trainer.data.prepare": importlib.import_module("trainer.data.prepare").main,
-             "bench.data": importlib.import_module("bench.data").main}
+             "bench.data": importlib.import_module("bench.data").main,
+             "bench.planner": importlib.import_module("bench.planner").main}
     with pytest.raises(SystemExit):
         mains[program](["local", "--help"] if program == "launch" else ["--help"])
     return capsys.readouterr().out
@@ -136,14 +138,20 @@ def test_documented_command(where, command, error, tmp_path, capsys, monkeypatch
         return
     if TEMPLATE.search(command):
         flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", command)) - {"--nproc_per_node", "--nodes"}
-        if program in ("train.py", "trainer.generate", "trainer.export", "launch", "bench", "trainer.data.prepare", "bench.data"):
+        if program in ("train.py", "trainer.generate", "trainer.export", "launch", "bench", "trainer.data.prepare", "bench.data",
+                       "bench.planner"):
             accepted = _help(program, capsys)
             assert all(flag in accepted for flag in flags), (command, flags)
         return
     train_run = _train_args(command)
+    if train_run is not None and "--calibrate" in train_run[0]:  # measures the machine for ~40 s: its flags parse
+        train.parse_args(train_run[0])
+        return
     if train_run is not None:
         args, ranks = train_run
-        if "--dry-run" in args or "--check" in args:
+        if "--plan" in args:  # runs as written: planning needs no data, no GPU (datasheet profiles)
+            extra = []
+        elif "--dry-run" in args or "--check" in args:
             extra = [] if "--world-size" in args else ["--world-size", str(ranks)]
         else:
             extra = ["--check", "--world-size", str(ranks), "--for-another-machine", *_cpu_sized(args)]
@@ -169,7 +177,7 @@ def test_documented_command(where, command, error, tmp_path, capsys, monkeypatch
         from bench.data import parse_args
 
         parse_args(words[words.index(program) + 1:])
-    elif program in ("bench.attention", "bench.long_context", "bench.moe", "bench.qat"):
+    elif program in ("bench.attention", "bench.long_context", "bench.moe", "bench.qat", "bench.planner"):
         import importlib
 
         importlib.import_module(program).parse_args(words[words.index(program) + 1:])

@@ -172,14 +172,19 @@ def test_a_model_family_lives_in_its_folder_and_its_registry_line():
 def test_no_hidden_switches_and_no_converter_keys_outside_their_converter():
     """No behaviour hides in an environment variable read by the code (the launchers and the CPU thread
     settings pass theirs to torch); the framework never tests adapters.kind, fp8.enabled or qat.scheme outside
-    their converters and the config's validation (the benchmark passes them as overrides, as a user would)."""
+    their converters and the config's validation (the benchmark passes them as overrides, as a user would, and
+    the layout planner turns float8 on or off the same way)."""
     sources = {name: (REPO / (name.replace(".", "/") + ".py")) for name in MODULES if _top(name) != "bench"}
     text = {name: (path if path.exists() else path.with_suffix("") / "__init__.py").read_text() for name, path in sources.items()}
     assert not [n for n, t in text.items() if "NOSTY" in t]
     kind = {n for n, t in text.items() if re.search(r"adapters\.kind\b|\.adapters\.kind", t)}
     assert kind <= {"trainer.converters.adapters", "trainer.converters", "trainer.config.checks", "trainer.config.schema"}, kind
     enabled = {n for n, t in text.items() if re.search(r"fp8\.enabled", t)}
-    assert enabled <= {"trainer.converters.float8", "trainer.converters", "trainer.config.checks", "trainer.config.schema"}, enabled
+    # The layout planner chooses float8 on or off as a user would, by the key (its overrides and the two plans
+    # it builds); it reads nothing else of the converter's.
+    planner = {"trainer.planner.candidates", "trainer.planner.search"}
+    assert enabled <= {"trainer.converters.float8", "trainer.converters", "trainer.config.checks", "trainer.config.schema",
+                       *planner}, enabled
     qat = {n for n, t in text.items() if re.search(r"qat\.scheme\b", t)}
     assert qat <= {"trainer.converters.qat", "trainer.converters", "trainer.config.checks", "trainer.config.schema"}, qat
 

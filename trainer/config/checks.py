@@ -69,6 +69,8 @@ def check_choices(cfg: Config) -> None:
                           f"weights, which the run never holds; evaluate the export instead (python -m trainer.export "
                           f"RUN OUT --quantized NAME, then model.init_from=OUT or python -m trainer.generate OUT)")
     _check_fp8(cfg.fp8, cfg.adapters)
+    _require(cfg.parallel.auto_profile is None or cfg.parallel.auto, "parallel.auto_profile", cfg.parallel.auto_profile,
+             "is the device profile parallel.auto=true plans with: set parallel.auto=true, or remove it")
     _require(not (cfg.optimizer.offload == "cpu" and cfg.parallel.cpu_offload), "optimizer.offload", "cpu",
              "is already part of parallel.cpu_offload=true (FSDP keeps parameters, gradients and the optimizer on "
              "the host): use one of them")

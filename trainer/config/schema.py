@@ -212,6 +212,12 @@ class ParallelConfig:
     fsdp_reshard_after_forward: str = "default"
     # Keep sharded parameters, gradients and optimizer state in CPU memory.
     cpu_offload: bool = False
+    # Let the layout planner (docs/planner.md) choose pp, dp_replicate, dp_shard, cp, tp, ep, the pipeline
+    # schedule, activation_checkpoint.mode, the local batch (the global batch stays) and fp8.enabled: its best
+    # for this world on this machine's GPU (its datasheet), or on CPU by auto_profile (a --calibrate file:
+    # every rank must choose alike, which a measurement at each start would not).
+    auto: bool = False
+    auto_profile: str | None = None
 
 
 @dataclass

@@ -114,6 +114,6 @@ class AdapterConverter(ModelConverter):
         sharded, whole = bytes_per_weight(q, self.cfg.hqq_group_size, b)
         # Blocks are nearly all adapted weights: their 4-bit codes are what FSDP gathers.
         return estimate.replace(
-            weights=weights + adapted * (sharded / shape.dp_shard + whole), gathered_bytes=sharded + whole,
+            weights=weights + adapted * (sharded / shape.dp_shard + whole), gathered_bytes=sharded + whole, dequantized=adapted,
             weights_label=f"parameters (adapters fp32, frozen base {frozen_dtype}, adapted weights 4-bit {q})",
         )

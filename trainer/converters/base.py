@@ -96,6 +96,9 @@ class MemoryEstimate:
     weights_label: str
     gathered_bytes: float  # bytes per block parameter FSDP gathers
     extra: dict[str, float] = field(default_factory=dict)  # bytes by label that converters add
+    # Weights (count, on this rank after FSDP's gather) rebuilt in the compute dtype at every use, forward and
+    # backward: a 4-bit base's. The layout planner's time model charges each rebuild.
+    dequantized: float = 0.0
 
     def replace(self, **changes) -> "MemoryEstimate":
         return dataclasses.replace(self, **changes)

@@ -2,14 +2,18 @@
 FLOP/s by size and precision (CPU: at each thread count a rank may get), the memory bandwidth elementwise
 kernels stream at, and each collective's latency and bus bandwidth over real processes with the backend a
 run would use (gloo on CPU, NCCL on GPUs), fitted as latency + bytes / bandwidth. Every figure is the best of
-a few trials: a busy moment only ever makes a trial slower.
+a few trials' median (collectives: their fastest).
 """
 
+import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,16 +26,18 @@ MATMUL_SIZES = (128, 256, 512, 1024, 2048)
 COLLECTIVE_BYTES = (2**16, 2**20, 2**22, 2**24)
 
 
-def _best_seconds(fn, trials: int, sync) -> float:
+def _seconds(fn, trials: int, sync, best: bool = False) -> float:
+    """The median of `trials` timed calls after a warm-up (the best where `best`): training runs its kernels
+    back to back with others between them, so a rate it can keep up, not a lucky one."""
     fn()  # warm-up
-    best = float("inf")
+    times = []
     for _ in range(trials):
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return min(times) if best else statistics.median(times)
 
 
 def _sync(device: torch.device):
@@ -39,16 +45,63 @@ def _sync(device: torch.device):
 
 
 def matmul_curve(device: torch.device, dtype: torch.dtype, sizes=MATMUL_SIZES, trials: int = 3) -> list[tuple[float, float]]:
-    """[(n, FLOP/s of an n x n x n matmul)]."""
+    """[(n, FLOP/s)] of a linear layer's training products for an n x n weight and many more tokens than n
+    (max(2048, 2n), as a block's projections have): the forward x @ W^T and backward's two, dy @ W and
+    dy^T @ x (6 t n^2 FLOPs), through autograd as training runs them."""
     generator = torch.Generator(device=device).manual_seed(0)
     points = []
     for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-        b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-        repeats = max(1, int(2e8 // n**3))  # each trial long enough to time
-        seconds = _best_seconds(lambda: [a @ b for _ in range(repeats)], trials, _sync(device))
-        points.append((float(n), 2 * n**3 * repeats / seconds))
+        tokens = max(2048, 2 * n)
+        x = torch.randn(tokens, n, device=device, dtype=dtype, generator=generator, requires_grad=True)
+        w = torch.randn(n, n, device=device, dtype=dtype, generator=generator, requires_grad=True)
+        dy = torch.randn(tokens, n, device=device, dtype=dtype, generator=generator)
+        repeats = max(1, int(2e8 // (tokens * n * n)))  # each trial long enough to time
+
+        def step():
+            for _ in range(repeats):
+                x.grad = w.grad = None
+                torch.nn.functional.linear(x, w).backward(dy)
+
+        seconds = _seconds(step, trials, _sync(device))
+        points.append((float(n), 6 * tokens * n * n * repeats / seconds))
     return points
+
+
+def attention_curve(device: torch.device, dtype: torch.dtype, seqs, head_dim: int, trials: int = 3) -> list[tuple[float, float]]:
+    """[(sequence length, FLOP/s)] of causal scaled dot product attention, forward and backward, counted as
+    flops_per_token counts attention (12 x heads x head_dim x seq_len per token)."""
+    import torch.nn.functional as F
+
+    heads = 8
+    points = []
+    for seq in seqs:
+        batch = max(1, 4096 // seq)
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype)
+        seconds = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad), trials,
+                                _sync(device))
+        points.append((float(seq), batch * seq * 12 * heads * head_dim * seq / seconds))
+    return points
+
+
+def elementwise_rate(device: torch.device, dtype: torch.dtype, trials: int = 3) -> float:
+    """Bytes/s of a block's elementwise work as the time model counts it: an RMSNorm and SwiGLU's product,
+    forward and backward, over tokens x (2 x dim + 4 x hidden) saved elements (norm input and output; the
+    gate, up, silu and product), ELEMENTWISE_PASSES bytes-widths each."""
+    from trainer.planner.estimate import ELEMENTWISE_PASSES
+
+    tokens, dim, hidden = (16384, 4096, 14336) if device.type == "cuda" else (2048, 512, 1536)
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    gain = torch.ones(dim, device=device, dtype=dtype, requires_grad=True)
+    a, b = (torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+
+    def step():
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+        product = torch.nn.functional.silu(a) * b
+        (normed.sum() + product.sum()).backward()
+
+    seconds = _seconds(step, trials, _sync(device))
+    return ELEMENTWISE_PASSES * tokens * (2 * dim + 4 * hidden) * dtype.itemsize / seconds
 
 
 def memory_bandwidth(device: torch.device, trials: int = 3) -> float:
@@ -56,7 +109,7 @@ def memory_bandwidth(device: torch.device, trials: int = 3) -> float:
     n = 2**26 if device.type == "cuda" else 2**24
     a, b = torch.ones(n, device=device), torch.ones(n, device=device)
     out = torch.empty_like(a)
-    seconds = _best_seconds(lambda: torch.add(a, b, out=out), trials, _sync(device))
+    seconds = _seconds(lambda: torch.add(a, b, out=out), trials, _sync(device))
     return 3 * 4 * n / seconds
 
 
@@ -69,18 +122,70 @@ def float8_speedup(device: torch.device) -> float:
         return 0.0
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = 2048 if device.type == "cuda" else 512
-    x = torch.randn(2 * n, n, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(max(2048, 2 * n), n, device=device, dtype=dtype, requires_grad=True)  # as matmul_curve's
     plain = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).to(device, dtype)
     converted = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).to(device, dtype)
     convert_to_float8_training(converted, config=Float8LinearConfig(emulate=device.type != "cuda"))
-    times = [_best_seconds(lambda m=m: m(x).sum().backward(), 3, _sync(device)) for m in (plain, converted)]
+    times = [_seconds(lambda m=m: m(x).sum().backward(), 3, _sync(device)) for m in (plain, converted)]
     return times[0] / times[1]
+
+
+def dequantize_rate(device: torch.device) -> float:
+    """NF4 weights (torchao's, as adapters.quantize_base=nf4 stores them) rebuilt in the compute dtype per
+    second, as its linear layer does for the forward and again for the backward; 0 where torchao is
+    missing."""
+    try:
+        from torchao.quantization import to_nf4
+    except ImportError:
+        return 0.0
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    weight = to_nf4(torch.randn(n, n, device=device, dtype=dtype), 64, 256)
+    return n * n / _seconds(weight.get_original_weight, 5, _sync(device))
+
+
+def cpu_rates(threads: int) -> dict:
+    """This process's compute rates at `threads` threads: {"matmul" | "attention" | "elementwise": {dtype: ...}}."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    rates: dict = {"matmul": {}, "attention": {}, "elementwise": {}}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        rates["matmul"][name] = matmul_curve(device, dtype, sizes=MATMUL_SIZES if dtype == torch.float32 else MATMUL_SIZES[:-1])
+        rates["attention"][name] = attention_curve(device, dtype, (256, 512, 1024, 2048), head_dim=64)
+        rates["elementwise"][name] = elementwise_rate(device, dtype)
+    return rates
+
+
+def _rates_worker(index: int, threads: int, out_dir: str) -> None:
+    rates = cpu_rates(threads)
+    with open(os.path.join(out_dir, f"rates-{index}.json"), "w") as f:
+        json.dump(rates, f)
+
+
+def _beside_others(threads: int, processes: int) -> dict:
+    """cpu_rates(threads) measured in `processes` processes at once: each point the mean over them."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_rates_worker, args=(threads, out), nprocs=processes, start_method="spawn")
+        every = [json.loads(Path(out, f"rates-{i}.json").read_text()) for i in range(processes)]
+    mean = statistics.fmean
+    return {
+        kind: {dtype: ([(points[0], mean(r[kind][dtype][i][1] for r in every)) for i, points in enumerate(first)]
+                       if kind != "elementwise" else mean(r[kind][dtype] for r in every))
+               for dtype, first in every[0][kind].items()}
+        for kind in ("matmul", "attention", "elementwise")
+    }
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# torch 2.13 renamed the tensor forms (the old names warn); earlier versions have only the old ones.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _collective_worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> None:
@@ -98,8 +203,8 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out_dir: 
         shard = torch.ones(n // world, device=device)
         calls = {
             "all_reduce": (lambda: dist.all_reduce(full), 2 * nbytes * (world - 1) / world),
-            "all_gather": (lambda: dist.all_gather_into_tensor(full, shard), nbytes * (world - 1) / world),
-            "reduce_scatter": (lambda: dist.reduce_scatter_tensor(shard, full), nbytes * (world - 1) / world),
+            "all_gather": (lambda: _ALL_GATHER(full, shard), nbytes * (world - 1) / world),
+            "reduce_scatter": (lambda: _REDUCE_SCATTER(shard, full), nbytes * (world - 1) / world),
             "all_to_all": (lambda: dist.all_to_all_single(torch.empty_like(full), full), nbytes * (world - 1) / world),
             # Rank 0 and 1 swap a buffer both ways, as neighbouring pipeline stages do.
             "send_recv": (lambda: _exchange(full, rank), nbytes),
@@ -114,10 +219,38 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out_dir: 
                 sync()
                 times.append(time.perf_counter() - start)
             rows.append((name, bus_bytes, min(times[1:])))
+    sync = _sync_cost(device, sync)
     if rank == 0:
         with open(os.path.join(out_dir, "collectives.txt"), "w") as f:
             f.writelines(f"{name} {b} {s}\n" for name, b, s in rows)
+            f.write(f"sync {sync}\n")
     dist.destroy_process_group()
+
+
+def _sync_cost(device: torch.device, sync) -> float:
+    """Seconds a small blocking collective costs between compute segments of a few milliseconds, beyond what
+    it costs back to back: the ranks never finish a segment together (on a shared CPU, by milliseconds), and
+    each collective waits for the last. Tensor parallelism pays it at every block's gathers and scatters."""
+    a = torch.randn(384, 384, device=device)
+    small = torch.ones(1024, device=device)
+    segment = lambda: [a @ a for _ in range(8)]  # noqa: E731
+    calls = 40
+
+    def timed(with_collective: bool) -> float:
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            segment()
+            if with_collective:
+                dist.all_reduce(small)
+        sync()
+        return time.perf_counter() - start
+
+    timed(True)  # warm-up
+    alone, together = min(timed(False) for _ in range(2)), min(timed(True) for _ in range(2))
+    back_to_back = min(_seconds(lambda: dist.all_reduce(small), 5, sync) for _ in range(2))
+    return max(0.0, (together - alone) / calls - back_to_back)
 
 
 def _exchange(buffer: torch.Tensor, rank: int) -> None:
@@ -139,16 +272,21 @@ def fit_link(points: list[tuple[float, float]]) -> Link:
     return Link(latency_s=max(0.0, my - slope * mx), bus_bytes_per_s=1 / slope)
 
 
-def measure_collectives(backend: str, world: int) -> dict[str, Link]:
+def measure_collectives(backend: str, world: int) -> tuple[dict[str, Link], float]:
+    """Each collective's fitted link, and the cost of a blocking one between compute segments (_sync_cost)."""
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_collective_worker, args=(world, _free_port(), backend, out), nprocs=world,
                            start_method="spawn")
         points: dict[str, list] = {}
+        sync_s = 0.0
         with open(os.path.join(out, "collectives.txt")) as f:
             for line in f:
+                if line.startswith("sync "):
+                    sync_s = float(line.split()[1])
+                    continue
                 name, nbytes, seconds = line.split()
                 points.setdefault(name, []).append((float(nbytes), float(seconds)))
-    return {name: fit_link(points[name]) for name in COLLECTIVES}
+    return {name: fit_link(points[name]) for name in COLLECTIVES}, sync_s
 
 
 def overlap_share(device: torch.device) -> float:
@@ -162,8 +300,8 @@ def overlap_share(device: torch.device) -> float:
     big = torch.ones(2**24)
     mm = lambda: [a @ a for _ in range(20)]  # noqa: E731
     copy = lambda: big.mul_(1.0)  # noqa: E731
-    t_mm = _best_seconds(mm, 3, lambda: None)
-    t_copy = _best_seconds(copy, 3, lambda: None)
+    t_mm = _seconds(mm, 3, lambda: None, best=True)
+    t_copy = _seconds(copy, 3, lambda: None, best=True)
     import threading
 
     def both():
@@ -172,44 +310,51 @@ def overlap_share(device: torch.device) -> float:
         mm()
         thread.join()
 
-    t_both = _best_seconds(both, 3, lambda: None)
+    t_both = _seconds(both, 3, lambda: None, best=True)
     copies = max(1, round(t_mm / t_copy)) * t_copy
     return max(0.0, min(1.0, (t_mm + copies - t_both) / min(t_mm, copies)))
 
 
 def process_bytes() -> float:
-    """This process's resident memory now: the interpreter and the libraries a rank imports, which no
+    """A training process's own memory before it builds anything: the interpreter and the libraries the
+    trainer imports (a fresh process's resident high-water mark right after the imports), which no
     estimate of training memory counts."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0.0
+    code = ("import trainer.trainer, pathlib; "
+            "print([l for l in pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')][0])")
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True).stdout
+        return int(out.split()[-2]) * 1024  # "VmHWM:  123456 kB"
+    except (subprocess.CalledProcessError, ValueError, IndexError):
+        return 0.0
 
 
 def calibrate(name: str = "this machine", collectives: bool = True) -> DeviceProfile:
     """This machine's profile: its first GPU where there is one, else its CPU."""
     if torch.cuda.is_available():
         device = torch.device("cuda")
-        matmul = {str(dtype).removeprefix("torch."): matmul_curve(device, dtype, sizes=(256, 512, 1024, 2048, 4096, 8192))
-                  for dtype in (torch.bfloat16, torch.float32)}
+        dtypes = {str(dtype).removeprefix("torch."): dtype for dtype in (torch.bfloat16, torch.float32)}
+        matmul = {k: matmul_curve(device, d, sizes=(256, 512, 1024, 2048, 4096, 8192)) for k, d in dtypes.items()}
+        attention = {k: attention_curve(device, d, (512, 2048, 8192), head_dim=128) for k, d in dtypes.items()}
+        elementwise = {k: elementwise_rate(device, d) for k, d in dtypes.items()}
         props = torch.cuda.get_device_properties(0)
         world = min(torch.cuda.device_count(), 8)
-        links = measure_collectives("nccl", world) if collectives and world > 1 else {}
+        links, sync_s = measure_collectives("nccl", world) if collectives and world > 1 else ({}, 0.0)
         memory, cores, per_node = props.total_memory, 0, torch.cuda.device_count()
         name = props.name if name == "this machine" else name
     else:
         device = torch.device("cpu")
         cores, _ = usable_cores()
         threads = sorted({1, *[2**i for i in range(1, cores.bit_length()) if 2**i <= cores], cores})
-        matmul = {}
+        matmul, attention, elementwise = {}, {}, {}
         for count in threads:
-            torch.set_num_threads(count)
-            for dtype in (torch.float32, torch.bfloat16):
-                sizes = MATMUL_SIZES if dtype == torch.float32 else MATMUL_SIZES[:-1]
-                matmul[f"{str(dtype).removeprefix('torch.')}@{count}"] = matmul_curve(device, dtype, sizes=sizes)
+            # A rank of `count` threads computes beside the node's other ranks (cores / count of them), which
+            # share its caches and memory bandwidth: its rates are measured with all of them computing at once.
+            rates = cpu_rates(count) if count == cores else _beside_others(count, cores // count)
+            for kind, table in (("matmul", matmul), ("attention", attention), ("elementwise", elementwise)):
+                table.update({f"{dtype}@{count}": value for dtype, value in rates[kind].items()})
         torch.set_num_threads(cores)
-        links = measure_collectives("gloo", 2) if collectives else {}
+        links, sync_s = measure_collectives("gloo", 2) if collectives else ({}, 0.0)
         with open("/proc/meminfo") as f:
             memory = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
         per_node = cores  # a CPU rank takes at least a core
@@ -222,7 +367,10 @@ def calibrate(name: str = "this machine", collectives: bool = True) -> DevicePro
     notes = [f"calibrated {time.strftime('%Y-%m-%d')} on {socket.gethostname()}",
              "between nodes: the same rates as inside one (one host cannot measure a network)"]
     return DeviceProfile(name=name, kind=device.type if device.type == "cpu" else "gpu", memory_bytes=float(memory),
-                         peak_flops=peaks, matmul=matmul, memory_bytes_per_s=memory_bandwidth(device), intra=links,
+                         peak_flops=peaks, matmul=matmul, attention=attention, elementwise=elementwise,
+                         memory_bytes_per_s=memory_bandwidth(device), intra=links,
                          inter=links, devices_per_node=per_node, overlap=overlap_share(device),
-                         float8_speedup=float8_speedup(device), cores=cores, process_bytes=process_bytes(),
+                         float8_speedup=float8_speedup(device), dequantize_per_s=dequantize_rate(device), sync_s=sync_s,
+                         cores=cores,
+                         process_bytes=process_bytes(),
                          source="calibrated", notes=notes)

@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from parallel.mesh import LayoutError, ParallelDims
-from trainer.config import Config, ConfigError
+from trainer.config import ConfigError
+from trainer.config.schema import ParallelConfig, TrainingConfig
 from trainer.config.checks import check_batch, check_pipeline
 from trainer.expert_balance import check_moe_settings
 from trainer.plan import (Plan, check_blocks_take_masks, check_context_parallel, check_layout_fits_model,
@@ -58,32 +59,31 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def global_batch(cfg: Config, world_size: int) -> int:
+def global_batch(training: TrainingConfig, p: ParallelConfig, world_size: int) -> int:
     """Sequences per optimizer step the plan keeps: training.global_batch_size, or (-1) the local batch over
     the configured layout's data-parallel ranks (every rank data-parallel where that layout does not fit)."""
-    if cfg.training.global_batch_size != -1:
-        return cfg.training.global_batch_size
-    p = cfg.parallel
+    if training.global_batch_size != -1:
+        return training.global_batch_size
     try:
         dims = ParallelDims.from_sizes(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, cp=p.cp,
                                        ep=p.ep, world_size=world_size)
-        return cfg.training.local_batch_size * dims.dp_size
+        return training.local_batch_size * dims.dp_size
     except LayoutError:
-        return cfg.training.local_batch_size * world_size
+        return training.local_batch_size * world_size
 
 
-def streams_for(cfg: Config, dp_size: int) -> int:
+def streams_for(num_streams: int, dp_size: int) -> int:
     """data.num_streams as configured where the layout's data-parallel size divides it, else the next multiple."""
-    n = cfg.data.num_streams
-    return n if n % dp_size == 0 else -(-n // dp_size) * dp_size
+    return num_streams if num_streams % dp_size == 0 else -(-num_streams // dp_size) * dp_size
 
 
-def enumerate_candidates(cfg: Config, args, world_size: int, *, max_tp: int, float8_options: tuple[bool, ...],
+def enumerate_candidates(training: TrainingConfig, parallel: ParallelConfig, args, world_size: int, *, max_tp: int,
+                         float8_options: tuple[bool, ...],
                          ac_modes: tuple[str, ...] = AC_MODES, max_local_batch: int = 16):
     """Every candidate for `world_size` ranks (tp at most max_tp: a node's devices)."""
-    batch = global_batch(cfg, world_size)
+    batch = global_batch(training, parallel, world_size)
     experts = getattr(args, "num_experts", 0)
-    seq = cfg.training.seq_len
+    seq = training.seq_len
     for tp in [d for d in divisors(world_size) if d <= max_tp]:
         for cp in [d for d in divisors(world_size // tp) if d <= 16 and seq % (2 * d) == 0 and seq // d >= 256 or d == 1]:
             for pp in [d for d in divisors(world_size // (tp * cp)) if d == 1 or 2 * d <= args.n_layers]:
@@ -122,7 +122,7 @@ def variant_plan(base: Plan, c: Candidate, world_size: int) -> Plan:
     training = dataclasses.replace(cfg.training, local_batch_size=c.local_batch,
                                    global_batch_size=c.local_batch * c.accum_steps * c.dp_replicate * c.dp_shard)
     ac = dataclasses.replace(cfg.activation_checkpoint, mode=c.ac)
-    data = dataclasses.replace(cfg.data, num_streams=streams_for(cfg, c.dp_replicate * c.dp_shard))
+    data = dataclasses.replace(cfg.data, num_streams=streams_for(cfg.data.num_streams, c.dp_replicate * c.dp_shard))
     new = dataclasses.replace(cfg, parallel=parallel, training=training, activation_checkpoint=ac, data=data)
     try:
         dims = ParallelDims.from_sizes(dp_replicate=c.dp_replicate, dp_shard=c.dp_shard, tp=c.tp, pp=c.pp, cp=c.cp,

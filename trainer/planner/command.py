@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Config, ConfigError
+from trainer.config import ConfigError
+from trainer.config.schema import ParallelConfig
 from trainer.planner.devices import DATASHEETS, DeviceProfile, load_profile
 
 
@@ -36,16 +37,12 @@ def resolve_profile(device: str | None) -> DeviceProfile:
     return load_profile(device)
 
 
-def plan_command(cfg: Config, args) -> str:
+def plan_command(result, profile: DeviceProfile, args, num_streams: int, elapsed_s: float) -> str:
+    """--plan's report of a search (train.py runs the search: it holds the config)."""
     from trainer.planner.report import plan_report
-    from trainer.planner.search import search
 
-    profile = resolve_profile(args.device)
-    world = args.world_size or 1
-    start = time.perf_counter()
-    result = search(cfg, world, profile, nodes=args.nodes, margin=args.memory_margin)
-    return plan_report(result, profile, cfg, world_size=world, nodes=args.nodes, top=args.top, config=args.config,
-                       elapsed_s=time.perf_counter() - start)
+    return plan_report(result, profile, num_streams, world_size=args.world_size or 1, nodes=args.nodes, top=args.top,
+                       config=args.config, elapsed_s=elapsed_s)
 
 
 def calibrate_command(path: str) -> str:
@@ -64,3 +61,31 @@ def calibrate_command(path: str) -> str:
             f"  matmul GFLOP/s (best size): {rates}\n  memory bandwidth {profile.memory_bytes_per_s / 1e9:.1f} GB/s; "
             f"compute/communication overlap {profile.overlap:.2f}; float8 matmul speed {profile.float8_speedup:.2f}x\n"
             f"  collectives: {links}\n  plan with it: python train.py --config X --plan --world-size N --device {out}")
+
+
+def auto_profile(parallel: ParallelConfig) -> DeviceProfile:
+    """The profile parallel.auto=true plans with: parallel.auto_profile, else this machine's GPU's datasheet."""
+    if parallel.auto_profile is not None:
+        return load_profile(parallel.auto_profile)
+    profile = this_gpu_profile()
+    if profile is None:
+        raise ConfigError("parallel.auto=true on a machine without a known GPU needs parallel.auto_profile=FILE: make one "
+                          "with python train.py --calibrate --profile-out FILE (a measurement at every start could "
+                          "differ between ranks, and they must choose alike)")
+    return profile
+
+
+def auto_choice(result, profile: DeviceProfile, world_size: int) -> tuple[list[str], str]:
+    """parallel.auto=true: the overrides of the search's best layout, and a line saying what it chose."""
+    if not result.ranked:
+        raise ConfigError(f"parallel.auto=true: no layout of {world_size} rank(s) fits this model in "
+                          f"{result.usable_bytes / 2**30:.1f} GiB per rank by the estimate; add ranks, shorten "
+                          f"training.seq_len, or use adapters (python train.py --config X --plan says more)")
+    best = result.ranked[0]
+    chosen = best.overrides()
+    c, p = best.candidate, best.prediction
+    line = (f"parallel.auto: {c.layout()}, AC {c.ac}, local batch {c.local_batch} x {c.accum_steps} accumulation, float8 "
+            f"{'on' if c.float8 else 'off'} (the best of {len(result.ranked)} that fit, by {profile.name}): predicted "
+            f"{p.tokens_per_s:,.0f} tokens/s per device, {p.device_bytes / 2**30:.1f} GiB per rank; as overrides: "
+            f"{' '.join(chosen)}")
+    return [*chosen, "parallel.auto=false", "parallel.auto_profile=null"], line

@@ -37,10 +37,17 @@ class DeviceProfile:
     kind: str  # "gpu" or "cpu"
     memory_bytes: float  # per device (CPU: the host's memory, shared by the ranks on it)
     peak_flops: dict[str, float]  # dense peak by compute dtype: MFU's denominator
-    # Achieved matmul FLOP/s by key "dtype" (GPU) or "dtype@threads" (CPU), as [(size, FLOP/s)] with size the
-    # cube root of m x k x n, ascending; interpolated in log size between points.
+    # Achieved FLOP/s of a linear layer's training matmuls (forward and backward, many tokens) by key "dtype"
+    # (GPU) or "dtype@threads" (CPU), as [(size, FLOP/s)] with size the geometric mean of the weight's two
+    # dimensions, ascending; interpolated in log size between points.
     matmul: dict[str, list[tuple[float, float]]]
-    memory_bytes_per_s: float  # what elementwise kernels and the optimizer step stream at
+    # Achieved FLOP/s of causal attention (scaled dot product, forward and backward) by the same keys, as
+    # [(sequence length, FLOP/s)] counted as flops_per_token does (12 x dim x seq_len per token and layer).
+    attention: dict[str, list[tuple[float, float]]]
+    memory_bytes_per_s: float  # what the optimizer step streams at
+    # What a block's elementwise ops (norms, activations, their backward) reach in bytes/s by the same keys,
+    # counted as the time model counts them (estimate.py's ELEMENTWISE_PASSES per saved element).
+    elementwise: dict[str, float]
     intra: dict[str, Link]  # collectives inside a node, by name (COLLECTIVES)
     inter: dict[str, Link]  # between nodes
     devices_per_node: int
@@ -48,6 +55,10 @@ class DeviceProfile:
     # scatters of finished blocks): GPUs run them on their own streams; on CPU the cores that compute also copy.
     overlap: float
     float8_speedup: float = 0.0  # float8 matmul time = bf16's / this (0: no float8 on this device)
+    dequantize_per_s: float = 0.0  # 4-bit weights (NF4) rebuilt in the compute dtype per second
+    # What a blocking collective between compute segments costs beyond its latency and bytes: the wait for the
+    # last rank to arrive (tensor, context and expert parallelism's collectives pay it; calibrated).
+    sync_s: float = 0.0
     cores: int = 0  # CPU: the host's cores, shared by its ranks
     # A rank's own memory before training allocates (interpreter, libraries; CPU: in the host's memory).
     process_bytes: float = 0.0
@@ -55,12 +66,22 @@ class DeviceProfile:
     notes: list[str] = field(default_factory=list)
 
     def matmul_flops(self, dtype: str, size: float, threads: int = 1) -> float:
-        """Achieved FLOP/s of a matmul of cube-root size `size`."""
+        """Achieved FLOP/s of a linear layer's training matmuls for a weight of geometric-mean size `size`."""
+        return self._rate(self.matmul, "matmul", dtype, size, threads)
+
+    def attention_flops(self, dtype: str, seq_len: float, threads: int = 1) -> float:
+        return self._rate(self.attention, "attention", dtype, seq_len, threads)
+
+    def elementwise_bytes_per_s(self, dtype: str, threads: int = 1) -> float:
         key = dtype if self.kind == "gpu" else f"{dtype}@{self._threads_key(dtype, threads)}"
-        if key not in self.matmul:
-            raise ConfigError(f"device profile {self.name!r} has no {dtype} matmul rate; run --calibrate with it, or pick "
-                              f"a compute dtype it has ({', '.join(sorted(self.matmul))})")
-        points = self.matmul[key]
+        return self.elementwise.get(key) or max(self.elementwise.values())
+
+    def _rate(self, table: dict, what: str, dtype: str, size: float, threads: int) -> float:
+        key = dtype if self.kind == "gpu" else f"{dtype}@{self._threads_key(dtype, threads)}"
+        if key not in table:
+            raise ConfigError(f"device profile {self.name!r} has no {dtype} {what} rate; run --calibrate with it, or pick "
+                              f"a compute dtype it has ({', '.join(sorted(table))})")
+        points = table[key]
         sizes = [s for s, _ in points]
         i = bisect.bisect_left(sizes, size)
         if i == 0:  # below the smallest measured size: throughput falls with the work per call
@@ -88,16 +109,24 @@ class DeviceProfile:
 
 def _gpu(name, memory_gib, bf16_tflops, fp32_tflops, hbm_tb_s, link_gb_s, network_gb_s, float8=0.0) -> DeviceProfile:
     peak = bf16_tflops * 1e12
-    # cuBLAS on a GEMM of cube-root size n: small ones cannot fill the SMs.
+    # cuBLAS by weight size n (many tokens): small weights cannot fill the SMs.
     efficiency = [(256, 0.12), (512, 0.3), (1024, 0.55), (2048, 0.68), (4096, 0.75), (16384, 0.75)]
     matmul = {"bfloat16": [(n, e * peak) for n, e in efficiency],
               "float32": [(n, e * fp32_tflops * 1e12) for n, e in efficiency]}
+    # Flash attention by sequence length, causal, forward + backward (FlashAttention-2's published H100 and
+    # A100 figures are 35-55% of the dense peak for head_dim 128 at 2K-16K).
+    by_seq = [(512, 0.2), (2048, 0.35), (8192, 0.45), (32768, 0.5)]
+    attention = {"bfloat16": [(n, e * peak) for n, e in by_seq],
+                 "float32": [(n, e * fp32_tflops * 1e12) for n, e in by_seq]}
     intra = {c: Link(20e-6, 0.8 * link_gb_s * 1e9) for c in COLLECTIVES}
     inter = {c: Link(40e-6, 0.8 * network_gb_s * 1e9) for c in COLLECTIVES}
     return DeviceProfile(name=name, kind="gpu", memory_bytes=memory_gib * GIB,
-                         peak_flops={"bfloat16": peak, "float32": fp32_tflops * 1e12}, matmul=matmul,
-                         memory_bytes_per_s=0.8 * hbm_tb_s * 1e12, intra=intra, inter=inter, devices_per_node=8,
-                         overlap=0.9, float8_speedup=float8)
+                         peak_flops={"bfloat16": peak, "float32": fp32_tflops * 1e12}, matmul=matmul, attention=attention,
+                         memory_bytes_per_s=0.8 * hbm_tb_s * 1e12,
+                         elementwise={"bfloat16": 0.5 * hbm_tb_s * 1e12, "float32": 0.5 * hbm_tb_s * 1e12}, intra=intra, inter=inter, devices_per_node=8,
+                         overlap=0.9, float8_speedup=float8,
+                         # Memory bound: half a byte read and two written per weight, at half the bandwidth.
+                         dequantize_per_s=0.5 * hbm_tb_s * 1e12 / 2.5)
 
 
 # Dense (no sparsity) datasheet figures of SXM parts; links per direction (NVLink 4: 450 GB/s of the 900 GB/s
@@ -126,6 +155,7 @@ def load_profile(device: str) -> DeviceProfile:
         raw["intra"] = {k: Link(**v) for k, v in raw["intra"].items()}
         raw["inter"] = {k: Link(**v) for k, v in raw["inter"].items()}
         raw["matmul"] = {k: [tuple(p) for p in v] for k, v in raw["matmul"].items()}
+        raw["attention"] = {k: [tuple(p) for p in v] for k, v in raw["attention"].items()}
         return DeviceProfile(**raw)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"--device {path}: not a device profile ({e}); make one with --calibrate --profile-out FILE") from None

@@ -13,6 +13,7 @@ microbatch-times per local batch (the bubble; interleaved: (pp - 1) / stages per
 step streams each trained parameter's state once.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -55,13 +56,13 @@ def _attention_flops(args: DecoderArgs, seq_len: int) -> float:
 
 
 def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, nodes: int = 1,
-            converted=None) -> Prediction:
+            converted=None, memory: bool = True) -> Prediction:
     """`parts`: the busiest pipeline rank's model parts; `converted`: converted_estimate's answer for them
-    where the caller keeps it (it depends on the layout's splits and microbatch, not on the rest)."""
+    where the caller keeps it (it depends on the layout's splits and microbatch, not on the rest). Without
+    `memory` the time alone (the memory estimate is the slow part: with_memory adds it)."""
     cfg, args, dims = plan.cfg, plan.model_args, plan.dims
     converted = converted or converted_estimate(plan, precision, parts)
-    memory = estimate_memory(plan, precision, parts, converted)
-    shape, converted = converted
+    shape, estimate = converted
     seq = cfg.training.seq_len
     ranks_per_node = max(1, dims.world_size // nodes)
     threads = max(1, profile.cores // ranks_per_node) if profile.kind == "cpu" else 1
@@ -86,12 +87,12 @@ def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, 
     recompute = {"full": 1 / 3, "selective_layer": 1 / (3 * ac.every)}.get(ac.mode, 0.0)
     recompute_elementwise = 1 / 3 if ac.mode == "selective_op" else recompute
     hidden = max(args.dim, getattr(args, "hidden_dim", args.dim))
-    mm_rate = profile.matmul_flops(dtype, (tokens * args.dim * hidden / dims.tp) ** (1 / 3), threads)
+    mm_rate = profile.matmul_flops(dtype, (args.dim * hidden / dims.tp) ** 0.5, threads)
     block_rate = mm_rate
     if any(c.name == "float8" for c in plan.converters):
         block_rate = mm_rate * profile.float8_speedup
-    head_rate = profile.matmul_flops(dtype, (tokens * args.dim * args.vocab_size / dims.tp) ** (1 / 3), threads)
-    attn_rate = profile.matmul_flops(dtype, (seq * args.head_dim * seq) ** (1 / 3), threads)
+    head_rate = profile.matmul_flops(dtype, (args.dim * args.vocab_size / dims.tp) ** 0.5, threads)
+    attn_rate = profile.attention_flops(dtype, seq, threads)
     bandwidth = profile.memory_bytes_per_s / (ranks_per_node if profile.kind == "cpu" else 1)
 
     seconds: dict[str, float] = {}
@@ -99,14 +100,22 @@ def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, 
         "compute: block matmuls": tokens * layers * block_matmul * (1 + recompute) / dims.tp / block_rate,
         "compute: attention": tokens * layers * attention * (1 + recompute) / dims.tp / attn_rate,
         "compute: output layer": tokens * head_flops / dims.tp / head_rate if has_head else 0.0,
-        "elementwise (memory bound)": ELEMENTWISE_PASSES * tokens * layers * compute_bytes / dims.tp / bandwidth
+        "elementwise (memory bound)": ELEMENTWISE_PASSES * tokens * layers * compute_bytes / dims.tp
+        / profile.elementwise_bytes_per_s(dtype, threads)
         * plan.family.activation_elements(args, "none", 1) * (1 + recompute_elementwise),
     }
+    if estimate.dequantized:
+        # A 4-bit weight is rebuilt for the forward, again for the backward, and again where recomputed.
+        uses = 2 + (1 if recompute else 0)
+        rate = profile.dequantize_per_s or profile.memory_bytes_per_s / 2.5
+        per_mb["4-bit weights dequantized"] = estimate.dequantized * uses / rate
     compute_mb = sum(per_mb.values())
 
     # Collectives per microbatch on the critical path.
     def link(name: str, span: int):
-        return profile.link(name, _crosses_nodes(span, profile, ranks_per_node))
+        """The link, its latency raised by the wait for the last rank where a collective sits between compute."""
+        found = profile.link(name, _crosses_nodes(span, profile, ranks_per_node))
+        return dataclasses.replace(found, latency_s=found.latency_s + profile.sync_s)
 
     critical = {}
     forwards = 2 if ac.mode in ("full", "selective_layer") else 1  # checkpointed blocks gather again
@@ -140,7 +149,7 @@ def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, 
     fsdp, r = dims.fsdp_shards, dims.dp_replicate
     gathers = reduces = 0.0
     if fsdp > 1:
-        gathered = shape.params / dims.tp * converted.gathered_bytes * (fsdp - 1) / fsdp
+        gathered = shape.params / dims.tp * estimate.gathered_bytes * (fsdp - 1) / fsdp
         regather = 2 if cfg.parallel.fsdp_reshard_after_forward != "never" else 1
         gathers = link("all_gather", fsdp * dims.tp).seconds(regather * gathered, regather * layers)
         scattered = shape.trainable / dims.tp * reduce_bytes * (fsdp - 1) / fsdp
@@ -176,5 +185,11 @@ def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, 
     if profile.kind == "cpu":
         peak = peak * threads / max(1, profile.cores)  # a rank's share of the host's cores
     mfu = per_device * total_flops / peak if peak else math.nan
-    return Prediction(memory=memory, device_bytes=device_bytes(memory), seconds=seconds, step_s=step,
-                      tokens_per_s=per_device, mfu=mfu)
+    timed = Prediction(memory={}, device_bytes=math.nan, seconds=seconds, step_s=step, tokens_per_s=per_device, mfu=mfu)
+    return with_memory(timed, plan, precision, parts, converted) if memory else timed
+
+
+def with_memory(prediction: Prediction, plan: Plan, precision: Precision, parts, converted=None) -> Prediction:
+    """The prediction with the dry run's memory estimate for the plan filled in."""
+    memory = estimate_memory(plan, precision, parts, converted)
+    return dataclasses.replace(prediction, memory=memory, device_bytes=device_bytes(memory))

@@ -13,11 +13,11 @@ def _row(i: int, r) -> str:
             f"{100 * p.mfu:.1f} |")
 
 
-def plan_report(result: Search, profile: DeviceProfile, cfg, *, world_size: int, nodes: int, top: int, config: str,
+def plan_report(result: Search, profile: DeviceProfile, num_streams: int, *, world_size: int, nodes: int, top: int, config: str,
                 elapsed_s: float) -> str:
     lines = [f"# layout plan: {world_size} rank(s) on {nodes} node(s) of {profile.name} ({profile.source})",
-             f"{result.considered} candidates considered, {len(result.ranked)} fit "
-             f"{result.usable_bytes / GIB:.1f} GiB per rank; {elapsed_s:.1f} s"]
+             f"{result.considered} candidates considered; the memory of the fastest {result.sized} estimated, "
+             f"{len(result.ranked)} of them fit {result.usable_bytes / GIB:.1f} GiB per rank; {elapsed_s:.1f} s"]
     for reason, count in result.rejected.most_common():
         lines.append(f"  dropped {count}: {reason}")
     if not result.ranked:
@@ -34,7 +34,7 @@ def plan_report(result: Search, profile: DeviceProfile, cfg, *, world_size: int,
     lines += ["", "## its step, by part (predicted)"]
     width = max(map(len, p.seconds))
     lines += [f"  {k:<{width}}  {v:9.4f} s ({100 * v / p.step_s:4.1f}%)" for k, v in p.seconds.items() if v > 0]
-    note = streams_note(cfg, best)
+    note = streams_note(num_streams, best)
     lines += ["", "## run it", f"  torchrun ... train.py --config {config} " + " ".join(best.overrides())]
     if note:
         lines.append(f"  note: {note}")
