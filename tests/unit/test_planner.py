@@ -161,3 +161,17 @@ def test_auto_without_a_gpu_needs_a_profile(capsys):
     assert "parallel.auto_profile=FILE" in capsys.readouterr().err
     assert train.main(["--config", "configs/debug.yaml", "--dry-run", "parallel.auto_profile=x.json"]) == 2
     assert "set parallel.auto=true" in capsys.readouterr().err
+
+
+def test_the_memory_lower_bound_never_exceeds_the_estimate():
+    """The search skips a layout whose stored weights and optimizer state alone are over the margin: that
+    bound must never be above the estimate it stands in for (4-bit bases and 8-bit moments included)."""
+    from trainer.dry_run import converted_estimate
+    from trainer.planner.search import _stored_bytes
+
+    for extra in ([], ["adapters.kind=lora", "adapters.quantize_base=nf4"], ["optimizer.name=adamw_8bit"]):
+        cfg = _cfg("training.global_batch_size=16", "data.num_streams=8", *extra)
+        for r in search(cfg, 8, H100, keep=60).ranked:
+            parts = busiest_views(r.plan.family, r.plan.meta, r.plan.dims.pp, r.plan.num_stages)
+            bound = _stored_bytes(r.plan, FP32, converted_estimate(r.plan, FP32, parts))
+            assert 0 < bound <= r.prediction.device_bytes, (r.candidate, bound, r.prediction.device_bytes)
