@@ -237,7 +237,7 @@ CASES = {
     "override form": (["training.steps"], "override 'training.steps' is not of the form dotted.key=value"),
     "unknown key": (["training.stepz=5"], "unknown config key 'training.stepz' in training; did you mean 'training.steps'?"),
     "unknown section": (["optimiser.lr=1"], "did you mean 'optimizer'?"),
-    "world size without a plan": (["--world-size", "2"], "--world-size plans for that many ranks with --dry-run or --check"),
+    "world size without a plan": (["--world-size", "2"], "--world-size plans for that many ranks with --dry-run, --check or --plan"),
     "format of the stdlib source": (["data.format=parquet"], "data.format=parquet says how to read local files, but data.source=stdlib"),
     "machine flag without --check": (["--for-another-machine"], "--nproc-per-node and --for-another-machine go with --check"),
     "zero ranks per node": (["--check", "--nproc-per-node", "0"], "argument --nproc-per-node: 0 must be at least 1"),
