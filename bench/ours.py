@@ -93,10 +93,7 @@ def dry_run_gib(p: Preset, checkpoint: Path | None, method: str, nproc: int = 1,
 
 @functools.cache
 def process_baseline_gib() -> float:
-    """What a training process holds before it builds anything: the interpreter and the libraries the
-    trainer imports (a fresh process's peak resident memory right after the imports: /proc's VmHWM, which
-    unlike getrusage's maxrss does not carry over the parent's across exec)."""
-    code = ("import trainer.trainer, pathlib; "
-            "print([l for l in pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')][0])")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    return int(result.stdout.split()[-2]) / 2**20  # "VmHWM:  123456 kB"
+    """What a training process holds before it builds anything (the planner's calibration measures it)."""
+    from trainer.planner.calibrate import process_bytes
+
+    return process_bytes() / 2**30

@@ -219,11 +219,11 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out_dir: 
                 sync()
                 times.append(time.perf_counter() - start)
             rows.append((name, bus_bytes, min(times[1:])))
-    sync = _sync_cost(device, sync)
+    wait_s = _sync_cost(device, sync)
     if rank == 0:
         with open(os.path.join(out_dir, "collectives.txt"), "w") as f:
             f.writelines(f"{name} {b} {s}\n" for name, b, s in rows)
-            f.write(f"sync {sync}\n")
+            f.write(f"sync {wait_s}\n")
     dist.destroy_process_group()
 
 
@@ -317,8 +317,8 @@ def overlap_share(device: torch.device) -> float:
 
 def process_bytes() -> float:
     """A training process's own memory before it builds anything: the interpreter and the libraries the
-    trainer imports (a fresh process's resident high-water mark right after the imports), which no
-    estimate of training memory counts."""
+    trainer imports (a fresh process's resident high-water mark right after the imports: /proc's VmHWM, which
+    unlike getrusage's maxrss does not carry over the parent's across exec), which no estimate counts."""
     code = ("import trainer.trainer, pathlib; "
             "print([l for l in pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')][0])")
     repo = Path(__file__).resolve().parents[2]
