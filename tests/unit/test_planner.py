@@ -11,9 +11,8 @@ import train
 from trainer.config import ConfigError, load_config
 from trainer.dry_run import busiest_parts, estimate_memory
 from trainer.plan import make_plan
-from trainer.planner.calibrate import fit_link
 from trainer.planner.candidates import Candidate, variant_plan
-from trainer.planner.devices import DATASHEETS, load_profile
+from trainer.planner.devices import DATASHEETS, Link, load_profile
 from trainer.planner.search import predict_plan, search
 from trainer.planner.views import ModelView, busiest_views
 from trainer.precision import Precision
@@ -101,7 +100,7 @@ def test_a_plan_keeps_within_the_memory_margin_and_says_when_nothing_fits():
 
 def test_fit_link_recovers_latency_and_bandwidth():
     points = [(b, 50e-6 + b / 2e9) for b in (2**16, 2**20, 2**22, 2**24)]
-    link = fit_link(points)
+    link = Link.fit(points)
     assert link.latency_s == pytest.approx(50e-6, rel=1e-3) and link.bus_bytes_per_s == pytest.approx(2e9, rel=1e-3)
 
 
@@ -175,3 +174,80 @@ def test_the_memory_lower_bound_never_exceeds_the_estimate():
             parts = busiest_views(r.plan.family, r.plan.meta, r.plan.dims.pp, r.plan.num_stages)
             bound = _stored_bytes(r.plan, FP32, converted_estimate(r.plan, FP32, parts))
             assert 0 < bound <= r.prediction.device_bytes, (r.candidate, bound, r.prediction.device_bytes)
+
+
+def test_measured_wrapper_costs_and_compute_efficiency_enter_the_time(tmp_path):
+    """A calibrated profile's FSDP links, tensor-parallel block cost and compute efficiency (calibrate_layouts.py,
+    reference.py) replace the raw collectives' figures where they apply, each by exactly its own amount, and
+    survive the profile file."""
+    from trainer.planner import reference
+
+    base = load_profile(str(_cpu_profile(tmp_path)))
+    gather, reduce = Link(2e-3, 3e8), Link(4e-3, 2e8)
+    measured = dataclasses.replace(base, fsdp_links={"gather": gather, "reduce": reduce, "replicate_gather": Link(1e-3, 1.0),
+                                                     "replicate_reduce": Link(5e-3, 6e8)}, tp_forward_s=0.01, tp_block_s=0.03)
+    path = tmp_path / "measured.json"
+    path.write_text(measured.to_json())
+    assert load_profile(str(path)) == measured
+
+    def time_of(profile, *overrides, world=2):
+        return predict_plan(make_plan(_cfg("training.global_batch_size=8", *overrides), world), profile)
+
+    # FSDP: the measured reduce's latency, once per block and microbatch (the profile hides none: overlap 0).
+    layers = make_plan(_cfg(), 1).model_args.n_layers
+    accum = make_plan(_cfg("training.global_batch_size=8"), 2).accum_steps
+    slower = dataclasses.replace(measured, fsdp_links={**measured.fsdp_links, "reduce": Link(5e-3, 2e8)})
+    assert time_of(slower).step_s - time_of(measured).step_s == pytest.approx(layers * 1e-3 * accum)
+    assert time_of(measured).step_s != time_of(base).step_s  # the raw collectives' links no longer count
+    # Tensor parallelism: a block's measured cost, forward and backward, once per block and microbatch.
+    tp = time_of(measured, "parallel.tp=2")
+    dearer = time_of(dataclasses.replace(measured, tp_block_s=0.05), "parallel.tp=2")
+    accum = make_plan(_cfg("training.global_batch_size=8", "parallel.tp=2"), 2).accum_steps
+    assert dearer.step_s - tp.step_s == pytest.approx(layers * 0.02 * accum)
+    # Compute efficiency: the calibrated remainder is what the counted compute leaves of the measured time.
+    half = dataclasses.replace(base, compute_efficiency={"float32@4": 0.5})
+    one, two = time_of(base, world=1), time_of(half, world=1)
+    from trainer.planner.estimate import COMPUTE_PARTS, UNCOUNTED
+
+    assert two.seconds[UNCOUNTED] == pytest.approx(sum(v for k, v in one.seconds.items() if k in COMPUTE_PARTS))
+    predicted = sum(v for k, v in reference.efficiency(base, {"float32@2": 1.0}).items())
+    assert 0 < predicted < 10  # the reference's predicted compute over a second, at 2 threads of the profile's rates
+    assert reference.efficiency(base, {"float32@2": 2.0})["float32@2"] == pytest.approx(predicted / 2)
+
+
+def _layout_costs_worker(rank, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    from trainer.planner import calibrate_layouts
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    calibrate_layouts.FSDP_DIMS, calibrate_layouts.TP_DIM, calibrate_layouts.TRIALS = (64, 128), 64, 3
+    costs = calibrate_layouts.layout_costs(2, torch.device("cpu"), lambda: None)
+    if rank == 0:
+        torch.save(costs, out)
+    dist.destroy_process_group()
+
+
+def test_the_calibration_measures_the_parallel_wrappers_and_a_reference_step(tmp_path):
+    """calibrate_layouts.py over 2 real gloo processes through the project's own FSDP and tensor-parallel
+    code, at small widths, and reference.py's training microbatch: every figure a finite, positive cost."""
+    import math
+
+    import torch.multiprocessing as mp
+
+    from trainer.planner import reference
+    from trainer.planner.calibrate import _free_port
+
+    out = tmp_path / "costs.pt"
+    mp.start_processes(_layout_costs_worker, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
+    costs = torch.load(out, weights_only=False)
+    assert set(costs["fsdp_links"]) == {"gather", "reduce", "replicate_gather", "replicate_reduce"}
+    for name, link in costs["fsdp_links"].items():
+        assert link.latency_s >= 0 and link.bus_bytes_per_s > 0 and math.isfinite(link.latency_s), name
+        assert link.seconds(2**20, 1) > 0, name
+    assert 0 < costs["tp_forward_s"] < costs["tp_block_s"] < 1
+    assert 0 < reference.measure(torch.device("cpu"), "float32", trials=1) < 60

@@ -5,6 +5,7 @@ run would use (gloo on CPU, NCCL on GPUs), fitted as latency + bytes / bandwidth
 a few trials' median (collectives: their fastest).
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,28 +22,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel.cpu_threads import usable_cores
+from trainer.planner.calibrate_layouts import layout_costs
 from trainer.planner.devices import COLLECTIVES, DeviceProfile, Link
+from trainer.planner import reference, timing
+from trainer.planner.timing import synchronizer
 
 MATMUL_SIZES = (128, 256, 512, 1024, 2048)
 COLLECTIVE_BYTES = (2**16, 2**20, 2**22, 2**24)
-
-
-def _seconds(fn, trials: int, sync, best: bool = False) -> float:
-    """The median of `trials` timed calls after a warm-up (the best where `best`): training runs its kernels
-    back to back with others between them, so a rate it can keep up, not a lucky one."""
-    fn()  # warm-up
-    times = []
-    for _ in range(trials):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times) if best else statistics.median(times)
-
-
-def _sync(device: torch.device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def matmul_curve(device: torch.device, dtype: torch.dtype, sizes=MATMUL_SIZES, trials: int = 3) -> list[tuple[float, float]]:
@@ -62,7 +49,7 @@ def matmul_curve(device: torch.device, dtype: torch.dtype, sizes=MATMUL_SIZES, t
                 x.grad = w.grad = None
                 torch.nn.functional.linear(x, w).backward(dy)
 
-        seconds = _seconds(step, trials, _sync(device))
+        seconds = timing.seconds(step, trials, synchronizer(device))
         points.append((float(n), 6 * tokens * n * n * repeats / seconds))
     return points
 
@@ -78,8 +65,8 @@ def attention_curve(device: torch.device, dtype: torch.dtype, seqs, head_dim: in
         batch = max(1, 4096 // seq)
         q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         grad = torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype)
-        seconds = _seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad), trials,
-                                _sync(device))
+        seconds = timing.seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad), trials,
+                                synchronizer(device))
         points.append((float(seq), batch * seq * 12 * heads * head_dim * seq / seconds))
     return points
 
@@ -100,7 +87,7 @@ def elementwise_rate(device: torch.device, dtype: torch.dtype, trials: int = 3) 
         product = torch.nn.functional.silu(a) * b
         (normed.sum() + product.sum()).backward()
 
-    seconds = _seconds(step, trials, _sync(device))
+    seconds = timing.seconds(step, trials, synchronizer(device))
     return ELEMENTWISE_PASSES * tokens * (2 * dim + 4 * hidden) * dtype.itemsize / seconds
 
 
@@ -109,7 +96,7 @@ def memory_bandwidth(device: torch.device, trials: int = 3) -> float:
     n = 2**26 if device.type == "cuda" else 2**24
     a, b = torch.ones(n, device=device), torch.ones(n, device=device)
     out = torch.empty_like(a)
-    seconds = _seconds(lambda: torch.add(a, b, out=out), trials, _sync(device))
+    seconds = timing.seconds(lambda: torch.add(a, b, out=out), trials, synchronizer(device))
     return 3 * 4 * n / seconds
 
 
@@ -126,7 +113,7 @@ def float8_speedup(device: torch.device) -> float:
     plain = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).to(device, dtype)
     converted = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)).to(device, dtype)
     convert_to_float8_training(converted, config=Float8LinearConfig(emulate=device.type != "cuda"))
-    times = [_seconds(lambda m=m: m(x).sum().backward(), 3, _sync(device)) for m in (plain, converted)]
+    times = [timing.seconds(lambda m=m: m(x).sum().backward(), 3, synchronizer(device)) for m in (plain, converted)]
     return times[0] / times[1]
 
 
@@ -141,19 +128,21 @@ def dequantize_rate(device: torch.device) -> float:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = 4096 if device.type == "cuda" else 1024
     weight = to_nf4(torch.randn(n, n, device=device, dtype=dtype), 64, 256)
-    return n * n / _seconds(weight.get_original_weight, 5, _sync(device))
+    return n * n / timing.seconds(weight.get_original_weight, 5, synchronizer(device))
 
 
 def cpu_rates(threads: int) -> dict:
-    """This process's compute rates at `threads` threads: {"matmul" | "attention" | "elementwise": {dtype: ...}}."""
+    """This process's compute rates at `threads` threads: {"matmul" | "attention" | "elementwise": {dtype: ...}},
+    and "reference": {dtype: seconds of reference.py's microbatch}."""
     torch.set_num_threads(threads)
     device = torch.device("cpu")
-    rates: dict = {"matmul": {}, "attention": {}, "elementwise": {}}
+    rates: dict = {"matmul": {}, "attention": {}, "elementwise": {}, "reference": {}}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         rates["matmul"][name] = matmul_curve(device, dtype, sizes=MATMUL_SIZES if dtype == torch.float32 else MATMUL_SIZES[:-1])
         rates["attention"][name] = attention_curve(device, dtype, (256, 512, 1024, 2048), head_dim=64)
         rates["elementwise"][name] = elementwise_rate(device, dtype)
+        rates["reference"][name] = reference.measure(device, name)
     return rates
 
 
@@ -171,9 +160,9 @@ def _beside_others(threads: int, processes: int) -> dict:
     mean = statistics.fmean
     return {
         kind: {dtype: ([(points[0], mean(r[kind][dtype][i][1] for r in every)) for i, points in enumerate(first)]
-                       if kind != "elementwise" else mean(r[kind][dtype] for r in every))
+                       if kind in ("matmul", "attention") else mean(r[kind][dtype] for r in every))
                for dtype, first in every[0][kind].items()}
-        for kind in ("matmul", "attention", "elementwise")
+        for kind in ("matmul", "attention", "elementwise", "reference")
     }
 
 
@@ -195,7 +184,7 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out_dir: 
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
-    sync = _sync(device)
+    sync = synchronizer(device)
     rows = []
     for nbytes in COLLECTIVE_BYTES:
         n = nbytes // 4
@@ -219,11 +208,11 @@ def _collective_worker(rank: int, world: int, port: int, backend: str, out_dir: 
                 sync()
                 times.append(time.perf_counter() - start)
             rows.append((name, bus_bytes, min(times[1:])))
-    wait_s = _sync_cost(device, sync)
+    measured = {"sync_s": _sync_cost(device, sync), **layout_costs(world, device, sync)}
     if rank == 0:
-        with open(os.path.join(out_dir, "collectives.txt"), "w") as f:
-            f.writelines(f"{name} {b} {s}\n" for name, b, s in rows)
-            f.write(f"sync {wait_s}\n")
+        measured["fsdp_links"] = {k: asdict(v) for k, v in measured["fsdp_links"].items()}
+        with open(os.path.join(out_dir, "collectives.json"), "w") as f:
+            json.dump({"rows": rows, **measured}, f)
     dist.destroy_process_group()
 
 
@@ -249,7 +238,7 @@ def _sync_cost(device: torch.device, sync) -> float:
 
     timed(True)  # warm-up
     alone, together = min(timed(False) for _ in range(2)), min(timed(True) for _ in range(2))
-    back_to_back = min(_seconds(lambda: dist.all_reduce(small), 5, sync) for _ in range(2))
+    back_to_back = min(timing.seconds(lambda: dist.all_reduce(small), 5, sync) for _ in range(2))
     return max(0.0, (together - alone) / calls - back_to_back)
 
 
@@ -263,30 +252,19 @@ def _exchange(buffer: torch.Tensor, rank: int) -> None:
         work.wait()
 
 
-def fit_link(points: list[tuple[float, float]]) -> Link:
-    """Least squares of seconds = latency + bus_bytes / bandwidth (latency at least zero)."""
-    xs, ys = [b for b, _ in points], [s for _, s in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    slope = max(slope, 1e-15)
-    return Link(latency_s=max(0.0, my - slope * mx), bus_bytes_per_s=1 / slope)
-
-
-def measure_collectives(backend: str, world: int) -> tuple[dict[str, Link], float]:
-    """Each collective's fitted link, and the cost of a blocking one between compute segments (_sync_cost)."""
+def measure_collectives(backend: str, world: int) -> dict:
+    """The profile's fields that need several processes: each collective's fitted link ("intra"), the cost
+    of a blocking one between compute segments (_sync_cost), and the parallel wrappers' own costs
+    (calibrate_layouts.py)."""
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_collective_worker, args=(world, _free_port(), backend, out), nprocs=world,
                            start_method="spawn")
-        points: dict[str, list] = {}
-        sync_s = 0.0
-        with open(os.path.join(out, "collectives.txt")) as f:
-            for line in f:
-                if line.startswith("sync "):
-                    sync_s = float(line.split()[1])
-                    continue
-                name, nbytes, seconds = line.split()
-                points.setdefault(name, []).append((float(nbytes), float(seconds)))
-    return {name: fit_link(points[name]) for name in COLLECTIVES}, sync_s
+        measured = json.loads(Path(out, "collectives.json").read_text())
+    points: dict[str, list] = {}
+    for name, nbytes, seconds in measured.pop("rows"):
+        points.setdefault(name, []).append((nbytes, seconds))
+    measured["fsdp_links"] = {k: Link(**v) for k, v in measured["fsdp_links"].items()}
+    return {"intra": {name: Link.fit(points[name]) for name in COLLECTIVES}, **measured}
 
 
 def overlap_share(device: torch.device) -> float:
@@ -300,8 +278,8 @@ def overlap_share(device: torch.device) -> float:
     big = torch.ones(2**24)
     mm = lambda: [a @ a for _ in range(20)]  # noqa: E731
     copy = lambda: big.mul_(1.0)  # noqa: E731
-    t_mm = _seconds(mm, 3, lambda: None, best=True)
-    t_copy = _seconds(copy, 3, lambda: None, best=True)
+    t_mm = timing.seconds(mm, 3, lambda: None, best=True)
+    t_copy = timing.seconds(copy, 3, lambda: None, best=True)
     import threading
 
     def both():
@@ -310,7 +288,7 @@ def overlap_share(device: torch.device) -> float:
         mm()
         thread.join()
 
-    t_both = _seconds(both, 3, lambda: None, best=True)
+    t_both = timing.seconds(both, 3, lambda: None, best=True)
     copies = max(1, round(t_mm / t_copy)) * t_copy
     return max(0.0, min(1.0, (t_mm + copies - t_both) / min(t_mm, copies)))
 
@@ -337,40 +315,44 @@ def calibrate(name: str = "this machine", collectives: bool = True) -> DevicePro
         matmul = {k: matmul_curve(device, d, sizes=(256, 512, 1024, 2048, 4096, 8192)) for k, d in dtypes.items()}
         attention = {k: attention_curve(device, d, (512, 2048, 8192), head_dim=128) for k, d in dtypes.items()}
         elementwise = {k: elementwise_rate(device, d) for k, d in dtypes.items()}
+        measured = {k: reference.measure(device, k) for k in dtypes}
         props = torch.cuda.get_device_properties(0)
         world = min(torch.cuda.device_count(), 8)
-        links, sync_s = measure_collectives("nccl", world) if collectives and world > 1 else ({}, 0.0)
+        several = measure_collectives("nccl", world) if collectives and world > 1 else {}
         memory, cores, per_node = props.total_memory, 0, torch.cuda.device_count()
         name = props.name if name == "this machine" else name
     else:
         device = torch.device("cpu")
         cores, _ = usable_cores()
         threads = sorted({1, *[2**i for i in range(1, cores.bit_length()) if 2**i <= cores], cores})
-        matmul, attention, elementwise = {}, {}, {}
+        matmul, attention, elementwise, measured = {}, {}, {}, {}
         for count in threads:
             # A rank of `count` threads computes beside the node's other ranks (cores / count of them), which
             # share its caches and memory bandwidth: its rates are measured with all of them computing at once.
             rates = cpu_rates(count) if count == cores else _beside_others(count, cores // count)
-            for kind, table in (("matmul", matmul), ("attention", attention), ("elementwise", elementwise)):
+            for kind, table in (("matmul", matmul), ("attention", attention), ("elementwise", elementwise),
+                                ("reference", measured)):
                 table.update({f"{dtype}@{count}": value for dtype, value in rates[kind].items()})
         torch.set_num_threads(cores)
-        links, sync_s = measure_collectives("gloo", 2) if collectives else ({}, 0.0)
+        several = measure_collectives("gloo", 2) if collectives else {}
         with open("/proc/meminfo") as f:
             memory = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
         per_node = cores  # a CPU rank takes at least a core
-    if not links:  # one device: nothing to measure; a slow placeholder that layouts over several never win with
-        links = {c: Link(1e-3, 1e9) for c in COLLECTIVES}
+    # One device: nothing to measure; a slow placeholder that layouts over several never win with.
+    links = several.pop("intra", None) or {c: Link(1e-3, 1e9) for c in COLLECTIVES}
     peaks: dict[str, float] = {}
     for key, points in matmul.items():  # the best any size and thread count reached
         dtype = key.split("@")[0]
         peaks[dtype] = max(peaks.get(dtype, 0.0), *(f for _, f in points))
     notes = [f"calibrated {time.strftime('%Y-%m-%d')} on {socket.gethostname()}",
              "between nodes: the same rates as inside one (one host cannot measure a network)"]
-    return DeviceProfile(name=name, kind=device.type if device.type == "cpu" else "gpu", memory_bytes=float(memory),
+    profile = DeviceProfile(name=name, kind=device.type if device.type == "cpu" else "gpu", memory_bytes=float(memory),
                          peak_flops=peaks, matmul=matmul, attention=attention, elementwise=elementwise,
                          memory_bytes_per_s=memory_bandwidth(device), intra=links,
                          inter=links, devices_per_node=per_node, overlap=overlap_share(device),
-                         float8_speedup=float8_speedup(device), dequantize_per_s=dequantize_rate(device), sync_s=sync_s,
+                         float8_speedup=float8_speedup(device), dequantize_per_s=dequantize_rate(device), **several,
                          cores=cores,
                          process_bytes=process_bytes(),
                          source="calibrated", notes=notes)
+    # Last: the efficiency compares the reference's measured time with the time model on the rates above.
+    return dataclasses.replace(profile, compute_efficiency=reference.efficiency(profile, measured))

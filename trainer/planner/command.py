@@ -60,7 +60,23 @@ def calibrate_command(path: str) -> str:
     return (f"calibrated {profile.name} in {time.perf_counter() - start:.1f} s -> {out}\n"
             f"  matmul GFLOP/s (best size): {rates}\n  memory bandwidth {profile.memory_bytes_per_s / 1e9:.1f} GB/s; "
             f"compute/communication overlap {profile.overlap:.2f}; float8 matmul speed {profile.float8_speedup:.2f}x\n"
-            f"  collectives: {links}\n  plan with it: python train.py --config X --plan --world-size N --device {out}")
+            f"  collectives: {links}\n{_wrapper_costs(profile)}  plan with it: python train.py --config X --plan --world-size N --device {out}")
+
+
+def _wrapper_costs(profile: DeviceProfile) -> str:
+    """The lines on what calibrate_layouts.py and reference.py measured (none for a single device)."""
+    f = profile.fsdp_links
+    lines = []
+    if f:
+        lines.append(f"  FSDP per block: gather {f['gather'].bus_bytes_per_s / 1e9:.2f} GB/s + {f['gather'].latency_s * 1e3:.1f} ms, "
+                     f"reduce {f['reduce'].bus_bytes_per_s / 1e9:.2f} GB/s + {f['reduce'].latency_s * 1e3:.1f} ms; "
+                     f"replicas' all-reduce {f['replicate_reduce'].bus_bytes_per_s / 1e9:.2f} GB/s + "
+                     f"{f['replicate_reduce'].latency_s * 1e3:.1f} ms; a tensor-parallel block "
+                     f"{profile.tp_block_s * 1e3:.1f} ms beyond its bytes")
+    if profile.compute_efficiency:
+        lines.append("  compute efficiency on the reference model: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in profile.compute_efficiency.items()))
+    return "".join(line + "\n" for line in lines)
 
 
 def auto_profile(parallel: ParallelConfig) -> DeviceProfile:

@@ -10,6 +10,7 @@ sizes, NCCL near 80% of a link's bandwidth); a calibrated profile replaces the a
 import bisect
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,16 @@ class Link:
 
     def seconds(self, bus_bytes: float, calls: int = 1) -> float:
         return calls * self.latency_s + bus_bytes / self.bus_bytes_per_s if bus_bytes > 0 else 0.0
+
+    @staticmethod
+    def fit(points: list[tuple[float, float]]) -> "Link":
+        """Least squares of seconds = latency + bus_bytes / bandwidth over [(bus bytes, seconds)], latency at
+        least zero."""
+        xs, ys = [b for b, _ in points], [s for _, s in points]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        slope = max(slope, 1e-15)
+        return Link(latency_s=max(0.0, my - slope * mx), bus_bytes_per_s=1 / slope)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,16 @@ class DeviceProfile:
     # What a blocking collective between compute segments costs beyond its latency and bytes: the wait for the
     # last rank to arrive (tensor, context and expert parallelism's collectives pay it; calibrated).
     sync_s: float = 0.0
+    # Measured through the parallel wrappers themselves (calibrate_layouts.py), inside a node; absent (a
+    # datasheet): the raw collectives' links stand in. FSDP2's per-block cost by "gather" / "reduce" (and
+    # "replicate_gather" / "replicate_reduce" for replicas), and a tensor-parallel block's fixed cost beyond
+    # its bytes, forward and forward + backward.
+    fsdp_links: dict[str, Link] = field(default_factory=dict)
+    # What the time model's compute terms reach of a real training microbatch's time, by the matmul keys
+    # (reference.py: a small Llama measured against its prediction); absent: 1.
+    compute_efficiency: dict[str, float] = field(default_factory=dict)
+    tp_forward_s: float = 0.0
+    tp_block_s: float = 0.0
     cores: int = 0  # CPU: the host's cores, shared by its ranks
     # A rank's own memory before training allocates (interpreter, libraries; CPU: in the host's memory).
     process_bytes: float = 0.0
@@ -73,11 +94,16 @@ class DeviceProfile:
         return self._rate(self.attention, "attention", dtype, seq_len, threads)
 
     def elementwise_bytes_per_s(self, dtype: str, threads: int = 1) -> float:
-        key = dtype if self.kind == "gpu" else f"{dtype}@{self._threads_key(dtype, threads)}"
-        return self.elementwise.get(key) or max(self.elementwise.values())
+        return self.elementwise.get(self._key(dtype, threads)) or max(self.elementwise.values())
+
+    def efficiency(self, dtype: str, threads: int = 1) -> float:
+        return self.compute_efficiency.get(self._key(dtype, threads), 1.0)
+
+    def _key(self, dtype: str, threads: int) -> str:
+        return dtype if self.kind == "gpu" else f"{dtype}@{self._threads_key(dtype, threads)}"
 
     def _rate(self, table: dict, what: str, dtype: str, size: float, threads: int) -> float:
-        key = dtype if self.kind == "gpu" else f"{dtype}@{self._threads_key(dtype, threads)}"
+        key = self._key(dtype, threads)
         if key not in table:
             raise ConfigError(f"device profile {self.name!r} has no {dtype} {what} rate; run --calibrate with it, or pick "
                               f"a compute dtype it has ({', '.join(sorted(table))})")
@@ -154,6 +180,7 @@ def load_profile(device: str) -> DeviceProfile:
         raw = json.loads(path.read_text())
         raw["intra"] = {k: Link(**v) for k, v in raw["intra"].items()}
         raw["inter"] = {k: Link(**v) for k, v in raw["inter"].items()}
+        raw["fsdp_links"] = {k: Link(**v) for k, v in raw.get("fsdp_links", {}).items()}
         raw["matmul"] = {k: [tuple(p) for p in v] for k, v in raw["matmul"].items()}
         raw["attention"] = {k: [tuple(p) for p in v] for k, v in raw["attention"].items()}
         return DeviceProfile(**raw)

@@ -29,6 +29,11 @@ ELEMENTWISE_PASSES = 6
 # AdamW per trained parameter: reads the parameter, gradient and two moments, writes three back (fp32), and
 # the gradient clip reads the gradient once more: 8 x 4 bytes.
 OPTIMIZER_BYTES = 32
+# The compute terms of a microbatch (the device's own work, no communication), and the calibrated remainder
+# of a real step's compute that they leave out (reference.py).
+COMPUTE_PARTS = ("compute: block matmuls", "compute: attention", "compute: output layer", "elementwise (memory bound)",
+                 "4-bit weights dequantized")
+UNCOUNTED = "other ops and per-op overhead (calibrated on a reference model)"
 
 
 @dataclass(frozen=True)
@@ -56,16 +61,18 @@ def _attention_flops(args: DecoderArgs, seq_len: int) -> float:
 
 
 def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, nodes: int = 1,
-            converted=None, memory: bool = True) -> Prediction:
+            converted=None, memory: bool = True, threads: int | None = None) -> Prediction:
     """`parts`: the busiest pipeline rank's model parts; `converted`: converted_estimate's answer for them
     where the caller keeps it (it depends on the layout's splits and microbatch, not on the rest). Without
-    `memory` the time alone (the memory estimate is the slow part: with_memory adds it)."""
+    `memory` the time alone (the memory estimate is the slow part: with_memory adds it). `threads` (CPU): a
+    rank's threads where not the host's cores shared by the ranks on it."""
     cfg, args, dims = plan.cfg, plan.model_args, plan.dims
     converted = converted or converted_estimate(plan, precision, parts)
     shape, estimate = converted
     seq = cfg.training.seq_len
     ranks_per_node = max(1, dims.world_size // nodes)
-    threads = max(1, profile.cores // ranks_per_node) if profile.kind == "cpu" else 1
+    if threads is None:
+        threads = max(1, profile.cores // ranks_per_node) if profile.kind == "cpu" else 1
     dtype = _dtype_name(precision)
     compute_bytes = precision.param_dtype.itemsize
     reduce_bytes = precision.reduce_dtype.itemsize
@@ -109,6 +116,9 @@ def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, 
         uses = 2 + (1 if recompute else 0)
         rate = profile.dequantize_per_s or profile.memory_bytes_per_s / 2.5
         per_mb["4-bit weights dequantized"] = estimate.dequantized * uses / rate
+    uncounted = sum(per_mb.values()) * (1 / profile.efficiency(dtype, threads) - 1)
+    if uncounted:
+        per_mb[UNCOUNTED] = uncounted
     compute_mb = sum(per_mb.values())
 
     # Collectives per microbatch on the critical path.
@@ -121,15 +131,25 @@ def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, 
     forwards = 2 if ac.mode in ("full", "selective_layer") else 1  # checkpointed blocks gather again
     if dims.tp > 1:
         # Sequence parallel: attention and MLP each all-gather their input and reduce-scatter their output,
-        # forward and backward; the output layer gathers the final norm's output.
+        # forward (again where recomputed) and backward; the output layer gathers the final norm's output.
         activation = micro_batch * seq // dims.cp * args.dim * compute_bytes * (dims.tp - 1) / dims.tp
         calls = layers * 4 * (1 + forwards) + (2 if has_head else 0)
+        gather, scatter = link("all_gather", dims.tp), link("reduce_scatter", dims.tp)
+        fixed = 0.0
+        if profile.tp_block_s:
+            # Measured per split block (DTensor's dispatch, the collectives' latency): it replaces the links'
+            # latencies; the wait for the last rank and the bytes come on top.
+            fixed = layers * (profile.tp_block_s + (forwards - 1) * profile.tp_forward_s) + calls * profile.sync_s
+            gather, scatter = (dataclasses.replace(x, latency_s=0.0) for x in (gather, scatter))
         critical["tensor parallel (sequence-parallel gathers and scatters)"] = \
-            link("all_gather", dims.tp).seconds(calls * activation, calls)
+            fixed + gather.seconds(calls / 2 * activation, calls // 2) + scatter.seconds(calls / 2 * activation, calls // 2)
     if dims.cp > 1:
+        # Keys and values all-gathered in every forward, their gradients reduce-scattered in the backward.
         kv = micro_batch * seq * 2 * args.n_kv_heads * args.head_dim / dims.tp * compute_bytes * (dims.cp - 1) / dims.cp
+        span = dims.cp * dims.tp
         critical["context parallel (keys and values gathered, their gradients scattered)"] = \
-            link("all_gather", dims.cp * dims.tp).seconds(layers * (forwards + 1) * kv, layers * (forwards + 1))
+            link("all_gather", span).seconds(layers * forwards * kv, layers * forwards) \
+            + link("reduce_scatter", span).seconds(layers * kv, layers)
     if dims.ep > 1 and hasattr(args, "num_experts"):
         moe_layers = len(getattr(args, "moe_layers", range(args.n_layers))) * layers / args.n_layers
         sent = tokens * args.top_k * args.dim * compute_bytes * (dims.ep - 1) / dims.ep
@@ -147,16 +167,29 @@ def predict(plan: Plan, profile: DeviceProfile, precision: Precision, parts, *, 
     # backward where it resharded); gradients are reduce-scattered (and HSDP's replicas all-reduce their
     # shards) after every backward, but with pipelining once per local batch (the stage syncs the last one).
     fsdp, r = dims.fsdp_shards, dims.dp_replicate
+
+    def data_parallel(kind: str, collective: str, span: int):
+        """FSDP's own per-block cost as calibrated (copies, Python, the collective) where the profile has it
+        and the ranks share a node, plus the wait for the last rank (the calibration's compute segments are
+        too short to show it); else the raw collective's link."""
+        measured = profile.fsdp_links.get(kind)
+        if measured and not _crosses_nodes(span, profile, ranks_per_node):
+            return dataclasses.replace(measured, latency_s=measured.latency_s + profile.sync_s)
+        return link(collective, span)
+
     gathers = reduces = 0.0
+    regather = 2 if cfg.parallel.fsdp_reshard_after_forward != "never" else 1
     if fsdp > 1:
         gathered = shape.params / dims.tp * estimate.gathered_bytes * (fsdp - 1) / fsdp
-        regather = 2 if cfg.parallel.fsdp_reshard_after_forward != "never" else 1
-        gathers = link("all_gather", fsdp * dims.tp).seconds(regather * gathered, regather * layers)
+        gathers = data_parallel("gather", "all_gather", fsdp * dims.tp).seconds(regather * gathered, regather * layers)
         scattered = shape.trainable / dims.tp * reduce_bytes * (fsdp - 1) / fsdp
-        reduces += link("reduce_scatter", fsdp * dims.tp).seconds(scattered, layers)
+        reduces += data_parallel("reduce", "reduce_scatter", fsdp * dims.tp).seconds(scattered, layers)
     if r > 1:
+        span = dims.world_size // dims.pp
         shard = shape.trainable / dims.tp / fsdp * reduce_bytes
-        reduces += link("all_reduce", dims.world_size // dims.pp).seconds(2 * shard * (r - 1) / r, layers)
+        reduces += data_parallel("replicate_reduce", "all_reduce", span).seconds(2 * shard * (r - 1) / r, layers)
+        if fsdp == 1 and "replicate_gather" in profile.fsdp_links:  # no bytes to gather; the units' own cost
+            gathers += regather * layers * profile.fsdp_links["replicate_gather"].latency_s
 
     def exposed(comm: float) -> float:
         """What of `comm` compute running meanwhile (one microbatch's) does not hide."""
