@@ -45,7 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--memory-margin", type=float, default=0.8,
                         help="with --plan: the share of a device's memory a layout may fill by the estimate (default 0.8)")
     parser.add_argument("--calibrate", action="store_true",
-                        help="measure this machine (matmul rates, memory bandwidth, collectives) into --profile-out, then exit")
+                        help="measure this machine (matmul rates, memory bandwidth, collectives, the parallel wrappers' own costs) "
+                             "into --profile-out, then exit")
     parser.add_argument("--profile-out", default=None, help="with --calibrate: the profile file to write (JSON)")
     parser.add_argument("--nproc-per-node", type=at_least(1), default=None,
                         help="with --check: how many of the ranks run on this host (default: all of them)")

@@ -142,6 +142,19 @@ def read_variants(out: Path) -> list[Figure]:
     return figures
 
 
+def read_planner(out: Path) -> list[Figure]:
+    """`python -m bench.planner --gpu`: the planner's predicted device memory against max allocated, per row."""
+    rows = json.loads((out / "planner.json").read_text())["rows"]
+    figures = []
+    for label, r in rows.items():
+        if "error" in r:
+            figures.append(Figure(f"{label} memory", f"failed: {r['error']}", "within 10%", False))
+        else:
+            figures.append(Figure(f"{label} memory", f"{r['error_pct']:+.1f}% ({r['predicted_gib']:.2f} GiB predicted, "
+                                  f"{r['measured_gib']:.2f} allocated)", "within 10%", abs(r["error_pct"]) <= 10))
+    return figures
+
+
 def _bench(preset: str, *extra: str) -> list[str]:
     return ["bench", "--preset", preset, "--pairs", "1", "--no-memory-runs", "--out", "{out}", *extra]
 
@@ -166,6 +179,9 @@ STEPS = [
     Step("1b-32k-attention", "Llama 3.2 1B, seq 32768, bf16 + compile + full AC: document attention (FlexAttention) "
          "against causal SDPA", 240, _bench("1b-32k", "--variants", "attention", "--steps", "5", "--warmup", "2"),
          read_variants),
+    Step("planner-memory", "the layout planner's peak memory against max allocated: Llama 3.2 1B, seq 4096, bf16, "
+         "AC none / selective_op / selective_layer / full x batch 1-4 on one GPU", 200,
+         ["bench.planner", "--gpu", "--out", "{out}/planner.json"], read_planner),
 ]
 MIN_STEP_SECONDS = 60
 
@@ -209,6 +225,10 @@ def fake_outputs(step: Step, out: Path) -> None:
             '<testsuites><testsuite><testcase classname="tests.gpu.test_cuda_paths" name="test_nccl" time="3.2"/>'
             '<testcase classname="tests.gpu.test_cuda_paths" name="test_hqq" time="0.1"><skipped message="no hqq"/></testcase>'
             '</testsuite></testsuites>')
+        return
+    if step.read is read_planner:
+        (out / "planner.json").write_text(json.dumps({"profile": "h200", "rows": {
+            "AC full, batch 2": {"predicted_gib": 20.5, "measured_gib": 20.0, "error_pct": 2.5}}}))
         return
     run = {"runs": [{"summary": {"tokens_per_sec": 1000.0, "mfu": 40.0, "mfu_mixed": 30.0, "peak_gib": 8.0,
                                   "peak_allocated_gib": 6.0}}], "errors": [], "dry_run_gib": 6.3}

@@ -3,6 +3,7 @@ checkpointing mode, adapters or a 4-bit base, emulated float8), the planner's pr
 and step time beside a real run's.
 
 python -m bench.planner [--profile FILE] [--steps 8] [--rounds 3] [--rows a,b,...] [--rank] [--out FILE.json]
+python -m bench.planner --gpu [--out FILE.json]
 
 - --profile: a device profile from `python train.py --calibrate --profile-out FILE` (default: calibrate at the
   start of every round).
@@ -12,8 +13,12 @@ python -m bench.planner [--profile FILE] [--steps 8] [--rounds 3] [--rows a,b,..
   LIVE below), every rank's resident high-water mark (VmHWM, read from /proc while it runs), the largest over
   its ranks; predicted:
   the dry run's estimate for the busiest rank plus the profile's process memory (interpreter and libraries).
-- --rank: the planner's search for the 2-rank job (MODEL, a global batch of 8 sequences), every layout it
-  considered that fits run for real, ranked by measured tokens/s beside the predicted ranking.
+- --rank: the planner's search for the 2-rank job (MODEL, a global batch of 8 sequences), its first --top
+  layouts run for real (--rounds times round-robin, the median), ranked by measured step time beside the
+  predicted ranking, with the first round's profile.
+- --gpu: on one GPU, GPU_ROWS (activation checkpointing and batch varied) for memory: the planner's device
+  memory, with this GPU's datasheet, against what tensors held at most (torch.cuda.max_memory_allocated, the
+  trainer's memory/peak_allocated_gib); within 10% is the target. bench/acceptance.py runs it as a step.
 """
 
 import json
@@ -26,6 +31,7 @@ import time
 from pathlib import Path
 
 from trainer.cli import Parser, run_command
+from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 # 33.6M parameters (dim 512, 8 layers, vocabulary 8,192), sequences of 512: training memory (about 1 GiB)
@@ -51,6 +57,53 @@ ROWS = {
     "pp 2 (1f1b)": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
     "cp 2": (2, ["parallel.cp=2"]),
 }
+
+
+# One GPU: Llama 3.2 1B's shape in bf16 (bench.presets' 1b-seeded, seeded init), sequences of 4096, no compile
+# (its first call would take a third of the step's budget); each row a checkpointing mode and batch.
+GPU_ROWS = {
+    "AC none, batch 1": ["activation_checkpoint.mode=none", "training.local_batch_size=1"],
+    "AC selective_op, batch 1": ["activation_checkpoint.mode=selective_op", "training.local_batch_size=1"],
+    "AC selective_layer, batch 2": ["activation_checkpoint.mode=selective_layer", "training.local_batch_size=2"],
+    "AC full, batch 2": ["activation_checkpoint.mode=full", "training.local_batch_size=2"],
+    "AC full, batch 4": ["activation_checkpoint.mode=full", "training.local_batch_size=4"],
+}
+GPU_EXTRA = ["training.seq_len=4096", "compile.enabled=false"]
+
+
+def gpu_memory(steps: int = 3) -> dict:
+    """{row: {"predicted_gib", "measured_gib", "error_pct"} or {"error": ...}} on this machine's GPU."""
+    from bench import ours
+    from bench.presets import PRESETS
+    from trainer.config import load_config
+    from trainer.plan import make_plan
+    from trainer.planner.command import this_gpu_profile
+    from trainer.planner.devices import DATASHEETS
+    from trainer.planner.search import predict_plan
+
+    preset, profile = PRESETS["1b-seeded"], this_gpu_profile() or DATASHEETS["h200"]
+    results = {}
+    for label, rows in GPU_ROWS.items():
+        extra = [*GPU_EXTRA, *rows]
+        args = ours.overrides(preset, None, "full", steps, extra)
+        predicted = predict_plan(make_plan(load_config(REPO / args[1], args[2:]), 1), profile).device_bytes / 2**30
+        measured = ours.run(preset, None, "full", steps, extra=extra)
+        if isinstance(measured, str) or not measured["peak_allocated_gib"]:
+            results[label] = {"error": measured if isinstance(measured, str) else "no allocated peak (not a GPU run)"}
+        else:
+            held = measured["peak_allocated_gib"]
+            results[label] = {"predicted_gib": predicted, "measured_gib": held, "error_pct": 100 * (predicted - held) / held}
+        print(f"bench.planner: {label}: {results[label]}", file=sys.stderr, flush=True)
+    return {"profile": profile.name, "rows": results}
+
+
+def gpu_table(result: dict) -> str:
+    lines = [f"profile: {result['profile']}", "", "| row | peak GiB: predicted | measured (max allocated) | error |",
+             "|---|---|---|---|"]
+    for label, r in result["rows"].items():
+        lines.append(f"| {label} | failed: {r['error']} | | |" if "error" in r else
+                     f"| {label} | {r['predicted_gib']:.2f} | {r['measured_gib']:.2f} | {r['error_pct']:+.1f}% |")
+    return "\n".join(lines)
 
 
 def _descendants(root: int) -> list[int]:
@@ -177,20 +230,29 @@ def measure_rows(labels: list[str], profile_path: str | None, steps: int, rounds
     return results, profiles
 
 
-def rank_layouts(profile, steps: int, top: int) -> str:
-    """The planner's candidates for the 2-rank job, each run: the planner's order against the measured one."""
+def rank_layouts(profile, steps: int, top: int, rounds: int = 1) -> str:
+    """The planner's candidates for the 2-rank job, each run `rounds` times round-robin (the machine drifts by
+    a fifth over minutes; each layout's median step): the planner's order against the measured one."""
     from trainer.config import load_config
     from trainer.planner.search import search
 
     cfg = load_config(REPO / MODEL[1], [*MODEL[2:], "training.global_batch_size=8"])
-    result = search(cfg, 2, profile)
-    rows = []
-    for i, r in enumerate(result.ranked[:top]):
-        measured = run(2 if r.plan.dims.world_size == 2 else 1, [*r.overrides(), "training.global_batch_size=8"], steps)
-        step = statistics.median(measured["step_s"][2:]) if isinstance(measured, dict) else None
-        rows.append((i + 1, r, step, measured if isinstance(measured, str) else None))
-        print(f"bench.planner: rank {i + 1} {r.candidate}: predicted {r.prediction.step_s:.2f} s, measured {step}",
-              file=sys.stderr, flush=True)
+    ranked = search(cfg, 2, profile).ranked[:top]
+    measured: list[list[float]] = [[] for _ in ranked]
+    errors: list[str | None] = [None for _ in ranked]
+    for round_ in range(rounds):
+        for i, r in enumerate(ranked):
+            if errors[i]:
+                continue
+            result = run(2 if r.plan.dims.world_size == 2 else 1, [*r.overrides(), "training.global_batch_size=8"], steps)
+            if isinstance(result, str):
+                errors[i] = result
+                continue
+            measured[i].append(statistics.median(result["step_s"][2:]))
+            print(f"bench.planner: rank round {round_ + 1}: {i + 1} {r.candidate}: predicted {r.prediction.step_s:.2f} s, "
+                  f"measured {measured[i][-1]:.2f} s", file=sys.stderr, flush=True)
+    rows = [(i + 1, r, statistics.median(measured[i]) if measured[i] and not errors[i] else None, errors[i])
+            for i, r in enumerate(ranked)]
     done = sorted((s, i) for i, _, s, _ in rows if s is not None)
     place = {i: n + 1 for n, (_, i) in enumerate(done)}
     fastest = done[0][0] if done else float("nan")
@@ -199,9 +261,9 @@ def rank_layouts(profile, steps: int, top: int) -> str:
     for i, r, step, error in rows:
         c = r.candidate
         pipeline = f"{c.pp_schedule} x{c.pp_microbatches}" if c.pp > 1 else "-"
-        measured = f"{step:.2f} | {place[i]} | {100 * (step / fastest - 1):+.1f}%" if step else f"failed: {error} | | "
+        cell = f"{step:.2f} | {place[i]} | {100 * (step / fastest - 1):+.1f}%" if step else f"failed: {error} | | "
         lines.append(f"| {i} | {c.layout()} | {c.ac} | {c.local_batch} x {c.accum_steps} | {pipeline} | "
-                     f"{r.prediction.step_s:.2f} | {measured} |")
+                     f"{r.prediction.step_s:.2f} | {cell} |")
     return "\n".join(lines)
 
 
@@ -213,6 +275,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels")
     parser.add_argument("--rank", action="store_true", help="also run the planner's candidates for the 2-rank job")
     parser.add_argument("--top", type=int, default=12, help="with --rank: how many of them")
+    parser.add_argument("--gpu", action="store_true", help="instead: GPU_ROWS' memory on this machine's GPU")
     parser.add_argument("--out", type=Path, default=None, help="the results as JSON")
     args = parser.parse_args(argv)
     args.labels = [label.strip() for label in args.rows.split(",") if label.strip()]
@@ -224,12 +287,22 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--gpu: no CUDA GPU here (the rows measure what tensors hold on one)")
+        result = gpu_memory()
+        print(gpu_table(result))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+        return 0
     results, profiles = measure_rows(args.labels, args.profile, args.steps, args.rounds)
     profile = profiles[0]
     print(table(results, profile))
     if args.rank:
         print()
-        print(rank_layouts(profile, args.steps, args.top))
+        print(rank_layouts(profile, args.steps, args.top, args.rounds))
     if args.out:  # the measurements and the profile they were predicted with: reanalysed without running again
         args.out.write_text(json.dumps({"profiles": [json.loads(p.to_json()) for p in profiles], "rows": results},
                                        indent=1))

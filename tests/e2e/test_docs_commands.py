@@ -144,7 +144,7 @@ def test_documented_command(where, command, error, tmp_path, capsys, monkeypatch
             assert all(flag in accepted for flag in flags), (command, flags)
         return
     train_run = _train_args(command)
-    if train_run is not None and "--calibrate" in train_run[0]:  # measures the machine for ~40 s: its flags parse
+    if train_run is not None and "--calibrate" in train_run[0]:  # measures the machine for ~75 s: its flags parse
         train.parse_args(train_run[0])
         return
     if train_run is not None:

@@ -15,16 +15,17 @@ def test_the_dry_run_prints_the_plan_and_the_table(tmp_path):
                             capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr[-2000:]
     for step, seconds in (("gpu-tests", 200), ("1b-bf16", 240), ("1b-float8", 200), ("8b-qlora", 200), ("8b-bf16", 240),
-                          ("30b-a3b-moe", 200), ("1b-8k-attention", 200), ("1b-32k-attention", 240)):
+                          ("30b-a3b-moe", 200), ("1b-8k-attention", 200), ("1b-32k-attention", 240), ("planner-memory", 200)):
         assert f"  {step:<10} {seconds:>4} s" in result.stdout, step
     assert "python -m pytest -q -s -p no:cacheprovider tests/gpu" in result.stdout
     record = json.loads((tmp_path / "acceptance.json").read_text())
     assert [s["step"] for s in record["steps"]] == ["gpu-tests", "1b-bf16", "1b-float8", "8b-qlora", "8b-bf16",
-                                                   "30b-a3b-moe", "1b-8k-attention", "1b-32k-attention"]
+                                                   "30b-a3b-moe", "1b-8k-attention", "1b-32k-attention", "planner-memory"]
     figures = {f["name"]: f for s in record["steps"] for f in s["figures"]}
     assert figures["test_cuda_paths::test_nccl"]["met"] is True
     assert figures["float8 tensorwise + compile / high precision + compile"]["target"] == ">= 1.3x"
     assert figures["document / causal"]["value"] == "1.00x"  # document attention against causal, made-up rows
+    assert figures["AC full, batch 2 memory"]["met"] is True  # the planner's GPU memory rows, made up
     assert "| 8b-qlora | dry | 0 |" in (tmp_path / "acceptance.md").read_text()
 
 

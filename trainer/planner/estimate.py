@@ -4,9 +4,12 @@ from the device profile's rates.
 Time, for the busiest pipeline rank, per microbatch: its matmul FLOPs (blocks, recomputed blocks under
 activation checkpointing, the output layer; attention's score and value products) at the profile's
 matmul rate for the sizes this layout's matmuls have; elementwise work (norms, activations, RoPE, softmax,
-the adds of backward) as bytes streamed at the memory bandwidth; the collectives each parallel dimension
-moves at the profile's latency and bus bandwidth, inside a node or between nodes by where the dimension's
-ranks sit (tp innermost, then cp, dp_shard, dp_replicate, pp). FSDP's gathers and reduce-scatters and the
+the adds of backward) as bytes streamed at the memory bandwidth; what those terms leave of a real step by
+the profile's compute efficiency (measured on a reference model, reference.py); the collectives each
+parallel dimension moves at the profile's latency and bus bandwidth, inside a node or between nodes by where
+the dimension's ranks sit (tp innermost, then cp, dp_shard, dp_replicate, pp), or where the profile measured
+the parallel wrappers themselves (calibrate_layouts.py: FSDP2 per block, a tensor-parallel block's fixed
+cost) at those costs. FSDP's gathers and reduce-scatters and the
 data-parallel all-reduce hide under compute by the profile's overlap share; tensor, context and expert
 parallel collectives and pipeline sends are on the critical path. A pipeline runs (microbatches + pp - 1)
 microbatch-times per local batch (the bubble; interleaved: (pp - 1) / stages per rank). Then the optimizer
