@@ -17,12 +17,12 @@ step of a 33.6M-parameter model spent 0.43 s of 3.7 s in copy_ and cat, a 1-rank
 """
 
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
 
 from trainer.planner.devices import Link
-from trainer.planner import timing
 
 FSDP_DIMS = (256, 768)  # two widths: blocks of 0.8M and 6.8M parameters
 TP_DIM = 128
@@ -54,6 +54,16 @@ def _step(model, tokens):
     model.zero_grad(set_to_none=True)
 
 
+def _once(fn, sync) -> float:
+    """One timed call, the ranks starting it together."""
+    dist.barrier()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def _costs(make, tokens, sync) -> tuple[float, float]:
     """(forward, forward + backward) seconds per block of a parallelized model beyond the same model whole:
     the median over trials of each pair's difference (the two timed back to back, so that the machine's
@@ -61,9 +71,11 @@ def _costs(make, tokens, sync) -> tuple[float, float]:
     whole, split = make(False), make(True)
     out = []
     for run in (_forward, _step):
+        for model in (whole, split):  # warm-up, once each
+            run(model, tokens)
         differences = []
         for _ in range(TRIALS):
-            pair = [timing.seconds(lambda m=m: run(m, tokens), 1, sync, before=dist.barrier) for m in (whole, split)]
+            pair = [_once(lambda m=m: run(m, tokens), sync) for m in (whole, split)]
             differences.append(pair[1] - pair[0])
         out.append(max(0.0, statistics.median(differences)) / LAYERS)
     return tuple(out)

@@ -6,15 +6,12 @@ import time
 import torch
 
 
-def seconds(fn, trials: int, sync, best: bool = False, before=None) -> float:
+def seconds(fn, trials: int, sync, best: bool = False) -> float:
     """The median of `trials` timed calls after a warm-up (the best where `best`): training runs its kernels
-    back to back with others between them, so a rate it can keep up, not a lucky one. `before` runs ahead
-    of each call, untimed (a barrier, so that the ranks of a group start together)."""
+    back to back with others between them, so a rate it can keep up, not a lucky one."""
     fn()  # warm-up
     times = []
     for _ in range(trials):
-        if before is not None:
-            before()
         sync()
         start = time.perf_counter()
         fn()
