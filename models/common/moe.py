@@ -13,6 +13,7 @@ on the module (`last_stats`) for the loss, the bias update and the expert-load m
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +51,21 @@ def load_balancing_loss(stats: list[RouterStats], num_experts: int, counts: torc
     return num_experts * (counts.float() / rows * probs).sum()
 
 
+class Rounding(Protocol):
+    """How stacked experts round their weights and each projection's input (quantization-aware training:
+    trainer/qat/layers.py), where they do: the one contract between converters over the experts, as
+    models/common/linear.py's product is for linear layers."""
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor: ...  # (experts, out, in): each expert's as a linear's
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor: ...  # (rows, features): each row (token) alone
+
+
 class GroupedExperts(nn.Module):
     """num_experts SwiGLU MLPs whose weights are stacked: w1, w3 (experts, hidden, dim), w2 (experts, dim,
     hidden), each expert's slice oriented as an nn.Linear weight."""
+
+    rounding: Rounding | None = None  # set by a converter on the instance
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, grouped: bool = True):
         super().__init__()
@@ -62,8 +75,15 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w2, w3) of the experts this rank runs (adapters fold their updates in here)."""
-        return local(self.w1), local(self.w2), local(self.w3)
+        """(w1, w2, w3) of the experts this rank runs, rounded where they round (adapters fold their updates
+        in here)."""
+        return self.round_weight(local(self.w1)), self.round_weight(local(self.w2)), self.round_weight(local(self.w3))
+
+    def round_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.rounding is None else self.rounding.weight(w)
+
+    def round_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.rounding is None else self.rounding.inputs(x)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (routed tokens, dim), sorted by expert, counts[e] of them for expert e -> (routed tokens, dim)."""
@@ -79,9 +99,11 @@ class GroupedExperts(nn.Module):
         # the weights their (zero) gradients, which the grouped kernel's backward cannot.
         if self.grouped and x.shape[0] > 0 and _grouped_mm_fits(x, w1):
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            x = self.round_inputs(x)
             gate = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets)
             up = torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
-            return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+            hidden = self.round_inputs(F.silu(gate) * up)
+            return torch._grouped_mm(hidden, w2.transpose(-2, -1), offs=offsets)
         return self.loop(x, counts, (w1, w2, w3))
 
     def loop(self, x: torch.Tensor, counts: torch.Tensor, weights=None) -> torch.Tensor:
@@ -89,8 +111,8 @@ class GroupedExperts(nn.Module):
         w1, w2, w3 = weights or self.weights()
         out, start = [], 0
         for e, n in enumerate(counts.tolist()):
-            xe = x[start : start + n]
-            out.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
+            xe = self.round_inputs(x[start : start + n])
+            out.append(F.linear(self.round_inputs(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])), w2[e]))
             start += n
         return torch.cat(out)
 

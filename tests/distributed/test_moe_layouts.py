@@ -7,7 +7,8 @@ microbatch and every layout's round is the same 8. DeepSeek-V3-style routing (si
 expert, a first dense layer, the balancing bias) runs its own reference: its bias moves after every step
 from the loads of all ranks, so the layouts must agree on those too. On ep 2 it is held to one process by
 the resume test below (its checkpoint resumed on one process). The ep 2 run trains LoRA over the experts,
-the router and attention (its own reference) and exports it, merged and as peft's adapter."""
+the router and attention (its own reference) and exports it, merged and as peft's adapter; the ep x tp run
+trains with QAT over the experts (its own reference too)."""
 
 import pytest
 import torch
@@ -19,19 +20,23 @@ STEPS = 4
 COMMON = ["--config", "configs/debug.yaml", f"training.steps={STEPS}", "metrics.log_every=1", "checkpoint.interval=2"]
 MOE, DSV3 = ["model.flavor=qwen3_moe_debug"], ["model.flavor=qwen3_moe_debug_dsv3", "moe.bias_update_rate=0.01"]
 LORA = ["adapters.kind=lora", "adapters.targets=[experts,router,q,v]", "adapters.dropout=0"]
+# QAT of every block's linear layers and each expert (int4 weights; the lower learning rate keeps the
+# weights off rounding boundaries that tp's other summation order could cross, as in test_parity_matrix).
+QAT = ["qat.scheme=int4_weight_only", "qat.group_size=16", "optimizer.lr=3e-4"]
 # name -> (ranks, overrides). The global batch stays 8 sequences; the single process takes it whole.
 LAYOUTS = {
     "ep=2, LoRA over the experts": (
         2, [*MOE, *LORA, "parallel.ep=2", "export.hf=true", "export.peft=true", "export.dtype=float32"]),
-    "dp_shard=2 x ep=2 x tp=2 (experts over 4 ranks), selective_op AC": (
-        4, [*MOE, "parallel.ep=2", "parallel.tp=2", "training.local_batch_size=4", "activation_checkpoint.mode=selective_op"]),
+    "dp_shard=2 x ep=2 x tp=2 (experts over 4 ranks), selective_op AC, QAT": (
+        4, [*MOE, *QAT, "parallel.ep=2", "parallel.tp=2", "training.local_batch_size=4",
+            "activation_checkpoint.mode=selective_op"]),
     "cp=2 x dp_shard=2 x ep=2, full AC, document": (4, [*MOE, "parallel.cp=2", "parallel.ep=2", "activation_checkpoint.mode=full"]),
     "pp=2, dsv3": (2, [*DSV3, "parallel.pp=2", "training.local_batch_size=8"]),
 }
 
 
 def _reference_key(layout: str) -> tuple[str, bool]:
-    flavor = "dsv3" if "dsv3" in layout else "lora" if "LoRA" in layout else "moe"
+    flavor = "dsv3" if "dsv3" in layout else "lora" if "LoRA" in layout else "qat" if "QAT" in layout else "moe"
     return (flavor, layout.endswith("document"))
 
 
@@ -43,7 +48,7 @@ def references(tmp_path_factory):
         key = _reference_key(layout)
         if key not in runs:
             out = tmp_path_factory.mktemp(f"single-{key[0]}")
-            flavor = {"dsv3": DSV3, "lora": [*MOE, *LORA], "moe": MOE}[key[0]]
+            flavor = {"dsv3": DSV3, "lora": [*MOE, *LORA], "qat": [*MOE, *QAT], "moe": MOE}[key[0]]
             result = run_train([*COMMON, f"job.output_dir={out}", *flavor, "training.local_batch_size=8",
                                 *(document_attention() if key[1] else [])])
             assert result.returncode == 0, result.stderr[-3000:]

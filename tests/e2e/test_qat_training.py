@@ -95,3 +95,55 @@ def test_qat_resumes_bitwise_and_its_quantized_exports_load_in_transformers(tmp_
     print(f"QAT export sizes of the linear weights against bf16 ({bf16} bytes): "
           + ", ".join(f"{n} {s / bf16:.3f}x" for n, s in sizes.items()))
     assert sizes["w4a16"] <= 0.3 * bf16
+
+
+MOE = ["--config", "configs/debug.yaml", "model.flavor=qwen3_moe_debug", "training.steps=6", "metrics.log_every=2",
+       "qat.scheme=int8_dynact_int4_weight", "qat.group_size=16", "eval.every=6", "eval.split_fraction=0.1", "eval.steps=1",
+       "eval.quantized=[w4a16]", *EXPORTS]
+
+
+def test_qat_rounds_stacked_experts_and_their_exports_load_per_expert(tmp_path):
+    """A mixture's experts train rounded (each expert as a linear layer) and export one expert at a time, as
+    Hugging Face checkpoints hold them. transformers 5 reads them into its fused experts, dequantized: W4A16
+    in bfloat16 (its decompression multiplies in the scales' dtype), float8 exactly, but without rounding
+    the experts' inputs (they are not Linear modules, which its compressed-tensors path simulates), and
+    int8 experts not at all (it decompresses packed and float8 experts only); our loader reads all three
+    as served."""
+    from transformers import AutoModelForCausalLM
+
+    result = run_train([*MOE, f"job.output_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "20 layers fake-quantized (4 of them stacked experts" in result.stdout
+    export, qat = tmp_path / "export", QATConfig(group_size=16)
+    final = load_model(export / "hf", "cpu")
+    logged = tensorboard_scalars(tmp_path, "eval/loss_w4a16")[6]
+    assert abs(logged - held_out_loss(tmp_path, quantized_model(final, FORMATS["w4a16"].scheme, qat))) < 1e-5
+
+    prompt = list(range(40, 72))
+    tokens = torch.tensor([prompt])
+    for name, fmt in FORMATS.items():
+        with safe_open(str(export / name / "model.safetensors"), "pt") as tensors:
+            stored = {k for k in tensors.keys() if ".mlp.experts.3.down_proj." in k and k.startswith("model.layers.1.")}
+        suffixes = {"weight_packed", "weight_scale", "weight_shape"} if name == "w4a16" else {"weight", "weight_scale"}
+        assert stored == {f"model.layers.1.mlp.experts.3.down_proj.{s}" for s in suffixes}
+        ours = quantized_model(final, fmt.scheme, qat)
+        with torch.no_grad():
+            rounding = (ours(tokens) - final(tokens)).abs().max().item()
+            assert (load_model(export / name, "cpu")(tokens) - ours(tokens)).abs().max() < 1e-5 and rounding > 1e-3
+        if name == "w8a8_int8":
+            continue
+        theirs = AutoModelForCausalLM.from_pretrained(export / name, dtype=torch.float32).eval()
+        experts = ours.layers["1"].moe.experts
+        expected = torch.cat([experts.round_weight(experts.w1), experts.round_weight(experts.w3)], dim=1).detach()
+        if name == "w4a16":
+            expected = expected.bfloat16().float()
+        else:
+            for block in ours.layers.values():
+                block.moe.experts.rounding.inputs = lambda x: x
+        assert torch.equal(theirs.model.layers[1].mlp.experts.gate_up_proj, expected)
+        with torch.no_grad():
+            difference = (theirs(tokens).logits - ours(tokens)).abs().max().item()
+            continued = theirs.generate(tokens, max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+        print(f"\nQAT MoE export {name}: max |transformers - ours| = {difference:.1e} (rounding moved the logits {rounding:.2f})")
+        assert difference < (2e-3 if name == "w4a16" else 1e-5)
+        assert continued == generate(ours, prompt, Sampling(max_new_tokens=24))

@@ -14,7 +14,8 @@ from trainer.build import build_whole_model
 from trainer.config import load_config
 from trainer.converters import build_converters
 from trainer.plan import make_plan
-from trainer.qat.layers import QATEmbedding, QATLinear, QATProduct, set_fake_quant
+from models.common.moe import GroupedExperts
+from trainer.qat.layers import QATEmbedding, QATLinear, QATRounding, round_experts, set_fake_quant
 from trainer.qat.schemes import SCHEMES, fake_activations, fake_weight
 
 pytest.importorskip("torchao")
@@ -60,6 +61,40 @@ def test_fake_quantized_linear_equals_torchao(scheme):
     if scheme != "float8":  # the same straight-through gradients (float8: see trainer/qat/schemes.py)
         torch.testing.assert_close(linear.weight.grad, reference[0].weight.grad, rtol=0, atol=1e-5)
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_fake_quantized_experts_equal_torchao_per_expert(scheme):
+    """Stacked experts under QAT (grouped matmul and the reference loop) against each expert built from
+    torchao's own fake-quantized linear layers: gate and up on the expert's tokens, down on their SwiGLU."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 64, 96)
+    for w in (experts.w1, experts.w2, experts.w3):
+        nn.init.normal_(w, std=0.05)
+    round_experts(experts, SCHEMES[scheme], GROUP)
+    counts = torch.tensor([5, 0, 9, 3])
+    x = torch.randn(int(counts.sum()), 64) * torch.linspace(0.1, 4, 64)
+    activations, weights = _torchao_configs(scheme)
+    by_expert, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        gate, down, up = (nn.Linear(w.shape[2], w.shape[1], bias=False) for w in (experts.w1, experts.w2, experts.w3))
+        for linear, w in ((gate, experts.w1), (down, experts.w2), (up, experts.w3)):
+            linear.weight.data = w.data[e].clone()
+        reference = nn.ModuleDict({"gate": gate, "down": down, "up": up})
+        quantize_(reference, QATConfig(activation_config=activations, weight_config=weights, step="prepare"),
+                  filter_fn=lambda m, _: isinstance(m, nn.Linear))
+        xe = x[start : start + n]
+        if n:  # (torchao's per-token rounding takes no empty input)
+            by_expert.append(reference["down"](F.silu(reference["gate"](xe)) * reference["up"](xe)))
+        start += n
+    theirs = torch.cat(by_expert)
+    with torch.no_grad():
+        ours, loop = experts(x, counts), experts.loop(x, counts)
+        experts.rounding.on = False
+        plain = experts(x, counts)
+    print(f"\nQAT experts {scheme}: max |ours - torchao| = {(ours - theirs).abs().max().item():.1e}")
+    assert (ours - theirs).abs().max() <= 1e-6 and (loop - theirs).abs().max() <= 1e-6
+    assert (ours - plain).abs().max() > 1e-3
 
 
 def test_the_config_names_every_export():
@@ -144,7 +179,7 @@ def test_lora_over_a_qat_base_rounds_the_frozen_product_only():
     cfg, plan = _debug_plan("qat.scheme=int8_dynact_int4_weight", "adapters.kind=lora", "adapters.rank=4")
     assert [c.name for c in build_converters(cfg)] == ["qat", "adapters"]
     layer = plan.meta.layers["0"].attention.wq
-    assert type(layer).__name__ == "LoRALinear" and isinstance(product_of(layer), QATProduct)
+    assert type(layer).__name__ == "LoRALinear" and isinstance(product_of(layer), QATRounding)
     model = build_whole_model(plan.model_args, build_converters(cfg), init_from=None, seed=0)
     layer = model.layers["0"].attention.wq
     torch.nn.init.normal_(layer.lora_b, std=0.02)
@@ -156,6 +191,31 @@ def test_lora_over_a_qat_base_rounds_the_frozen_product_only():
     set_fake_quant(model, False)  # the switch reaches the product the adapter layer took over
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight) + layer.scale * F.linear(F.linear(x, layer.lora_a), layer.lora_b),
                                rtol=0, atol=1e-6)
+
+
+def test_lora_over_qat_experts_rounds_the_base_then_adds_the_update():
+    """Adapters over stacked experts fold their updates into the weights: the frozen base rounds, the update
+    is added unrounded, and each projection's input rounds for the whole product."""
+    cfg, plan = _debug_plan("model.flavor=qwen3_moe_debug", "qat.scheme=int8_dynact_int4_weight", "qat.group_size=16",
+                            "adapters.kind=lora", "adapters.rank=4", "adapters.targets=[experts]", "adapters.dropout=0")
+    model = build_whole_model(plan.model_args, build_converters(cfg), init_from=None, seed=0)
+    experts = model.layers["0"].moe.experts
+    assert type(experts).__name__ == "LoRAExperts" and isinstance(experts.rounding, QATRounding)
+    torch.nn.init.normal_(experts.lora_b_gate_up, std=0.02)
+    torch.nn.init.normal_(experts.lora_b_down, std=0.02)
+    scheme, s = SCHEMES["int8_dynact_int4_weight"], experts.scale
+    base = {w: fake_weight(getattr(experts, w).reshape(-1, getattr(experts, w).shape[-1]), scheme, 16).view_as(getattr(experts, w))
+            for w in ("w1", "w2", "w3")}
+    gate_up = torch.cat([base["w1"], base["w3"]], dim=1) + s * experts.lora_b_gate_up @ experts.lora_a_gate_up
+    down = base["w2"] + s * experts.lora_b_down @ experts.lora_a_down
+    w1, w3 = gate_up.chunk(2, dim=1)
+    counts = torch.tensor([3, 0, 2, 4, 1, 0, 0, 2])
+    x = torch.randn(int(counts.sum()), w1.shape[-1])
+    with torch.no_grad():
+        by_hand = GroupedExperts.loop(experts, x, counts, (w1, down, w3))  # rounds the inputs, not the weights given
+        torch.testing.assert_close(experts(x, counts), by_hand, rtol=0, atol=1e-6)
+        set_fake_quant(model, False)
+        assert not experts.rounding.on and (experts(x, counts) - by_hand).abs().max() > 1e-4
 
 
 def test_a_quantized_checkpoint_of_another_scheme_is_refused_by_name(tmp_path):

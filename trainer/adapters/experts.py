@@ -28,6 +28,7 @@ class LoRAExperts(GroupedExperts):
         nn.Module.__init__(self)  # not GroupedExperts': the weights are the base's, not new ones
         self.num_experts, self.grouped = base.num_experts, base.grouped
         self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3  # the frozen base, under its own names
+        self.rounding = base.rounding  # QAT's, where it converted the base first: the base rounds, the updates not
         experts, hidden, dim = base.w1.shape
         device = base.w1.device
 
@@ -45,7 +46,7 @@ class LoRAExperts(GroupedExperts):
         return self.magnitude_down is not None
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _merge(self, local)
+        return _merge(self, local, base=lambda w: self.round_weight(local(w)))
 
     def merged(self) -> dict[str, torch.Tensor]:
         """{w1, w2, w3}: the whole updated weights in float32, as an export writes them (gathers: every rank
@@ -58,11 +59,12 @@ class LoRAExperts(GroupedExperts):
         return f"{kind}, rank={self.lora_a_down.shape[1]}, scale={self.scale:g}, experts={self.num_experts}"
 
 
-def _merge(m: LoRAExperts, take) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _merge(m: LoRAExperts, take, base=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w1, w2, w3) with the updates folded in, each tensor read through `take` (this rank's experts, or
-    the whole of them)."""
-    gate_up = torch.cat([take(m.w1), take(m.w3)], dim=1) + m.scale * (take(m.lora_b_gate_up) @ take(m.lora_a_gate_up))
-    down = take(m.w2) + m.scale * (take(m.lora_b_down) @ take(m.lora_a_down))
+    the whole of them), the base's through `base` where given."""
+    base = base or take
+    gate_up = torch.cat([base(m.w1), base(m.w3)], dim=1) + m.scale * (take(m.lora_b_gate_up) @ take(m.lora_a_gate_up))
+    down = base(m.w2) + m.scale * (take(m.lora_b_down) @ take(m.lora_a_down))
     if m.dora:
         gate_up = _rescaled(gate_up, take(m.magnitude_gate_up))
         down = _rescaled(down, take(m.magnitude_down))

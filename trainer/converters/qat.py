@@ -2,13 +2,15 @@
 trainer/qat/layers.py). It comes before the adapters, which then wrap its layers (QAT + LoRA / DoRA: the
 frozen base computes fake-quantized, the adapters in high precision)."""
 
+import torch
 from torch import nn
 
+from models.common.moe import GroupedExperts
 from parallel.mesh import ParallelDims
 from trainer.config import Config, ConfigError
 from trainer.config.schema import QATConfig
 from trainer.converters.base import ConverterInfo, MemoryEstimate, MemoryShape, ModelConverter
-from trainer.qat.layers import QATEmbedding, QATLinear, chosen_layers, qat_layers, set_fake_quant
+from trainer.qat.layers import QATEmbedding, QATLinear, chosen_layers, qat_layers, round_experts, set_fake_quant
 from trainer.qat.schemes import SCHEMES
 
 
@@ -28,23 +30,29 @@ class QATConverter(ModelConverter):
         chosen = [name for name, reason in chosen_layers(meta, self.cfg).items() if reason is None]
         if self.scheme.per_group:
             for name in chosen:
-                features = meta.get_submodule(name).weight.shape[1]
-                if features % self.cfg.group_size:
-                    raise ConfigError(
-                        f"qat.group_size={self.cfg.group_size} does not divide {name}'s {features} input features (each "
-                        f"group of weights shares one scale): choose a group size that divides it (e.g. 32), or leave "
-                        f"the layer out (qat.head / qat.embeddings)")
+                for where, weight in _weights(name, meta.get_submodule(name)):
+                    if weight.shape[-1] % self.cfg.group_size:
+                        optional = not name.startswith("layers.")  # the head and the embeddings may stay out
+                        raise ConfigError(
+                            f"qat.group_size={self.cfg.group_size} does not divide {where}'s {weight.shape[-1]} input "
+                            f"features (each group of weights shares one scale): choose a group size that divides it "
+                            f"(e.g. 32)" + (", or leave the layer out (qat.head / qat.embeddings)" if optional else ""))
         for name in chosen:
             layer = meta.get_submodule(name)
-            swap = QATEmbedding.swap if isinstance(layer, nn.Embedding) else QATLinear.swap
-            swap(layer, self.scheme, self.cfg.group_size)
+            if isinstance(layer, GroupedExperts):
+                round_experts(layer, self.scheme, self.cfg.group_size)
+            else:
+                swap = QATEmbedding.swap if isinstance(layer, nn.Embedding) else QATLinear.swap
+                swap(layer, self.scheme, self.cfg.group_size)
 
     def info(self, model: nn.Module) -> ConverterInfo:
         reasons = chosen_layers(model, self.cfg)
         rounded = len(qat_layers(model))
         group = f", groups of {self.cfg.group_size}" if self.scheme.per_group else ""
         when = f"from step {self.cfg.start_step + 1}" if self.cfg.start_step else "from the first step"
-        lines = [f"qat ({self.scheme.name}: {self.scheme.words}{group}): {rounded} layers fake-quantized {when}"]
+        stacks = sum(isinstance(m, GroupedExperts) for m in qat_layers(model))
+        of_them = f" ({stacks} of them stacked experts, each expert rounded as a linear layer)" if stacks else ""
+        lines = [f"qat ({self.scheme.name}: {self.scheme.words}{group}): {rounded} layers fake-quantized{of_them} {when}"]
         by_reason: dict[str, list[str]] = {}
         for name, reason in reasons.items():
             if reason is not None:
@@ -60,8 +68,19 @@ class QATConverter(ModelConverter):
 
     def memory(self, shape: MemoryShape, estimate: MemoryEstimate) -> MemoryEstimate:
         # The largest layer's rounded copies, transient and in float32: its weight (computed, then the
-        # copy in the compute dtype) and its input, split by TP.
-        sizes = [layer.weight.numel() for layer in qat_layers(shape.model)]
-        inputs = [layer.weight.shape[1] for layer in qat_layers(shape.model) if isinstance(layer, nn.Linear)]
-        largest = (4 + shape.compute_bytes) * max(sizes, default=0) + 4 * shape.micro_tokens * max(inputs, default=0)
+        # copy in the compute dtype) and its input, split by TP. Stacked experts round a whole stack at
+        # once (counted whole: an upper bound under expert parallelism) over every token's top-k rows.
+        largest = 0
+        for layer in qat_layers(shape.model):
+            rows = shape.micro_tokens * (shape.model.args.top_k if isinstance(layer, GroupedExperts) else 1)
+            for _, weight in _weights("", layer):
+                features = weight.shape[-1] if not isinstance(layer, nn.Embedding) else 0
+                largest = max(largest, (4 + shape.compute_bytes) * weight.numel() + 4 * rows * features)
         return estimate.replace(extra={**estimate.extra, "QAT rounded copies (largest layer, transient)": largest / shape.tp})
+
+
+def _weights(name: str, layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of each weight a chosen layer rounds: stacked experts have three."""
+    if isinstance(layer, GroupedExperts):
+        return [(f"{name}.{w}", getattr(layer, w)) for w in ("w1", "w2", "w3")]
+    return [(name, layer.weight)]

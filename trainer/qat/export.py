@@ -16,8 +16,9 @@ scheme in config.json, which we write ourselves; the package is needed only to l
 The codes and scales are those of trainer/qat/schemes.py, computed from the weights in the dtype the
 training forward saw them in: a QAT run's export is exactly the model it trained (the trained
 quantization), any other run's is post-training quantization (PTQ) of its weights. The layers are those
-QAT rounds (trainer/converters/qat.py): the blocks' linear layers, the head with qat.head; routers and
-embeddings stay in the export dtype (vLLM serves embeddings unquantized).
+QAT rounds (trainer/converters/qat.py): the blocks' linear layers and each expert's projections (stored one
+expert at a time, as Hugging Face checkpoints hold them), the head with qat.head; routers and embeddings
+stay in the export dtype (vLLM serves embeddings unquantized).
 """
 
 import contextlib
@@ -31,7 +32,8 @@ from torch import nn
 from models import DecoderArgs, build_meta_model, family_of
 from trainer.config.schema import QATConfig
 from models.common.linear import product_of, set_product
-from trainer.qat.layers import QATEmbedding, QATLinear, chosen_layers, qat_layers
+from models.common.moe import GroupedExperts
+from trainer.qat.layers import QATEmbedding, QATLinear, chosen_layers, qat_layers, round_experts, rounding_of
 from trainer.qat.schemes import SCHEMES, Scheme, dequantize_weight, weight_codes, weight_scale
 
 
@@ -104,9 +106,13 @@ def quantized_writing(args: DecoderArgs, qat: QATConfig, fmt: QuantizedFormat, c
     which tensors it replaces, and the config that says so."""
     meta = build_meta_model(args)
     hf = family_of(args).hf
-    linears = {name: reason for name, reason in chosen_layers(meta, qat).items()
-               if isinstance(meta.get_submodule(name), nn.Linear)}
+    layers = chosen_layers(meta, qat)
+    linears = {name: reason for name, reason in layers.items() if isinstance(meta.get_submodule(name), nn.Linear)}
     chosen = {f"{name}.weight" for name, reason in linears.items() if reason is None}
+    # Stacked experts: the HF checkpoint holds each expert's projections as linear layers of their own
+    # (hf_tensors hands them over one by one), quantized as any other.
+    chosen |= {f"{name}.{w}" for name, reason in layers.items() if reason is None
+               and isinstance(meta.get_submodule(name), GroupedExperts) for w in ("w1", "w2", "w3")}
     ignore = [hf_name.removesuffix(".weight") for name, reason in linears.items() if reason is not None
               for hf_name, _ in hf.hf_tensors(f"{name}.weight", meta.get_submodule(name).weight)]
 
@@ -127,8 +133,15 @@ def quantized_model(model: nn.Module, scheme: Scheme, qat: QATConfig) -> nn.Modu
     cfg = dataclasses.replace(qat, scheme=scheme.name, embeddings=False)
     for name, reason in chosen_layers(rounded, cfg).items():
         if reason is None:
-            QATLinear.swap(rounded.get_submodule(name), scheme, qat.group_size)
+            _round(rounded.get_submodule(name), scheme, qat.group_size)
     return rounded
+
+
+def _round(layer: nn.Module, scheme: Scheme, group_size: int, round_weights: bool = True) -> None:
+    if isinstance(layer, GroupedExperts):
+        round_experts(layer, scheme, group_size, round_weights)
+    else:
+        QATLinear.swap(layer, scheme, group_size, round_weights)
 
 
 _COMPARED = ("num_bits", "type", "symmetric", "strategy", "dynamic")
@@ -174,7 +187,7 @@ def serve_rounding(model: nn.Module, names: list[str], fmt: QuantizedFormat, gro
     """The layers `names` of a model loaded from `fmt`'s export hold dequantized weights, already on the
     grid: they round their inputs as the served model does (W8A8), their weights no more."""
     for name in names:
-        QATLinear.swap(model.get_submodule(name), fmt.scheme, group_size, round_weights=False)
+        _round(model.get_submodule(name), fmt.scheme, group_size, round_weights=False)
 
 
 @contextlib.contextmanager
@@ -187,20 +200,24 @@ def rounded_as(parts: list[nn.Module], fmt: QuantizedFormat | None, qat: QATConf
     for part in parts:
         if fmt is None:
             for layer in qat_layers(part):
-                holder, flag = (layer, "fake_quant") if isinstance(layer, QATEmbedding) else (product_of(layer), "on")
+                holder, flag = (layer, "fake_quant") if isinstance(layer, QATEmbedding) else (rounding_of(layer), "on")
                 switches.append((holder, flag, getattr(holder, flag)))
                 setattr(holder, flag, False)
             continue
         for name, reason in chosen_layers(part, cfg).items():
             if reason is None:
                 layer = part.get_submodule(name)
-                swapped.append((layer, type(layer), product_of(layer)))
-                QATLinear.swap(layer, fmt.scheme, qat.group_size)
+                experts = isinstance(layer, GroupedExperts)
+                swapped.append((layer, type(layer), layer.rounding if experts else product_of(layer)))
+                _round(layer, fmt.scheme, qat.group_size)
     try:
         yield
     finally:
         for holder, flag, value in switches:
             setattr(holder, flag, value)
-        for layer, kind, product in swapped:
-            layer.__class__ = kind
-            set_product(layer, product)
+        for layer, kind, rounding in swapped:
+            if isinstance(layer, GroupedExperts):
+                layer.rounding = rounding
+            else:
+                layer.__class__ = kind
+                set_product(layer, rounding)

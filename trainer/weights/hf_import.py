@@ -2,6 +2,7 @@
 safetensors)."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,6 +67,15 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+@dataclass(frozen=True)
+class _QuantizedLayer:
+    """A linear layer (or one expert's projection) that a quantized export stores as codes and scales,
+    read back dequantized: {suffix: file} of its tensors."""
+
+    module: str
+    files: dict
+
+
 class HFWeights:
     """The tensors of a Hugging Face checkpoint by our parameter names, read one at a time (safetensors
     maps the files, so nothing else is read). Names are checked against the model when opened."""
@@ -94,11 +104,15 @@ class HFWeights:
                 if module in quantized:
                     stored.setdefault(module, {})[suffix] = file
             files = {k: f for k, f in files.items() if k.rpartition(".")[0] not in stored}
-            for module in stored:
+            for module, parts in stored.items():
+                layer = _QuantizedLayer(module, parts)
+                if hf.joined is not None and hf.joined.claims(f"{module}.weight"):
+                    files[f"{module}.weight"] = layer  # one expert's projection: joined with the others below
+                    continue
                 name = hf.from_hf(f"{module}.weight")
                 if name not in known:
                     raise CheckpointError(f"{path}: quantized layer {module} has no place in this model")
-                self.where[name] = ("quantized", module, stored[module])
+                self.where[name] = (layer, f"{module}.weight")
                 self.served.append(name.removesuffix(".weight"))
         own_head = None
         for hf_name, file in files.items():
@@ -115,6 +129,9 @@ class HFWeights:
             self.where[name] = (file, hf_name)
         if hf.joined is not None:
             self._find_joined(hf.joined, shapes, files)
+            # Stacked experts whose pieces are stored quantized are served rounding as well.
+            self.served += sorted({name.rpartition(".")[0] for name, where in self.where.items()
+                                   if isinstance(where, list) and isinstance(where[0][0], _QuantizedLayer)})
         missing = sorted(known - set(self.where))
         if missing:
             raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]}")
@@ -151,26 +168,24 @@ class HFWeights:
 
     def label(self, name: str) -> str:
         where = self.where[name]
-        if where[0] == "quantized":
-            return f"{self.path}: quantized layer {where[1]}"
+        if isinstance(where[0], _QuantizedLayer):
+            return f"{self.path}: quantized layer {where[0].module}"
         if isinstance(where, list):
             return f"{where[0][0]}: tensors {where[0][1]} .. {where[-1][1]}"
         return f"{where[0]}: tensor {where[1]}"
 
     def get(self, name: str) -> torch.Tensor:
         where = self.where[name]
-        if where[0] == "quantized":
-            from trainer.qat.export import dequantize_stored
-
-            _, module, files = where
-            tensors = {suffix: self._read(file, f"{module}.{suffix}") for suffix, file in files.items()}
-            return dequantize_stored(tensors, self.format, self.group_size)
         if isinstance(where, list):
             return self.joined.join(name, [self._read(file, hf_name) for file, hf_name in where])
         return self._read(*where)
 
-    @staticmethod
-    def _read(file: Path, hf_name: str) -> torch.Tensor:
+    def _read(self, file: "Path | _QuantizedLayer", hf_name: str) -> torch.Tensor:
+        if isinstance(file, _QuantizedLayer):
+            from trainer.qat.export import dequantize_stored
+
+            tensors = {suffix: self._read(f, f"{file.module}.{suffix}") for suffix, f in file.files.items()}
+            return dequantize_stored(tensors, self.format, self.group_size)
         with safe_open(str(file), framework="pt") as handle:
             return handle.get_tensor(hf_name)
 
