@@ -160,7 +160,7 @@ def _bench(preset: str, *extra: str) -> list[str]:
 
 
 STEPS = [
-    Step("gpu-tests", "tests/gpu: one test per CUDA-only path", 200,
+    Step("gpu-tests", "tests/gpu: one test per CUDA-only path", 260,
          ["pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/gpu", "--junitxml", "{out}/junit.xml"], read_tests),
     Step("1b-bf16", "Llama 3.2 1B shape, bf16 + compile + full AC, seq 8192: ours and the transformers loop", 240,
          _bench("llama3_2_1b", "--methods", "full", "--steps", "10", "--warmup", "4"), read_comparison),

@@ -1,7 +1,8 @@
 """One test per CUDA-only path, each against the same computation on CPU or in fp32 where the numbers can be
 compared (skipped without CUDA, saying why): NCCL, FSDP2 bf16 mixed precision and float8 all-gather, bf16
 training, compile, flash attention, LoRA over float8, QLoRA over each 4-bit library, checkpoint resume,
-generation and the memory figures (async TP needs two GPUs: not here). Runs train.py in this process (one CUDA start for all of them) except
+generation, the memory figures, document attention through FlexAttention and the MoE grouped matmul (async TP
+needs two GPUs: not here). Runs train.py in this process (one CUDA start for all of them) except
 where a CPU reference needs a process of its own. `bash scripts/gpu_acceptance.sh` runs them; so does
 `pytest -s tests/gpu` on any CUDA machine."""
 
@@ -254,3 +255,97 @@ def test_generation_on_cuda_equals_cpu(tmp_path):
         assert tokens["cuda"] == tokens["cpu"]
         assert not sampling.temperature or len(set(tokens["cuda"])) > 1  # sampled: a real test of equal logits
 
+
+
+def _paragraphs(tmp_path) -> list[str]:
+    """Overrides for document attention over short documents made here (the standard library's argparse.py,
+    one document per blank-line-separated paragraph, several to a window), so the test needs no
+    ../shared/data on the GPU machine."""
+    import sysconfig
+    from pathlib import Path
+
+    text = tmp_path / "paragraphs.txt"
+    text.write_text((Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text())
+    return [f"data.source={text}", "data.text_sample_by=paragraph", "data.attention=document"]
+
+
+def _flex_against_sdpa(device) -> tuple[float, float]:
+    """Packed documents' attention through FlexAttention's block mask against SDPA's boolean mask, fp32:
+    the largest output and query-gradient differences."""
+    from models.common.masking import WindowMask
+
+    torch.manual_seed(0)
+    seq = 512
+    lengths = torch.tensor([[100, 37, 250, 125], [3, 300, 9, 200]])
+    documents = torch.stack([torch.repeat_interleave(torch.arange(4), n) for n in lengths]).to(device)
+    q = torch.randn(2, 8, seq, 64, device=device)
+    k, v = torch.randn(2, 2, seq, 64, device=device), torch.randn(2, 2, seq, 64, device=device)
+    outs, grads = [], []
+    for kernel in ("flex", "sdpa"):
+        query = q.clone().requires_grad_()
+        out = WindowMask.build(documents, seq=seq, kernel=kernel).attend(query, k, v)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(query.grad)
+    return (outs[0] - outs[1]).abs().max().item(), (grads[0] - grads[1]).abs().max().item()
+
+
+def test_document_attention_through_flex_equals_sdpa_and_trains_compiled(tmp_path, capsys):
+    """FlexAttention is what training takes for packed documents on CUDA with compile on
+    (trainer/plan.py): its block mask against SDPA's boolean mask (forward and backward, fp32), then 10
+    compiled steps with it against the same steps eager (SDPA)."""
+    out_error, grad_error = _flex_against_sdpa(CUDA)
+    print(f"\nGPU document attention, flex vs sdpa: output {out_error:.1e}, query gradient {grad_error:.1e}")
+    assert out_error < 1e-5 and grad_error < 1e-4
+    documents = [*_paragraphs(tmp_path), "training.steps=10", "training.mixed_precision_param=float32", "job.seed=0"]
+    compiled = _losses(_train(tmp_path / "flex", *documents, "compile.enabled=true"))
+    assert "FlexAttention, compiled" in capsys.readouterr().out
+    eager = _losses(_train(tmp_path / "sdpa", *documents))
+    print(f"GPU document attention, 10 steps: compiled flex {compiled[-1]:.5f}, eager sdpa {eager[-1]:.5f}")
+    assert abs(compiled[0] - eager[0]) < 1e-3 and abs(compiled[-1] - eager[-1]) / eager[-1] < 1e-3
+
+
+def _grouped_against_loop(device) -> dict[str, float]:
+    """A mixture's experts in bfloat16 through the grouped matmul against the one-expert-at-a-time loop
+    (bf16, and fp32 as the oracle): relative errors of the output and the weights' gradients."""
+    import copy
+
+    from models.common.moe import GroupedExperts, _grouped_mm_fits
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 512, 256).to(device)
+    for w in experts.parameters():
+        torch.nn.init.normal_(w, std=0.02)
+    counts = torch.tensor([40, 0, 17, 100, 3, 64, 0, 32], device=device)
+    x = torch.randn(int(counts.sum()), 512, device=device)
+    runs = {}
+    for name, dtype in (("grouped", torch.bfloat16), ("loop bf16", torch.bfloat16), ("fp32", torch.float32)):
+        module = copy.deepcopy(experts).to(dtype)
+        inputs = x.to(dtype)
+        if name == "grouped":
+            assert module.grouped and _grouped_mm_fits(inputs, module.w1)  # the kernel, not the fallback loop
+            out = module(inputs, counts)
+        else:
+            out = module.loop(inputs, counts)
+        out.float().square().sum().backward()
+        runs[name] = [out.detach().float(), *(w.grad.float() for w in (module.w1, module.w2, module.w3))]
+
+    def relative(a, b):
+        return max(((p - q).norm() / q.norm()).item() for p, q in zip(runs[a], runs[b]))
+
+    return {"grouped vs loop bf16": relative("grouped", "loop bf16"), "grouped vs fp32": relative("grouped", "fp32"),
+            "loop bf16 vs fp32": relative("loop bf16", "fp32")}
+
+
+def test_moe_grouped_matmul_equals_the_loop_and_trains_compiled(tmp_path):
+    """torch._grouped_mm on CUDA (bfloat16: what a MoE model trains with there, and the only dtype compile
+    traces it for) against the loop of per-expert matmuls, forward and backward; then the Qwen3-MoE debug
+    model 10 steps in bf16 with compile against fp32 eager."""
+    errors = _grouped_against_loop(CUDA)
+    print(f"\nGPU MoE grouped matmul: {', '.join(f'{k} {v:.1e}' for k, v in errors.items())}")
+    assert errors["grouped vs fp32"] < 1e-2 and errors["grouped vs fp32"] < 2 * errors["loop bf16 vs fp32"] + 1e-3
+    moe = ["model.flavor=qwen3_moe_debug", "training.steps=10", "job.seed=0"]
+    fp32 = _losses(_train(tmp_path / "fp32", *moe, "training.mixed_precision_param=float32"))
+    bf16 = _losses(_train(tmp_path / "bf16", *moe, "training.mixed_precision_param=bfloat16", "compile.enabled=true"))
+    print(f"GPU MoE, 10 steps: bf16 compiled {bf16[-1]:.5f}, fp32 eager {fp32[-1]:.5f}")
+    assert abs(bf16[-1] - fp32[-1]) / fp32[-1] < 3e-2
