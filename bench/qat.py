@@ -27,7 +27,9 @@ def parse_args(argv: list[str]):
     parser = Parser(prog="python -m bench.qat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the pretrained model (any form model.init_from reads)")
     parser.add_argument("--tokenizer", required=True, help="its tokenizer (tokenizer.path), or `byte`")
-    parser.add_argument("--data", required=True, help="the finetuning text (data.source); 5%% of it is held out")
+    parser.add_argument("--data", required=True, help="the finetuning text (data.source: a text file, or stdlib); 5%% of "
+                        "its documents are held out (for a model pretrained with eval.split_fraction=0.05 on the same "
+                        "source, the same documents it never saw)")
     parser.add_argument("--steps", type=at_least(1), default=300)
     parser.add_argument("--group-size", type=at_least(2), default=32)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-qat"))
@@ -39,7 +41,9 @@ def finetune(name: str, args) -> Path:
     out = args.out / name
     command = [sys.executable, "train.py", "--config", "configs/debug.yaml", "model.flavor=null", f"model.init_from={args.base}",
                *(["tokenizer.kind=byte"] if args.tokenizer == "byte" else ["tokenizer.kind=auto", f"tokenizer.path={args.tokenizer}"]),
-               f"data.source={args.data}", "data.text_sample_by=paragraph",  # a text file is one document: hold out paragraphs
+               f"data.source={args.data}",
+               # A text file is one document: hold out paragraphs (the stdlib's documents are its files).
+               *([] if args.data == "stdlib" else ["data.text_sample_by=paragraph"]),
                f"training.steps={args.steps}", f"checkpoint.interval={args.steps}", "eval.every=0", "eval.split_fraction=0.05",
                "eval.steps=8", f"qat.group_size={args.group_size}", "export.hf=true", "export.quantized=[w4a16]",
                "metrics.progress=off", f"job.output_dir={out}", *RUNS[name], *args.overrides]

@@ -1,9 +1,9 @@
 """One test per CUDA-only path, each against the same computation on CPU or in fp32 where the numbers can be
 compared (skipped without CUDA, saying why): NCCL, FSDP2 bf16 mixed precision and float8 all-gather, bf16
 training, compile, flash attention, LoRA over float8, QLoRA over each 4-bit library, checkpoint resume,
-generation, the memory figures, document attention through FlexAttention and the MoE grouped matmul (async TP
-needs two GPUs: not here). Runs train.py in this process (one CUDA start for all of them) except
-where a CPU reference needs a process of its own. `bash scripts/gpu_acceptance.sh` runs them; so does
+generation, the memory figures, document attention through FlexAttention, the MoE grouped matmul and the
+quantized exports in transformers (async TP needs two GPUs: not here). Runs train.py in this process (one
+CUDA start for all of them) except where a CPU reference needs a process of its own. `bash scripts/gpu_acceptance.sh` runs them; so does
 `pytest -s tests/gpu` on any CUDA machine."""
 
 import os
@@ -349,3 +349,37 @@ def test_moe_grouped_matmul_equals_the_loop_and_trains_compiled(tmp_path):
     bf16 = _losses(_train(tmp_path / "bf16", *moe, "training.mixed_precision_param=bfloat16", "compile.enabled=true"))
     print(f"GPU MoE, 10 steps: bf16 compiled {bf16[-1]:.5f}, fp32 eager {fp32[-1]:.5f}")
     assert abs(bf16[-1] - fp32[-1]) / fp32[-1] < 3e-2
+
+
+def _quantized_exports_against_ours(out, device, dtype) -> dict[str, float]:
+    """Each quantized export of the run in `out`, loaded by transformers on `device` in `dtype`, against our
+    quantized model of it on the CPU in fp32: the relative error of the logits."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.config.schema import QATConfig
+    from trainer.qat.export import FORMATS, quantized_model
+    from trainer.weights.load import load_model
+
+    export = out / "export"
+    final = load_model(export / "hf", "cpu")
+    tokens = torch.tensor([list(b"def main(argv):\n    return 0\n")])
+    errors = {}
+    for name in ("w4a16", "w8a8_fp8"):
+        ours = quantized_model(final, FORMATS[name].scheme, QATConfig())
+        theirs = AutoModelForCausalLM.from_pretrained(export / name, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            expected = ours(tokens)
+            got = theirs(tokens.to(device)).logits.float().cpu()
+        errors[name] = ((got - expected).norm() / expected.norm()).item()
+    return errors
+
+
+def test_quantized_exports_load_in_transformers_on_cuda(tmp_path):
+    """A float8 QAT run's W4A16 and W8A8 float8 exports (compressed-tensors) loaded by transformers on the GPU,
+    where its float8 path may run real float8 matmuls, in bf16, against our quantized model on the CPU."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (make gpu-wheels carries it)")
+    _train(tmp_path, "training.steps=10", "training.mixed_precision_param=float32", "qat.scheme=float8",
+           "export.hf=true", "export.dtype=float32", "export.quantized=[w4a16,w8a8_fp8]")
+    errors = _quantized_exports_against_ours(tmp_path, CUDA, torch.bfloat16)
+    print(f"\nGPU quantized exports in transformers (bf16, CUDA) vs ours (fp32, CPU): relative logit error {errors}")
+    assert all(error < 3e-2 for error in errors.values())
