@@ -158,7 +158,11 @@ def export_checkpoint(path: Path, out: Path, dtype_name: str, peft: bool, quanti
     config_file = step.parent.parent / "config.yaml"
     cfg: Config | None = load_config(config_file) if config_file.is_file() else None
     if quantized is not None:
-        return _export_checkpoint_quantized(step, out, cfg, dtype_name, quantized, compute_dtype)
+        if cfg is None:
+            raise UserError(f"--quantized: {step} is no longer beside its run's config.yaml, which says which layers QAT "
+                            f"rounded and how: export from the run's own directory")
+        return _export_checkpoint_quantized(step, out, build_converters(cfg), cfg.qat, cfg.tokenizer,
+                                            cfg.training.mixed_precision_param, dtype_name, quantized, compute_dtype)
     converters = build_converters(dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, hf=not peft, peft=peft))) if cfg else []
     rebuilt = [c for c in converters if c.checkpoints_trainable_only]
     if peft and not rebuilt:
@@ -185,27 +189,24 @@ def export_checkpoint(path: Path, out: Path, dtype_name: str, peft: bool, quanti
     return {out: f"{what}, from {step}"}, tokenizer_cfg
 
 
-def _export_checkpoint_quantized(step: Path, out: Path, cfg: Config | None, dtype_name: str, name: str,
-                                 compute_dtype: str | None) -> tuple[dict[Path, str], TokenizerConfig | None]:
-    if cfg is None:
-        raise UserError(f"--quantized: {step} is no longer beside its run's config.yaml, which says which layers QAT "
-                        f"rounded and how: export from the run's own directory")
+def _export_checkpoint_quantized(step: Path, out: Path, converters: list[ModelConverter], qat: QATConfig, tokenizer_cfg: TokenizerConfig,
+                                 param_precision: str, dtype_name: str, name: str,
+                                 compute_dtype: str | None) -> tuple[dict[Path, str], TokenizerConfig]:
     if compute_dtype is None:  # as the run computed where its config says; for auto, as this machine would
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        writing_dtype = Precision.from_config(cfg.training.mixed_precision_param, "float32", device).param_dtype
+        writing_dtype = Precision.from_config(param_precision, "float32", device).param_dtype
     else:
         writing_dtype = getattr(torch, compute_dtype)
     compute_dtype = str(writing_dtype).removeprefix("torch.")
-    tokenizer = build_tokenizer(cfg.tokenizer)
+    tokenizer = build_tokenizer(tokenizer_cfg)
     ids = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
     dtype = getattr(torch, dtype_name)
-    converters = build_converters(cfg)
     if any(c.checkpoints_trainable_only for c in converters):
         model = load_run_model(step)
-        export_quantized(model, model.args, out, converters, cfg.qat, name, dtype=dtype, compute_dtype=writing_dtype, token_ids=ids)
+        export_quantized(model, model.args, out, converters, qat, name, dtype=dtype, compute_dtype=writing_dtype, token_ids=ids)
     else:
-        export_checkpoint_hf(step, out, dtype, **ids, **quantized_writing(read_dcp_args(step), cfg.qat, FORMATS[name], writing_dtype))
-    return {out: f"{quantized_words(cfg.qat.group_size, name, converters)}, rounded from {compute_dtype} weights, from {step}"}, cfg.tokenizer
+        export_checkpoint_hf(step, out, dtype, **ids, **quantized_writing(read_dcp_args(step), qat, FORMATS[name], writing_dtype))
+    return {out: f"{quantized_words(qat.group_size, name, converters)}, rounded from {compute_dtype} weights, from {step}"}, tokenizer_cfg
 
 
 def main(argv: list[str]) -> int:

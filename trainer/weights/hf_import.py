@@ -171,7 +171,9 @@ class HFWeights:
         if isinstance(where[0], _QuantizedLayer):
             return f"{self.path}: quantized layer {where[0].module}"
         if isinstance(where, list):
-            return f"{where[0][0]}: tensors {where[0][1]} .. {where[-1][1]}"
+            first = where[0][0]
+            source = f"{self.path} (quantized)" if isinstance(first, _QuantizedLayer) else first
+            return f"{source}: tensors {where[0][1]} .. {where[-1][1]}"
         return f"{where[0]}: tensor {where[1]}"
 
     def get(self, name: str) -> torch.Tensor:
