@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer.cli import Parser, at_least, run_command
+from trainer.cli import Parser, at_least, integers, run_command
 
 STEP = re.compile(r"tok/s/device\s+([\d.]+) .*\| mem\s+([\d.]+) GiB \| step\s+([\d.]+) ms")
 
@@ -51,19 +51,11 @@ def run_one(config: str, seq: int, cp: int, steps: int, budget_gib: float, out: 
     return row
 
 
-def _sizes(text: str) -> list[int]:
-    """A comma-separated list of positive integers."""
-    values = [int(v) for v in text.split(",") if v.strip().isdigit()]
-    if len(values) != len(text.split(",")) or min(values, default=0) < 1:
-        raise ValueError(text)
-    return values
-
-
 def parse_args(argv: list[str]):
     parser = Parser(prog="python -m bench.long_context", description=__doc__.split("\n\n")[1])
     parser.add_argument("--budget-gib", type=float, default=1.0)
-    parser.add_argument("--seq", type=_sizes, default="8192,16384,24576,32768")
-    parser.add_argument("--cp", type=_sizes, default="1,2")
+    parser.add_argument("--seq", type=integers(1), default="8192,16384,24576,32768")
+    parser.add_argument("--cp", type=integers(1), default="1,2")
     parser.add_argument("--steps", type=at_least(1), default=2)
     parser.add_argument("--config", default="configs/debug.yaml")
     return parser.parse_args(argv)

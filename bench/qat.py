@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.cli import Parser, at_least, run_command
+from trainer.cli import Parser, at_least, integers, run_command
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = {"plain": [], "qat_w4": ["qat.scheme=int4_weight_only"], "qat_a8w4": ["qat.scheme=int8_dynact_int4_weight"]}
@@ -46,10 +46,7 @@ def parse_args(argv: list[str]):
 
 
 def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
+    seeds = integers(0)(text)
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r} names a seed twice")
     return seeds

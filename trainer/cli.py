@@ -39,6 +39,19 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def integers(low: int) -> Callable[[str], list[int]]:
+    """An argparse type: a comma-separated list of integers, each no smaller than `low` (`--seq 8192,16384`)."""
+    each = at_least(low)
+
+    def parse(text: str) -> list[int]:
+        try:
+            return [each(part) for part in text.split(",")]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e} (a comma-separated list, e.g. {low},{low + 1})") from None
+
+    return parse
+
+
 def run_command(main: Callable[[list[str]], int], argv: list[str]) -> int:
     """main(argv)'s exit code; its UserError as one `error:` line (exit 2), a Ctrl-C as one line (130)."""
     try:

@@ -125,3 +125,17 @@ def test_check_holds_the_plan_against_the_machine(capsys):
     assert train.main([*config, "--for-another-machine"]) == 0
     out = capsys.readouterr().out
     assert "check: ok" in out and "note: planned for another machine; this one (" in out
+
+
+def test_a_list_of_integers_names_the_bad_item():
+    """trainer.cli.integers (bench.long_context --seq, bench.qat --seeds): the list, or the item it refuses."""
+    import argparse
+
+    from trainer.cli import integers
+
+    assert integers(1)("8192,16384") == [8192, 16384] and integers(0)("0") == [0]
+    for text, message in (("8192,abc", "'8192,abc': 'abc' is not an integer (a comma-separated list, e.g. 1,2)"),
+                          ("16,0", "'16,0': 0 must be at least 1"), ("", "'': '' is not an integer")):
+        with pytest.raises(argparse.ArgumentTypeError) as refused:
+            integers(1)(text)
+        assert str(refused.value).startswith(message), str(refused.value)
