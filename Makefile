@@ -11,9 +11,12 @@ setup:
 train: setup
 	$(PY) train.py --config configs/debug.yaml
 
-# The whole suite: unit, distributed (real gloo ranks), end to end; the 15 slowest tests last.
+# The whole suite: unit, distributed (real gloo ranks), end to end; the 15 slowest tests last. Its files
+# run side by side, one per core (pytest-xdist; each file whole on one worker, so that a module's shared
+# runs happen once): serially they kept 1.3 of 2 cores busy, waiting on gloo, Slurm and process start-up.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 # .whl/: the wheels the lent GPU machine lacks, for scripts/gpu_acceptance.sh (BNB=1 adds bitsandbytes).
 gpu-wheels:

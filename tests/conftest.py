@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core. Each worker, and each run it starts, takes one intra-op
+    # thread unless told otherwise: two threads per worker would put twice as many threads as cores in
+    # OpenMP's spinning barriers. (Set before anything imports torch, which reads it once.)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
